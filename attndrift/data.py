@@ -1,0 +1,348 @@
+"""Data: edit requests, CounterFact-style records, their probes, and loaders.
+
+An :class:`EditRequest` asks to rewrite one fact (subject, relation prompt, true → new object).
+A :class:`Record` bundles a request with the prompts that test it. :meth:`Record.probes`
+turns a record into the :class:`Probe` set of SPEC §5 — each a prompt with a right and a
+wrong answer:
+
+=====  =====================================================  ===============  =========
+kind   prompts                                                right            wrong
+=====  =====================================================  ===============  =========
+ES     the edit prompt                                        o_new            o_true
+PS     paraphrase prompts                                     o_new            o_true
+NS     other subjects, same relation                          their object     o_new
+RS     same subject, other relations                          that answer      o_new
+DNS    NS prompts prefixed by ``"{edit prompt} {o_new}. "``   their object     o_new
+RS_D   RS prompts with the same prefix                        that answer      o_new
+AS     subject-alias prompts (merged WikiData records)        o_new            o_true
+=====  =====================================================  ===============  =========
+
+Absence is explicit: a probe set a record does not have is ``None`` (a present but empty list
+is ``()``). Loaders read (a) the paper's merged format (``requested_rewrite``, ``p-paraphrase``,
+``l-neighbor``, ``l-relation``, ``p-subject_alias``, ``generation``) and (b) ROME's
+``counterfact.json`` (template prompts with ``"{}"``). Fields neither metric uses
+(``p-reasoning``, ``o-commonsense``, ROME's ``attribute_prompts``) are not loaded.
+"""
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+ProbeKind = Literal["ES", "PS", "NS", "RS", "DNS", "RS_D", "AS"]
+PROBE_KINDS: tuple[ProbeKind, ...] = ("ES", "PS", "NS", "RS", "DNS", "RS_D", "AS")
+#: The metrics whose harmonic mean is the Score (SPEC §5).
+SCORE_KINDS: tuple[ProbeKind, ...] = ("ES", "PS", "NS", "RS", "DNS")
+
+
+class DataError(ValueError):
+    """A malformed record: says which record and which field."""
+
+    def __init__(self, record: int | str, field_name: str, problem: str):
+        self.record, self.field, self.problem = record, field_name, problem
+        super().__init__(f"record {record}: field {field_name!r}: {problem}")
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Rewrite ``subject``'s object in ``prompt`` from ``target_true`` to ``target_new``.
+
+    ``prompt`` contains the subject, e.g. ``"The Eiffel Tower is located in the city of"``.
+    """
+
+    subject: str
+    prompt: str
+    target_new: str
+    target_true: str
+    relation_id: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("subject", "prompt", "target_new", "target_true"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"EditRequest.{name} must be a non-empty string, got {value!r}")
+        if self.subject not in self.prompt:
+            raise ValueError(
+                f"EditRequest.prompt must contain the subject {self.subject!r}: {self.prompt!r}"
+            )
+        if self.target_new.strip() == self.target_true.strip():
+            raise ValueError(f"EditRequest.target_new equals target_true ({self.target_new!r})")
+
+    @property
+    def template(self) -> str:
+        """The prompt with the (first) subject occurrence replaced by ``{}``."""
+        return self.prompt.replace(self.subject, "{}", 1)
+
+    @property
+    def distraction(self) -> str:
+        """The prefix of distracting probes: ``"{edit prompt} {o_new}. "``."""
+        return f"{self.prompt} {self.target_new}. "
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One prompt with a right and a wrong answer; ``subject`` is the edited subject."""
+
+    kind: ProbeKind
+    prompt: str
+    right: str
+    wrong: str
+    subject: str
+    record: int = -1
+
+
+@dataclass(frozen=True)
+class Record:
+    """An edit request plus its evaluation prompts (``None`` = not in the source data)."""
+
+    id: int
+    request: EditRequest
+    paraphrase_prompts: tuple[str, ...] | None = None
+    neighborhood: tuple[tuple[str, str], ...] | None = None  # (prompt, its true object)
+    relation: tuple[tuple[str, str], ...] | None = None  # (prompt, answer), same subject
+    alias_prompts: tuple[str, ...] | None = None
+    generation_prompts: tuple[str, ...] | None = None
+    source: str = ""
+
+    def available(self) -> tuple[ProbeKind, ...]:
+        """Probe kinds this record has data for."""
+        have = {
+            "ES": True,
+            "PS": self.paraphrase_prompts is not None,
+            "NS": self.neighborhood is not None,
+            "RS": self.relation is not None,
+            "DNS": self.neighborhood is not None,
+            "RS_D": self.relation is not None,
+            "AS": self.alias_prompts is not None,
+        }
+        return tuple(k for k in PROBE_KINDS if have[k])
+
+    def probes(self, kinds: Iterable[ProbeKind] = PROBE_KINDS) -> list[Probe]:
+        """The SPEC §5 probes of this record, for the requested kinds it has."""
+        kinds = set(kinds)
+        unknown = kinds - set(PROBE_KINDS)
+        if unknown:
+            raise ValueError(f"unknown probe kinds {sorted(unknown)}: expected {PROBE_KINDS}")
+        r = self.request
+        new, true, subj, rid = r.target_new, r.target_true, r.subject, self.id
+        out: list[Probe] = []
+        if "ES" in kinds:
+            out.append(Probe("ES", r.prompt, new, true, subj, rid))
+        if "PS" in kinds:
+            out += [Probe("PS", p, new, true, subj, rid) for p in self.paraphrase_prompts or ()]
+        if "AS" in kinds:
+            out += [Probe("AS", p, new, true, subj, rid) for p in self.alias_prompts or ()]
+        for kind, distracted, pairs in (
+            ("NS", "DNS", self.neighborhood or ()),
+            ("RS", "RS_D", self.relation or ()),
+        ):
+            for prompt, answer in pairs:
+                if kind in kinds:
+                    out.append(Probe(kind, prompt, answer, new, subj, rid))
+                if distracted in kinds:
+                    out.append(Probe(distracted, r.distraction + prompt, answer, new, subj, rid))
+        return out
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A record that lenient loading left out, and why."""
+
+    record: int
+    field: str
+    problem: str
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Records loaded from one file, plus what lenient loading skipped (never silently)."""
+
+    records: tuple[Record, ...]
+    skipped: tuple[Skipped, ...] = ()
+    path: str = ""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Record:
+        return self.records[i]
+
+    def by_id(self, record_id: int) -> Record:
+        for r in self.records:
+            if r.id == record_id:
+                return r
+        raise KeyError(f"no record with id {record_id} in {self.path or 'this dataset'}")
+
+    def select(self, ids: Sequence[int] | None = None, limit: int | None = None) -> "Dataset":
+        """Records with the given ids (in that order), then at most ``limit`` of them."""
+        records = [self.by_id(i) for i in ids] if ids is not None else list(self.records)
+        if limit is not None:
+            records = records[:limit]
+        return Dataset(tuple(records), self.skipped, self.path)
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------
+
+
+def load_dataset(path: str | Path, *, lenient: bool = False) -> Dataset:
+    """Load a JSON list of records in the merged or ROME ``counterfact.json`` format.
+
+    Args:
+        path: the JSON file.
+        lenient: if false (default), the first malformed record raises :class:`DataError`
+            naming the record and field; if true, malformed records are skipped, logged, and
+            listed in :attr:`Dataset.skipped`.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
+    records, skipped = [], []
+    for index, item in enumerate(raw):
+        try:
+            records.append(parse_record(item, index))
+        except DataError as e:
+            if not lenient:
+                raise DataError(e.record, e.field, f"{e.problem} (in {path})") from None
+            log.warning("skipping %s", e)
+            skipped.append(Skipped(index, e.field, e.problem))
+    return Dataset(tuple(records), tuple(skipped), str(path))
+
+
+def parse_record(item: dict, index: int) -> Record:
+    """One record of either format; ``index`` is its position (the id unless it has one)."""
+    if not isinstance(item, dict):
+        raise DataError(index, "<record>", f"expected an object, got {type(item).__name__}")
+    rid = item.get("case_id", index)
+    rw = _get(item, "requested_rewrite", dict, rid)
+    if isinstance(rw.get("target_new"), dict):
+        return _parse_rome(item, rw, rid)
+    return _parse_merged(item, rw, rid)
+
+
+def _get(obj: dict, key: str, kind: type, rid, where: str = ""):
+    name = f"{where}{key}"
+    if key not in obj:
+        raise DataError(rid, name, "missing")
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise DataError(rid, name, f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _text(obj: dict, key: str, rid, where: str = "") -> str:
+    value = _get(obj, key, str, rid, where)
+    if not value.strip():
+        raise DataError(rid, f"{where}{key}", "empty")
+    return value
+
+
+def _request(rid, subject: str, prompt: str, new: str, true: str, relation) -> EditRequest:
+    if subject not in prompt:
+        raise DataError(rid, "requested_rewrite.prompt", f"does not contain subject {subject!r}")
+    if new.strip() == true.strip():
+        raise DataError(rid, "requested_rewrite.target_new", "equals target_true")
+    return EditRequest(subject, prompt, new, true, relation)
+
+
+def _prompt_list(item: dict, key: str, rid) -> tuple[str, ...] | None:
+    if key not in item:
+        return None
+    block = item[key]
+    prompts = block.get("prompts") if isinstance(block, dict) else block
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise DataError(rid, f"{key}.prompts", "expected a list of strings")
+    return tuple(prompts)
+
+
+def _pairs(item: dict, key: str, rid) -> tuple[tuple[str, str], ...] | None:
+    if key not in item:
+        return None
+    block = _get(item, key, dict, rid)
+    prompts = _get(block, "prompts", list, rid, f"{key}.")
+    targets = _get(block, "targets", list, rid, f"{key}.")
+    if len(prompts) != len(targets):
+        raise DataError(rid, key, f"{len(prompts)} prompts but {len(targets)} targets")
+    for t in targets:
+        if not isinstance(t, str) or not t.strip():
+            raise DataError(rid, f"{key}.targets", f"empty or non-string target {t!r}")
+    return tuple(zip(prompts, targets, strict=True))
+
+
+def _parse_merged(item: dict, rw: dict, rid) -> Record:
+    where = "requested_rewrite."
+    request = _request(
+        rid,
+        _text(rw, "subject", rid, where),
+        _text(rw, "prompt", rid, where),
+        _text(rw, "target_new", rid, where),
+        _text(rw, "target_true", rid, where),
+        rw.get("relation_id"),
+    )
+    return Record(
+        id=rid,
+        request=request,
+        paraphrase_prompts=_prompt_list(item, "p-paraphrase", rid),
+        neighborhood=_pairs(item, "l-neighbor", rid),
+        relation=_pairs(item, "l-relation", rid),
+        alias_prompts=_prompt_list(item, "p-subject_alias", rid),
+        generation_prompts=_prompt_list(item, "generation", rid),
+        source="merged",
+    )
+
+
+def _parse_rome(item: dict, rw: dict, rid) -> Record:
+    where = "requested_rewrite."
+    subject = _text(rw, "subject", rid, where)
+    template = _text(rw, "prompt", rid, where)
+    if "{}" not in template:
+        raise DataError(rid, "requested_rewrite.prompt", "template has no '{}' for the subject")
+    new = _text(_get(rw, "target_new", dict, rid, where), "str", rid, f"{where}target_new.")
+    true = _text(_get(rw, "target_true", dict, rid, where), "str", rid, f"{where}target_true.")
+    request = _request(rid, subject, template.format(subject), new, true, rw.get("relation_id"))
+    neighborhood = _prompt_list(item, "neighborhood_prompts", rid)
+    return Record(
+        id=rid,
+        request=request,
+        paraphrase_prompts=_prompt_list(item, "paraphrase_prompts", rid),
+        neighborhood=None if neighborhood is None else tuple((p, true) for p in neighborhood),
+        relation=None,
+        generation_prompts=_prompt_list(item, "generation_prompts", rid),
+        source="rome",
+    )
+
+
+def embedded_dataset_path() -> Path:
+    """The embedded well-known-facts dataset (merged format): ``assets/known_facts.json``.
+
+    In a checkout or editable install it is read from the repository's ``assets/``; wheels
+    ship it as the resource package ``attndrift.assets``.
+    """
+    repo = Path(__file__).resolve().parent.parent / "assets" / "known_facts.json"
+    if repo.exists():
+        return repo
+    from importlib.resources import files
+
+    return Path(str(files("attndrift.assets") / "known_facts.json"))
+
+
+def load_embedded(*, lenient: bool = False) -> Dataset:
+    """The embedded dataset of well-known facts SmolLM2-135M gets right before editing."""
+    return load_dataset(embedded_dataset_path(), lenient=lenient)
+
+
+def probes_of(records: Iterable[Record], kinds: Iterable[ProbeKind] = PROBE_KINDS) -> list[Probe]:
+    """All probes of ``records`` for ``kinds``, in record order."""
+    kinds = tuple(kinds)
+    return [p for r in records for p in r.probes(kinds)]
