@@ -117,7 +117,9 @@ def table(rows: dict[str, Summary], kinds: Sequence[str] = (*SCORE_KINDS, "RS_D"
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
-def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+def ngram_entropy(
+    text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)
+) -> float:
     """Weighted mean of the n-gram entropies (bits) of one text (ROME's fluency measure)."""
     words = _WORD.findall(text.lower())
     values = []

@@ -85,9 +85,6 @@ def resid_post_hook(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-FINAL_HIDDEN_HOOK = "ln_final.hook_normalized"
-
-
 def mlp_out_weight(model: HookedTransformer, layer: int) -> torch.nn.Parameter:
     """``W_out`` of the MLP of ``layer``, shape ``[d_mlp, d_model]`` (out = key @ W_out + b_out)."""
     check_layer(model, layer)
@@ -135,17 +132,43 @@ def final_hidden(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
     fwd_hooks: list | tuple = (),
+    past_kv_cache=None,
 ) -> Float[Tensor, "batch pos d_model"]:
-    """Normalised final residual stream (input of the unembedding), under optional hooks."""
-    store: dict[str, Tensor] = {}
+    """Normalised final residual stream (input of the unembedding), under optional hooks.
 
-    def keep(x: Tensor, hook) -> None:
-        store["h"] = x
+    With ``past_kv_cache`` (see :func:`kv_cache`), ``tokens`` continue the cached rows.
+    """
+    kwargs = {}
+    if past_kv_cache is not None:
+        # explicit all-ones mask: TransformerLens would otherwise mask tokens equal to the pad id
+        kwargs = {"past_kv_cache": past_kv_cache, "attention_mask": torch.ones_like(tokens)}
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        # all blocks, then the final norm *with* its gain (ln_final.hook_normalized is pre-gain)
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers, **kwargs)
+        return model.ln_final(resid) if model.cfg.normalization_type is not None else resid
 
-    model.run_with_hooks(
-        tokens, return_type=None, fwd_hooks=[*fwd_hooks, (FINAL_HIDDEN_HOOK, keep)]
-    )
-    return store["h"]
+
+def final_hidden_from(
+    model: HookedTransformer,
+    resid_pre: Float[Tensor, "batch pos d_model"],
+    layer: int,
+    fwd_hooks: list | tuple = (),
+) -> Float[Tensor, "batch pos d_model"]:
+    """Like :func:`final_hidden`, but starting at block ``layer`` from its input residual.
+
+    Skips the blocks before ``layer`` when only later activations change (e.g. in an
+    optimisation loop that perturbs layer ``layer``).
+    """
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        resid = model(resid_pre, start_at_layer=layer, stop_at_layer=model.cfg.n_layers)
+        return model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+
+
+def kv_cache(model: HookedTransformer, batch: int):
+    """An empty TransformerLens key-value cache for ``batch`` rows (incremental decoding)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
 
 
 def unembed(
@@ -156,7 +179,7 @@ def unembed(
 
 
 def bos_prefix(model: HookedTransformer) -> list[int]:
-    """``[bos_id]`` when the model expects a BOS token (``cfg.default_prepend_bos``), else ``[]``."""
+    """``[bos_id]`` if the model expects a BOS token (``cfg.default_prepend_bos``), else ``[]``."""
     if not model.cfg.default_prepend_bos:
         return []
     bos = model.tokenizer.bos_token_id
@@ -283,7 +306,9 @@ def _build(
     dtype: torch.dtype,
 ) -> HookedTransformer:
     with _quiet_tl_deprecation():
-        model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
+        model = HookedTransformer(
+            cfg, tokenizer, move_to_device=False, default_padding_side="right"
+        )
     model.load_and_process_state_dict(
         state,
         fold_ln=False,
@@ -339,7 +364,9 @@ def embedded_gguf_path() -> Path:
 
 
 def _embedded_cache() -> Path:
-    return cache_dir() / "models" / f"smollm2-135m-{EMBEDDED_GGUF_SHA256[:12]}-v{_CONVERSION_VERSION}"
+    return (
+        cache_dir() / "models" / f"smollm2-135m-{EMBEDDED_GGUF_SHA256[:12]}-v{_CONVERSION_VERSION}"
+    )
 
 
 def _load_embedded(device: str, dtype: torch.dtype) -> HookedTransformer:
@@ -499,7 +526,9 @@ def load_embedded_hf(dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     path = embedded_gguf_path()
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=dtype
+    ).eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,11 +569,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
-        add_bos_token=True,  # tells TransformerLens not to reload it from the hub
+        # name and add_bos_token tell TransformerLens to keep this tokenizer (no hub reload)
+        name_or_path="attndrift-tiny",
+        add_bos_token=True,
     )
 
 
-def tiny_config(arch: TinyArch, d_vocab: int) -> dict:
+def tiny_config(arch: str, d_vocab: int) -> dict:
     """Config fields of a 4-layer random model in the style of ``arch``."""
     common = {
         "n_layers": 4,
@@ -595,12 +626,12 @@ def tiny_config(arch: TinyArch, d_vocab: int) -> dict:
 
 
 def tiny_model(
-    arch: TinyArch = "llama", seed: int = 0, device: str | torch.device | None = None
+    arch: str = "llama", seed: int = 0, device: str | torch.device | None = None
 ) -> HookedTransformer:
     """A small random :class:`HookedTransformer` (4 layers, d_model 64) for tests.
 
-    Deterministic in ``seed``; the global RNG state is left untouched. Biases are random
-    too (not zero), so that tests exercise them.
+    Deterministic in ``seed``; the global RNG state is left untouched. Biases and norm gains
+    are random too (not 0 and 1), so that tests exercise them.
     """
     tokenizer = tiny_tokenizer()
     fields = tiny_config(arch, d_vocab=len(tokenizer))
@@ -612,6 +643,9 @@ def tiny_model(
             model = HookedTransformer(cfg, tokenizer, default_padding_side="right")
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.split(".")[-1].startswith("b_"):
+                last = name.split(".")[-1]
+                if last.startswith(("b_", "_b_")) or last == "b":  # biases, norm biases
                     p.normal_(0.0, 0.05)
+                elif last == "w":  # norm gains: not all ones, so that forgetting one shows
+                    p.normal_(1.0, 0.3)
     return fast_layout(model).eval()

@@ -184,7 +184,9 @@ def _score_group(
     token_logp = logp.gather(1, torch.tensor(target, device=device)[:, None])[:, 0]
     owner_t = torch.tensor(owner, device=device)
     total = torch.zeros(len(members), device=device).index_add_(0, owner_t, token_logp)
-    count = torch.zeros(len(members), device=device).index_add_(0, owner_t, torch.ones_like(token_logp))
+    count = torch.zeros(len(members), device=device).index_add_(
+        0, owner_t, torch.ones_like(token_logp)
+    )
     nll = (-total / count).cpu().tolist()
     return dict(zip(members, nll, strict=True))
 

@@ -1,0 +1,222 @@
+"""Covariance: the second moment C = E[k kᵀ] of MLP keys at a layer (SPEC §3.2).
+
+k is the input of ``W_out`` (``blocks.{L}.mlp.hook_post``) at every real token of a text
+corpus (BOS and padding excluded). ROME's update direction is ``C⁻¹ k``; MEMIT solves
+``(λ C + K Kᵀ)⁻¹ K``. C is streamed in batches (accumulated in float64) and cached on disk,
+keyed by the model's fingerprint, the layer, the corpus and the token count. A cache file whose
+key or checksum does not match is recomputed, never used.
+
+Corpora (:func:`corpus_texts`):
+
+* a list of strings;
+* a path: ``.json`` (a list of strings, or of objects with a ``"text"``/``"Text"`` field) or
+  any text file (one text per non-empty line);
+* ``"hf:NAME[:CONFIG[:SPLIT]]"``: a Hugging Face dataset's ``text`` column (needs the hub);
+* ``"samples"`` (the offline default): text sampled from the model itself (seeded top-k
+  sampling from generic openings), which needs no data at all.
+"""
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from attndrift import encoding, generation, models
+
+log = logging.getLogger(__name__)
+
+#: Openings for the offline "samples" corpus (MEMIT's five, plus more for variety).
+SAMPLE_OPENINGS = (
+    "The", "Therefore", "Because", "I", "You", "In", "When", "It", "A", "This", "We",
+    "After", "According to", "There", "He", "She", "On", "For", "Many", "One",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CovarianceConfig:
+    """Where C comes from.
+
+    Attributes:
+        corpus: ``"samples"``, a path, ``"hf:..."`` or a list of texts (see module doc).
+        n_tokens: key vectors to average (ROME/MEMIT used 100k Wikipedia samples).
+        text_tokens: tokens per text (texts are truncated; samples are this long).
+        seed: seed of the ``"samples"`` corpus.
+        batch_tokens: padded tokens per forward pass.
+    """
+
+    corpus: str | tuple[str, ...] = "samples"
+    n_tokens: int = 100_000
+    text_tokens: int = 128
+    seed: int = 0
+    batch_tokens: int = 8192
+
+
+def corpus_texts(model: HookedTransformer, cfg: CovarianceConfig) -> list[str]:
+    """The texts of ``cfg.corpus`` (enough of them for ``cfg.n_tokens`` when sampling)."""
+    corpus = cfg.corpus
+    if isinstance(corpus, tuple | list):
+        return list(corpus)
+    if corpus == "samples":
+        n_texts = -(-cfg.n_tokens // cfg.text_tokens)
+        openings = [SAMPLE_OPENINGS[i % len(SAMPLE_OPENINGS)] for i in range(n_texts)]
+        log.info(
+            "sampling %d texts of %d tokens for the covariance corpus", n_texts, cfg.text_tokens
+        )
+        return generation.sample(
+            model, openings, max_new_tokens=cfg.text_tokens, seed=cfg.seed, top_k=40
+        )
+    if corpus.startswith("hf:"):
+        import datasets  # optional, online
+
+        name, *rest = corpus[3:].split(":")
+        config = rest[0] if rest else None
+        split = rest[1] if len(rest) > 1 else "train"
+        return [t for t in datasets.load_dataset(name, config, split=split)["text"] if t.strip()]
+    path = Path(corpus)
+    if not path.exists():
+        raise FileNotFoundError(f"covariance corpus {corpus!r}: no such file, and not 'samples'")
+    if path.suffix == ".json":
+        items = json.loads(path.read_text())
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: expected a JSON list of texts")
+        return [it if isinstance(it, str) else it.get("text", it.get("Text", "")) for it in items]
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def _corpus_id(cfg: CovarianceConfig) -> str:
+    c = cfg.corpus
+    if isinstance(c, tuple | list):
+        return "texts-" + hashlib.sha256("\x00".join(c).encode()).hexdigest()[:12]
+    if c == "samples":
+        return f"samples-s{cfg.seed}-t{cfg.text_tokens}"
+    if c.startswith("hf:"):
+        return c.replace("/", "_").replace(":", "_")
+    p = Path(c)
+    return f"{p.stem}-{hashlib.sha256(p.read_bytes()).hexdigest()[:12]}"
+
+
+@torch.no_grad()
+def second_moment(
+    model: HookedTransformer,
+    layer: int,
+    texts: Sequence[str],
+    *,
+    n_tokens: int,
+    text_tokens: int = 128,
+    batch_tokens: int = 8192,
+    progress: bool = False,
+) -> tuple[Float[Tensor, "d_mlp d_mlp"], int]:
+    """E[k kᵀ] over the first ``n_tokens`` real tokens of ``texts``; returns (C, tokens used)."""
+    models.check_layer(model, layer)
+    n_bos = len(models.bos_prefix(model))
+    rows = [encoding.encode_prompt(model, t).ids[: n_bos + text_tokens] for t in texts if t.strip()]
+    rows = [r for r in rows if len(r) > n_bos]
+    d = model.cfg.d_mlp
+    device = models.model_device(model)
+    total = torch.zeros(d, d, dtype=torch.float64, device=device)
+    used = 0
+    per_batch = max(1, batch_tokens // max(len(r) for r in rows)) if rows else 1
+    bar = tqdm(total=n_tokens, desc=f"covariance L{layer}", unit="tok", disable=not progress)
+    for start in range(0, len(rows), per_batch):
+        if used >= n_tokens:
+            break
+        chunk = rows[start : start + per_batch]
+        tokens = encoding.pad(model, chunk)
+        store: dict[str, Tensor] = {}
+
+        def keep(k: Tensor, hook, store=store) -> None:
+            store["k"] = k
+
+        model.run_with_hooks(
+            tokens,
+            return_type=None,
+            stop_at_layer=layer + 1,
+            fwd_hooks=[(models.mlp_key_hook(layer), keep)],
+        )
+        keys = torch.cat([store["k"][i, n_bos : len(r)] for i, r in enumerate(chunk)])
+        keys = keys[: n_tokens - used].float()
+        total += (keys.T @ keys).double()
+        used += keys.shape[0]
+        bar.update(keys.shape[0])
+    bar.close()
+    if used == 0:
+        raise ValueError("covariance corpus has no tokens")
+    if used < n_tokens:
+        log.warning("covariance corpus gave %d tokens, fewer than the %d asked for", used, n_tokens)
+    if used < d:
+        log.warning("C from %d tokens < d_mlp=%d is singular", used, d)
+    return (total / used).float(), used
+
+
+def layer_covariance(
+    model: HookedTransformer,
+    layer: int,
+    cfg: CovarianceConfig = CovarianceConfig(),
+    *,
+    cache: bool = True,
+    progress: bool = True,
+) -> Float[Tensor, "d_mlp d_mlp"]:
+    """C = E[k kᵀ] at ``layer`` for ``cfg``, from the disk cache when valid."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    key = {
+        "model": model.cfg.model_name,
+        "fingerprint": models.fingerprint(model),
+        "layer": str(layer),
+        "corpus": _corpus_id(cfg),
+        "n_tokens": str(cfg.n_tokens),
+        "text_tokens": str(cfg.text_tokens),
+    }
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = models.cache_dir() / "covariance" / f"{key['model']}-L{layer}-{name}.safetensors"
+    device = models.model_device(model)
+    if cache and path.exists():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+            stats = load_file(path)["mom2"]
+            ok = all(meta.get(k) == v for k, v in key.items()) and meta.get("sha256") == _digest(
+                stats
+            )
+            if ok:
+                return stats.to(device)
+            log.warning("covariance cache %s does not match its key or checksum: recomputing", path)
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            log.warning("covariance cache %s is unreadable (%s): recomputing", path, e)
+    t0 = time.perf_counter()
+    texts = corpus_texts(model, cfg)
+    stats, used = second_moment(
+        model,
+        layer,
+        texts,
+        n_tokens=cfg.n_tokens,
+        text_tokens=cfg.text_tokens,
+        batch_tokens=cfg.batch_tokens,
+        progress=progress,
+    )
+    log.info(
+        "covariance of layer %d from %d tokens in %.0f s", layer, used, time.perf_counter() - t0
+    )
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        cpu = stats.cpu().contiguous()
+        save_file({"mom2": cpu}, tmp, metadata={**key, "sha256": _digest(cpu), "used": str(used)})
+        tmp.replace(path)
+    return stats
+
+
+def _digest(t: Tensor) -> str:
+    return hashlib.sha256(t.cpu().contiguous().numpy().tobytes()).hexdigest()

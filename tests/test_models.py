@@ -1,0 +1,113 @@
+import json
+
+import pytest
+import torch
+
+from attndrift import encoding, models
+
+FACTS = [
+    ("The Eiffel Tower is located in the city of", " Paris"),
+    ("The capital of Japan is the city of", " Tokyo"),
+    ("The mother tongue of a person born in Madrid is", " Spanish"),
+]
+
+
+def test_tiny_models_are_deterministic_and_leave_global_rng(tiny):
+    state = torch.random.get_rng_state()
+    again = models.tiny_model(_arch(tiny), seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for (n, a), (_, b) in zip(tiny.named_parameters(), again.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+    other = models.tiny_model(_arch(tiny), seed=1)
+    assert not torch.equal(other.blocks[0].mlp.W_out, tiny.blocks[0].mlp.W_out)
+
+
+def _arch(model) -> str:
+    return model.cfg.model_name.split("-")[1]
+
+
+def test_tiny_architectures_have_their_features():
+    gpt2, gptj, llama = (models.tiny_model(a) for a in models.TINY_ARCHS)
+    assert gpt2.cfg.positional_embedding_type == "standard" and gpt2.cfg.normalization_type == "LN"
+    assert gptj.cfg.parallel_attn_mlp and gptj.cfg.positional_embedding_type == "rotary"
+    assert llama.cfg.gated_mlp and llama.cfg.n_key_value_heads == 2
+    assert llama.cfg.normalization_type == "RMS"
+
+
+def test_fast_layout_keeps_logits_bit_identical(tiny):
+    tokens = encoding.encode_batch(tiny, ["The Eiffel Tower is in Paris", "Rome"]).tokens
+    with torch.no_grad():
+        before = tiny(tokens)
+        plain = models.tiny_model(_arch(tiny), seed=0)
+        for p in plain.parameters():  # undo the layout: contiguous copies
+            p.data = p.data.contiguous()
+        assert torch.equal(plain(tokens), before)
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
+        models.load_model("no-such-model", device="cpu")
+
+
+def test_unknown_tiny_arch_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown tiny architecture"):
+        models.tiny_model("mamba")
+
+
+def test_layer_check(tiny):
+    with pytest.raises(ValueError, match="out of range"):
+        models.mlp_out_weight(tiny, tiny.cfg.n_layers)
+
+
+def test_gguf_config_comes_from_metadata():
+    cfg = models.smollm2_config_from_gguf(models.embedded_gguf_path())
+    assert (cfg["n_layers"], cfg["d_model"], cfg["n_heads"], cfg["n_key_value_heads"]) == (
+        30,
+        576,
+        9,
+        3,
+    )
+    assert cfg["d_mlp"] == 1536 and cfg["d_vocab"] == 49152 and cfg["rotary_base"] == 100000.0
+    assert cfg["default_prepend_bos"] is False
+
+
+@pytest.mark.slow
+def test_embedded_matches_dequantised_hf_model(smollm):
+    hf = models.load_embedded_hf()
+    prompts = [p for p, _ in FACTS] + ["Toko Yasuda plays the", "Hello"]
+    for prompt in prompts:
+        ids = torch.tensor([encoding.encode_prompt(smollm, prompt).ids])
+        with torch.no_grad():
+            diff = (smollm(ids) - hf(ids).logits).abs().max().item()
+        assert diff <= 1e-3, (prompt, diff)
+
+
+@pytest.mark.slow
+def test_embedded_knows_well_known_facts(smollm):
+    for prompt, answer in FACTS:
+        ids = torch.tensor([encoding.encode_prompt(smollm, prompt).ids])
+        with torch.no_grad():
+            top = smollm(ids)[0, -1].argmax().item()
+        assert smollm.tokenizer.decode([top]) == answer, prompt
+
+
+@pytest.mark.slow
+def test_embedded_has_no_bos_and_cache_is_reused(smollm, tmp_path, monkeypatch):
+    assert models.bos_prefix(smollm) == []
+    ids = encoding.encode_prompt(smollm, "Paris").ids
+    assert smollm.tokenizer.decode(list(ids)) == "Paris"
+    cache = models._embedded_cache()
+    meta = json.loads((cache / "attndrift.json").read_text())
+    assert meta["source_sha256"] == models.EMBEDDED_GGUF_SHA256
+    assert meta["weights_bytes"] == (cache / "model.safetensors").stat().st_size
+
+
+@pytest.mark.slow
+def test_truncated_cache_is_detected(tmp_path):
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"123")
+    (target / "attndrift.json").write_text(json.dumps({"weights_bytes": 999}))
+    assert not models._cache_complete(target)
+    (target / "attndrift.json").write_text("{not json")
+    assert not models._cache_complete(target)

@@ -1,0 +1,160 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attndrift import data, encoding, evaluation, metrics, models, scoring
+
+PAIRS = [
+    ("The Eiffel Tower is located in the city of", "Paris"),
+    ("The Eiffel Tower is located in the city of", "Rome"),
+    ("The Eiffel Tower is located in the city of", "Paris France"),
+    ("Rome", "is the capital of Italy"),
+    ("Toko Yasuda plays the", "guitar"),
+    ("The capital of France is", "Paris"),
+    ("The capital of France is ", "Paris"),  # trailing space is dropped
+]
+
+
+def _reference_nll(model, prompt, answer):
+    """Straight from the definition: one forward over prompt + answer, full logits."""
+    p = encoding.encode_prompt(model, prompt).ids
+    a = encoding.encode_answer(model, answer)
+    tokens = torch.tensor([p + a])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(tokens)[0].float(), -1)
+    return -float(np.mean([logp[len(p) + j - 1, t].item() for j, t in enumerate(a)]))
+
+
+def test_batched_equals_definition(tiny):
+    batched = scoring.answer_nll(tiny, PAIRS)
+    ref = torch.tensor([_reference_nll(tiny, p, a) for p, a in PAIRS])
+    torch.testing.assert_close(batched, ref, atol=1e-5, rtol=0)
+
+
+def test_batched_equals_one_at_a_time_under_every_padding(tiny):
+    one = scoring.answer_nll(tiny, PAIRS, max_batch_size=1)
+    for budget in (8, 40, 10_000):  # many small batches ... one big batch
+        torch.testing.assert_close(scoring.answer_nll(tiny, PAIRS, max_batch_tokens=budget), one)
+
+
+def test_answer_span_is_exactly_the_answer(tiny):
+    plan = scoring._plan(tiny, PAIRS)
+    for i, (prompt, answer) in enumerate(PAIRS):
+        seq = plan.sequences[plan.owner[i]]
+        p = encoding.encode_prompt(tiny, prompt).ids
+        a = encoding.encode_answer(tiny, answer)
+        assert plan.start[i] == len(p) and plan.answer[i] == a
+        assert seq[: len(p)] == p
+        # teacher-forced inputs are the answer's tokens but its last
+        assert seq[len(p) : len(p) + len(a) - 1] == a[:-1]
+        assert tiny.tokenizer.decode(list(a)) == " " + answer
+    # "Paris" and "Rome" after the same prompt share one forward row
+    assert plan.owner[0] == plan.owner[1]
+
+
+def test_sharing_needs_a_true_prefix(tiny):
+    pairs = [
+        ("The capital of France is", "Paris France"),
+        ("The capital of France is", "Rome Italy"),
+    ]
+    plan = scoring._plan(tiny, pairs)
+    assert plan.owner[0] != plan.owner[1]
+
+
+def test_hooks_change_scores(tiny):
+    def zero_mlp(x, hook):
+        return torch.zeros_like(x)
+
+    plain = scoring.answer_nll(tiny, PAIRS[:2])
+    hooked = scoring.answer_nll(tiny, PAIRS[:2], fwd_hooks=[("blocks.0.hook_mlp_out", zero_mlp)])
+    assert not torch.allclose(plain, hooked)
+    assert not tiny.hook_dict["blocks.0.hook_mlp_out"].fwd_hooks  # removed afterwards
+
+
+def test_empty_and_bad_budget(tiny):
+    assert scoring.answer_nll(tiny, []).shape == (0,)
+    with pytest.raises(ValueError, match="max_batch_tokens must be positive"):
+        scoring.answer_nll(tiny, PAIRS, max_batch_tokens=0)
+
+
+def test_score_probes_table(tiny):
+    rec = data.Record(
+        0,
+        data.EditRequest("Eiffel Tower", "The Eiffel Tower is in", "Rome", "Paris"),
+        neighborhood=(("The Louvre is in", "Paris"),),
+    )
+    table = scoring.score_probes(tiny, rec.probes())
+    assert list(table["kind"]) == ["ES", "NS", "DNS"]
+    np.testing.assert_allclose(table["p_right"], np.exp(-table["nll_right"]), rtol=1e-6)
+    assert (table["success"] == (table["p_right"] > table["p_wrong"])).all()
+
+
+def test_metrics_aggregation_by_hand():
+    import pandas as pd
+
+    table = pd.DataFrame(
+        {
+            "kind": ["ES", "ES", "ES", "ES", "PS", "NS", "NS", "RS", "DNS"],
+            "success": [True, True, True, False, True, True, False, False, True],
+        }
+    )
+    s = metrics.summarize(table)
+    es = s.metrics["ES"]
+    assert es.mean == 0.75 and es.n == 4
+    sem = np.std([1, 1, 1, 0], ddof=1) / 2
+    assert math.isclose(es.high - es.mean, 1.96 * sem)
+    assert s.metrics["RS"].mean == 0.0 and s.score == 0.0  # harmonic mean with a zero
+    assert s.metrics["AS"].n == 0 and math.isnan(s.metrics["AS"].mean)
+    assert metrics.harmonic_mean([0.5, 1.0]) == pytest.approx(2 / 3)
+    table2 = table[table["kind"] != "RS"]
+    s2 = metrics.summarize(table2)
+    assert s2.score_kinds == ("ES", "PS", "NS", "DNS")
+    assert s2.score == pytest.approx(4 / (1 / 0.75 + 1 / 1 + 1 / 0.5 + 1 / 1))
+
+
+def test_ngram_entropy():
+    assert metrics.ngram_entropy("a a a a a a") == 0.0
+    # 4 distinct bigrams (2 bits) and 3 distinct trigrams (log2 3 bits)
+    value = metrics.ngram_entropy("a b c d e")
+    assert value == pytest.approx(np.mean([2 / 3 * 2.0, 4 / 3 * math.log2(3)]))
+    assert metrics.fluency(["a b c d e", "a a a a"]) == pytest.approx(100 * value / 2)
+
+
+@pytest.mark.slow
+def test_smollm_batched_equals_one_at_a_time(smollm, dev_data_path):
+    ds = data.load_dataset(dev_data_path).select(limit=4)
+    probes = data.probes_of(ds.records)
+    pairs = [(p.prompt, p.right) for p in probes] + [(p.prompt, p.wrong) for p in probes]
+    batched = scoring.answer_nll(smollm, pairs)
+    one = scoring.answer_nll(smollm, pairs, max_batch_size=1)
+    # probabilities to 1e-5; NLLs of improbable answers amplify float32 noise, so 1e-4
+    torch.testing.assert_close(torch.exp(-batched), torch.exp(-one), atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched, one, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm_evaluation_on_dev_records(smollm, dev_data_path):
+    ds = data.load_dataset(dev_data_path).select(limit=6)
+    ev = evaluation.evaluate(smollm, ds.records)
+    s = ev.summary
+    assert s.metrics["ES"].n == 6
+    assert 0 <= s.metrics["NS"].mean <= 1 and s.metrics["NS"].n > 0
+    assert set(ev.probes["record"]) == {r.id for r in ds.records}
+
+
+def test_sampling_is_seeded_and_greedy_matches_argmax(tiny):
+    from attndrift import generation
+
+    prompts = ["The Eiffel Tower is", "Rome", "The Eiffel Tower is"]
+    a = generation.sample(tiny, prompts, max_new_tokens=6, seed=3)
+    assert a == generation.sample(tiny, prompts, max_new_tokens=6, seed=3)
+    assert all(t.startswith(p) for t, p in zip(a, prompts, strict=True))
+    greedy = generation.sample(tiny, prompts[:2], max_new_tokens=5, top_k=1)
+    for prompt, text in zip(prompts[:2], greedy, strict=True):  # recompute without the cache
+        ids = list(encoding.encode_prompt(tiny, prompt).ids)
+        for _ in range(5):
+            with torch.no_grad():
+                ids.append(int(tiny(torch.tensor([ids]))[0, -1].argmax()))
+        assert text == tiny.tokenizer.decode(ids[len(models.bos_prefix(tiny)) :])
