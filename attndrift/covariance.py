@@ -41,6 +41,9 @@ SAMPLE_OPENINGS = (
 )  # fmt: skip
 
 
+_CHUNK = 64
+
+
 @dataclass(frozen=True)
 class CovarianceConfig:
     """Where C comes from.
@@ -90,6 +93,37 @@ def corpus_texts(model: HookedTransformer, cfg: CovarianceConfig) -> list[str]:
             raise ValueError(f"{path}: expected a JSON list of texts")
         return [it if isinstance(it, str) else it.get("text", it.get("Text", "")) for it in items]
     return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def sampled_corpus(
+    model: HookedTransformer, n_texts: int, text_tokens: int, seed: int
+) -> list[str]:
+    """``n_texts`` texts of ``text_tokens`` tokens sampled from the model (top-k 40), cached.
+
+    Texts are drawn in whole chunks of 64 with seeds ``seed, seed+1, …``, so a larger corpus
+    extends a smaller one and the cache of the largest corpus serves every smaller request.
+    """
+    directory = models.cache_dir() / "corpora"
+    stem = f"{model.cfg.model_name}-{models.fingerprint(model)}-s{seed}-t{text_tokens}"
+    for path in sorted(directory.glob(f"{stem}-n*.json")):
+        if int(path.stem.rsplit("-n", 1)[1]) >= n_texts:
+            try:
+                return json.loads(path.read_text())[:n_texts]
+            except json.JSONDecodeError:
+                log.warning("corrupt corpus cache %s: sampling again", path)
+    log.info("sampling %d texts of %d tokens for the covariance corpus", n_texts, text_tokens)
+    texts: list[str] = []
+    # whole chunks only: chunk i is the same whatever n_texts, so corpora nest
+    for i in tqdm(range(0, n_texts, _CHUNK), desc="sampling corpus", unit="chunk"):
+        openings = [SAMPLE_OPENINGS[j % len(SAMPLE_OPENINGS)] for j in range(_CHUNK)]
+        texts += generation.sample(
+            model, openings, max_new_tokens=text_tokens, seed=seed + i // _CHUNK, top_k=40
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{stem}-n{len(texts)}.tmp"
+    tmp.write_text(json.dumps(texts))
+    tmp.replace(directory / f"{stem}-n{len(texts)}.json")
+    return texts[:n_texts]
 
 
 def _corpus_id(cfg: CovarianceConfig) -> str:

@@ -626,7 +626,10 @@ def tiny_config(arch: str, d_vocab: int) -> dict:
 
 
 def tiny_model(
-    arch: str = "llama", seed: int = 0, device: str | torch.device | None = None
+    arch: str = "llama",
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> HookedTransformer:
     """A small random :class:`HookedTransformer` (4 layers, d_model 64) for tests.
 
@@ -636,7 +639,7 @@ def tiny_model(
     tokenizer = tiny_tokenizer()
     fields = tiny_config(arch, d_vocab=len(tokenizer))
     fields["model_name"] = f"{fields['model_name']}-s{seed}"
-    cfg = HookedTransformerConfig(**fields, device=str(device or "cpu"))
+    cfg = HookedTransformerConfig(**fields, device=str(device or "cpu"), dtype=dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with _quiet_tl_deprecation():

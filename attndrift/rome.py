@@ -65,7 +65,7 @@ class RomeConfig:
     value: ValueConfig = field(default_factory=ValueConfig)
     templates: TemplateConfig = field(default_factory=TemplateConfig)
     covariance: CovarianceConfig | None = field(default_factory=CovarianceConfig)
-    denominator: Literal["k0", "mean_key"] = "k0"
+    denominator: str = "k0"  # "k0" | "mean_key" (validated: a clear error for CLI input)
 
     def __post_init__(self) -> None:
         if self.denominator not in ("k0", "mean_key"):
@@ -130,13 +130,17 @@ def context_templates(model: HookedTransformer, cfg: TemplateConfig) -> tuple[st
 def read_at_subject(
     model: HookedTransformer,
     prompts: Sequence[str],
-    subject: str,
+    subject: str | Sequence[str],
     hook_names: Sequence[str],
     stop_at_layer: int | None = None,
     fwd_hooks: Sequence = (),
 ) -> dict[str, Tensor]:
-    """Activations ``[n_prompts, d]`` of ``hook_names`` at the subject's last token."""
-    batch = encoding.encode_batch(model, prompts, [subject] * len(prompts))
+    """Activations ``[n_prompts, d]`` of ``hook_names`` at the subject's last token.
+
+    ``subject`` is one subject for all prompts or one per prompt.
+    """
+    subjects = [subject] * len(prompts) if isinstance(subject, str) else list(subject)
+    batch = encoding.encode_batch(model, prompts, subjects)
     rows = torch.arange(len(prompts), device=batch.tokens.device)
     out: dict[str, Tensor] = {}
 

@@ -1,0 +1,64 @@
+"""attndrift: attention drift in edited language models, and SADR-regularised editing.
+
+Public API (everything else is reachable through the modules listed in ``__all__``).
+"""
+
+from attndrift import (
+    covariance,
+    data,
+    encoding,
+    evaluation,
+    generation,
+    memit,
+    metrics,
+    models,
+    rome,
+    sadr,
+    scoring,
+    value,
+)
+from attndrift.covariance import CovarianceConfig
+from attndrift.data import Dataset, EditRequest, Probe, Record, load_dataset, load_embedded
+from attndrift.edit import Edit, applied
+from attndrift.evaluation import Evaluation, evaluate
+from attndrift.memit import MemitConfig
+from attndrift.models import EMBEDDED_MODEL, Variant, load_model, tiny_model
+from attndrift.rome import RomeConfig
+from attndrift.sadr import SadrConfig
+from attndrift.value import ValueConfig
+from attndrift.version import __version__
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "CovarianceConfig",
+    "Dataset",
+    "Edit",
+    "EditRequest",
+    "Evaluation",
+    "MemitConfig",
+    "Probe",
+    "Record",
+    "RomeConfig",
+    "SadrConfig",
+    "ValueConfig",
+    "Variant",
+    "__version__",
+    "applied",
+    "covariance",
+    "data",
+    "encoding",
+    "evaluate",
+    "evaluation",
+    "generation",
+    "load_dataset",
+    "load_embedded",
+    "load_model",
+    "memit",
+    "metrics",
+    "models",
+    "rome",
+    "sadr",
+    "scoring",
+    "tiny_model",
+    "value",
+]

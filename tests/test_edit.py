@@ -1,0 +1,107 @@
+import jaxtyping
+import pytest
+import torch
+
+from attndrift import data, encoding, models
+from attndrift.edit import Edit, add_to_weights, applied, restored
+
+REQ = data.EditRequest(
+    "Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome", "Paris"
+)
+
+
+def random_edit(model, layers=(1, 2), rank=2, seed=0, scale=0.5) -> Edit:
+    g = torch.Generator().manual_seed(seed)
+    d_mlp, d_model = model.cfg.d_mlp, model.cfg.d_model
+    return Edit(
+        layers=tuple(layers),
+        left=tuple(torch.randn(d_mlp, rank, generator=g) * scale for _ in layers),
+        right=tuple(torch.randn(rank, d_model, generator=g) * scale for _ in layers),
+        requests=(REQ,),
+        editor="random",
+        hparams={"scale": scale},
+        model_name=model.cfg.model_name,
+    )
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _assert_same(model, snap):
+    for n, p in model.named_parameters():
+        assert torch.equal(p, snap[n]), n
+        assert p.stride() == snap[n].stride(), n  # fast layout kept
+    assert not any(hp.fwd_hooks or hp.bwd_hooks for hp in model.hook_dict.values())
+
+
+def test_weights_and_hooks_give_the_same_logits(tiny):
+    e = random_edit(tiny)
+    tokens = encoding.encode_batch(tiny, [REQ.prompt, "The Louvre is in"]).tokens
+    snap = _snapshot(tiny)
+    with torch.no_grad():
+        before = tiny(tokens)
+        with applied(tiny, e):
+            by_weights = tiny(tokens)
+        _assert_same(tiny, snap)
+        by_hooks = tiny.run_with_hooks(tokens, fwd_hooks=list(e.hooks(tiny)))
+        _assert_same(tiny, snap)
+    assert (by_weights - before).abs().max() > 1e-2  # the edit does something
+    torch.testing.assert_close(by_hooks, by_weights, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(e.delta(0), e.left[0] @ e.right[0])
+
+
+def test_restored_even_when_the_body_raises(tiny):
+    e = random_edit(tiny)
+    snap = _snapshot(tiny)
+    with pytest.raises(RuntimeError, match="boom"), applied(tiny, e):
+        assert not torch.equal(models.mlp_out_weight(tiny, 1), snap["blocks.1.mlp.W_out"])
+        raise RuntimeError("boom")
+    _assert_same(tiny, snap)
+    with pytest.raises(KeyError), restored(tiny, e.layers):
+        add_to_weights(tiny, e)
+        raise KeyError("x")
+    _assert_same(tiny, snap)
+
+
+def test_hook_edit_inside_model_hooks_context(tiny):
+    from attndrift import scoring
+
+    e = random_edit(tiny)
+    pairs = [(REQ.prompt, "Rome")]
+    via_param = scoring.answer_nll(tiny, pairs, fwd_hooks=e.hooks(tiny))
+    with tiny.hooks(fwd_hooks=list(e.hooks(tiny))):
+        via_context = scoring.answer_nll(tiny, pairs)
+    torch.testing.assert_close(via_param, via_context)
+    assert not any(hp.fwd_hooks for hp in tiny.hook_dict.values())
+
+
+def test_save_load_round_trip(tiny, tmp_path):
+    e = random_edit(tiny)
+    path = e.save(tmp_path / "e.safetensors")
+    back = Edit.load(path)
+    assert back.layers == e.layers and back.requests == e.requests and back.editor == "random"
+    assert back.hparams == e.hparams and back.version == e.version
+    for a, b in zip(e.left + e.right, back.left + back.right, strict=True):
+        assert torch.equal(a, b)
+    assert b"pickle" not in path.read_bytes()[:8]
+
+
+def test_bad_edits_are_rejected(tiny, tmp_path):
+    with pytest.raises(ValueError, match="one \\(left, right\\) pair per layer"):
+        Edit((1,), (), (), (REQ,), "x")
+    # rejected by our check, or first by jaxtyping's shape check when it is active (tests)
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError)):
+        Edit((1,), (torch.zeros(3, 2),), (torch.zeros(3, 4),), (REQ,), "x")
+    wrong = Edit((1,), (torch.zeros(7, 1),), (torch.zeros(1, 5),), (REQ,), "x")
+    with pytest.raises(ValueError, match="does not fit model"):
+        wrong.hooks(tiny)
+    with pytest.raises(ValueError, match="out of range"):
+        random_edit(tiny, layers=(9,)).hooks(tiny)
+    with pytest.raises(FileNotFoundError, match="edit file not found"):
+        Edit.load(tmp_path / "none.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="not an attndrift edit file"):
+        Edit.load(tmp_path / "plain.safetensors")

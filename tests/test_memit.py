@@ -1,0 +1,94 @@
+import dataclasses
+
+import pytest
+import torch
+
+from attndrift import data, edit, memit, models, rome, sadr, scoring, value
+
+REQS = [
+    data.EditRequest("Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome", "Paris"),
+    data.EditRequest("Louvre", "The Louvre is located in the city of", "London", "Paris"),
+]
+TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
+
+
+def _cfg(model, **changes):
+    return dataclasses.replace(memit.preset(model), covariance=None, **changes)
+
+
+def test_memit_solves_its_normal_equations(tiny):
+    cfg = _cfg(tiny, mom2_update_weight=3.0)
+    e = memit.edit(tiny, REQS, cfg, templates=TEMPLATES)
+    assert e.layers == (0, 1) and e.editor == "memit"
+    # replay the layer loop: K and the residual targets at each layer, then check each factor
+    with edit.restored(tiny, e.layers):
+        for i, layer in enumerate(e.layers):
+            keys = memit._mean_keys(tiny, REQS, layer, TEMPLATES).double().T
+            lhs = 3.0 * torch.eye(tiny.cfg.d_mlp, dtype=torch.float64) + keys @ keys.T
+            torch.testing.assert_close(lhs @ e.left[i].double(), keys, atol=1e-4, rtol=1e-4)
+            assert e.right[i].shape == (2, tiny.cfg.d_model)
+            w = models.mlp_out_weight(tiny, layer)
+            with torch.no_grad():
+                w.add_(e.delta(i))
+    assert all(len(t) > 0 for t in e.info["z_traces"])
+
+
+def test_memit_moves_residuals_towards_z_and_restores(tiny):
+    snap = {n: p.detach().clone() for n, p in tiny.named_parameters()}
+    cfg = _cfg(tiny, mom2_update_weight=1.0)  # identity C: a small λ lets the update act
+    e = memit.edit(tiny, REQS, cfg, templates=TEMPLATES, sadr=sadr.SadrConfig(0.005))
+    assert e.editor == "memit+sadr"
+    for n, p in tiny.named_parameters():
+        assert torch.equal(p, snap[n]), n
+    z_name = models.resid_post_hook(1)
+    targets = []
+    for r in REQS:  # the same (deterministic) z optimisation as inside memit.edit
+        obj = value.ValueObjective(tiny, r, z_name, 1, TEMPLATES, cfg.value, sadr.SadrConfig(0.005))
+        targets.append(value.optimise_value(obj).target)
+    z = torch.stack(targets)
+    prompts, subjects = [r.prompt for r in REQS], [r.subject for r in REQS]
+    before = rome.read_at_subject(tiny, prompts, subjects, [z_name], 2)[z_name]
+    after = rome.read_at_subject(tiny, prompts, subjects, [z_name], 2, e.hooks(tiny))[z_name]
+    assert ((after - z).norm(dim=1) < (before - z).norm(dim=1)).all()
+
+
+def test_z_is_optimised_after_the_last_layer(tiny_llama):
+    cfg = _cfg(tiny_llama, layers=(0, 2))
+    obj = value.ValueObjective(
+        tiny_llama,
+        REQS[0],
+        models.resid_post_hook(2),
+        2,
+        TEMPLATES,
+        cfg.value,
+        sadr.SadrConfig(),
+    )
+    assert obj.sadr_layers == [3]
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="ascending"):
+        memit.MemitConfig(layers=(3, 2))
+    with pytest.raises(ValueError, match="ascending"):
+        memit.MemitConfig(layers=())
+    with pytest.raises(ValueError, match="no MEMIT preset"):
+        memit.preset("opt")
+    assert memit.preset("EleutherAI/gpt-j-6B").layers == (3, 4, 5, 6, 7, 8)
+
+
+def test_memit_needs_requests(tiny):
+    with pytest.raises(ValueError, match="at least one request"):
+        memit.edit(tiny, [], _cfg(tiny), templates=TEMPLATES)
+
+
+@pytest.mark.slow
+def test_smollm_memit_edits_two_facts(smollm):
+    ds = data.load_embedded()
+    reqs = [ds[0].request, ds[5].request]
+    cfg = dataclasses.replace(memit.preset(smollm), covariance=None)
+    templates = rome.context_templates(smollm, cfg.templates)
+    e = memit.edit(smollm, reqs, cfg, templates=templates)
+    table = scoring.score_probes(
+        smollm, [p for r in (ds[0], ds[5]) for p in r.probes(["ES"])], fwd_hooks=e.hooks(smollm)
+    )
+    assert table["success"].all(), table

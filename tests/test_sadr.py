@@ -1,0 +1,140 @@
+import dataclasses
+
+import pytest
+import torch
+
+from attndrift import data, models, rome, sadr, value
+
+REQ = data.EditRequest(
+    "Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome", "Paris"
+)
+TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
+
+
+def _objective(model, sadr_cfg, layer=1):
+    return value.ValueObjective(
+        model, REQ, models.mlp_out_hook(layer), layer, TEMPLATES, value.ValueConfig(), sadr_cfg
+    )
+
+
+def test_kl_rows_is_safe_and_nonnegative():
+    p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    q = torch.tensor([[0.25, 0.75, 0.0], [0.0, 1.0, 0.0]])  # q = 0 where p > 0
+    kl = sadr.kl_rows(p, q)
+    assert torch.isfinite(kl).all() and (kl >= 0).all()
+    expected = 0.5 * torch.log(torch.tensor(2.0)) + 0.5 * torch.log(torch.tensor(0.5 / 0.75))
+    torch.testing.assert_close(kl[0], expected)
+    assert sadr.kl_rows(p, p).abs().max() == 0
+
+
+def test_head_mask_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    van = torch.softmax(torch.randn(3, 2, 4, 6, generator=g), -1)  # prompt layer head key
+    cur = torch.softmax(torch.randn(3, 2, 4, 6, generator=g) * 3, -1)
+    subject = torch.tensor([1, 4, 2])
+    mask = sadr.head_mask(van, cur, subject)
+    for j in range(3):
+        for layer in range(2):
+            best = max(van[j, layer, h, subject[j]].item() for h in range(4))
+            for h in range(4):
+                assert bool(mask[j, layer, h]) == (cur[j, layer, h, subject[j]].item() > best)
+    loss, heads = sadr.sadr_loss(van, cur, subject)
+    kl = sadr.kl_rows(van, cur)
+    by_hand = sum(
+        sum(kl[j, layer, h].item() for h in range(4) if mask[j, layer, h]) / 3
+        for layer in range(2)
+        for j in range(3)
+    )
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+    torch.testing.assert_close(heads, mask.float().sum(-1).mean(0))
+    loss_all, heads_all = sadr.sadr_loss(van, cur, subject, all_heads=True)
+    assert loss_all.item() == pytest.approx(kl.sum(-1).mean(0).sum().item(), rel=1e-6)
+    assert (heads_all == 4).all()
+
+
+def test_mask_on_tiny_model_matches_hand_computation(tiny_llama):
+    obj = _objective(tiny_llama, sadr.SadrConfig(gamma=1.0))
+    delta = torch.randn(tiny_llama.cfg.d_model, generator=torch.Generator().manual_seed(1)) * 30
+    with torch.no_grad():
+        _, _, rows = obj._forward(delta)
+        terms = obj(delta)
+    subject = obj.subject_last[: obj.n_rewrite]
+
+    # the rows SADR reads equal those of an independent full cached run with the same delta
+    def add(x, hook):
+        return x + obj.onehot[:, :, None] * delta
+
+    with torch.no_grad(), tiny_llama.hooks(fwd_hooks=[(models.mlp_out_hook(1), add)]):
+        _, cache = tiny_llama.run_with_cache(obj.tokens)
+    for li, layer in enumerate(obj.sadr_layers):
+        pattern = cache[models.pattern_hook(layer)]
+        for j in range(obj.n_rewrite):
+            full_row = pattern[j, :, obj.prompt_last[j]]
+            torch.testing.assert_close(rows[j, li], full_row, atol=1e-6, rtol=1e-5)
+    n_heads = tiny_llama.cfg.n_heads
+    expected = 0.0
+    for j in range(obj.n_rewrite):
+        s, t = subject[j].item(), obj.prompt_last[j].item()
+        for li in range(len(obj.sadr_layers)):
+            best = max(obj.vanilla_rows[j, li, h, s].item() for h in range(n_heads))
+            for h in range(n_heads):
+                assert rows[j, li, h].sum().item() == pytest.approx(1.0, abs=1e-5)
+                if rows[j, li, h, s].item() > best:
+                    p, q = obj.vanilla_rows[j, li, h], rows[j, li, h]
+                    expected += (sadr.kl_rows(p, q).item()) / obj.n_rewrite
+        assert t > s
+    assert terms.sadr.item() == pytest.approx(expected, rel=1e-5)
+    assert obj.sadr_layers == list(range(2, tiny_llama.cfg.n_layers))
+
+
+def test_sadr_is_zero_at_delta_zero(tiny):
+    obj = _objective(tiny, sadr.SadrConfig(gamma=1.0))
+    terms = obj(torch.zeros(tiny.cfg.d_model))
+    assert terms.sadr.item() == 0.0 and (terms.heads == 0).all()
+    assert terms.kl.item() == pytest.approx(0.0, abs=1e-7)
+    all_heads = _objective(tiny, sadr.SadrConfig(gamma=1.0, all_heads=True))
+    assert all_heads(torch.zeros(tiny.cfg.d_model)).sadr.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_sadr_gradient_matches_finite_differences():
+    model = models.tiny_model("llama", seed=0, dtype=torch.float64)
+    obj = _objective(model, sadr.SadrConfig(gamma=1.0, all_heads=True))
+    g = torch.Generator().manual_seed(2)
+    delta = (torch.randn(model.cfg.d_model, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    with value.frozen(model):
+        term = obj(delta).sadr
+        (grad,) = torch.autograd.grad(term, delta)
+        assert grad.abs().max() > 0
+        direction = torch.randn(model.cfg.d_model, generator=g, dtype=torch.float64)
+        eps = 1e-5
+        with torch.no_grad():
+            up = obj(delta + eps * direction).sadr
+            down = obj(delta - eps * direction).sadr
+    numeric = (up - down) / (2 * eps)
+    assert numeric.item() == pytest.approx((grad @ direction).item(), rel=1e-5, abs=1e-9)
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_gamma_zero_reproduces_plain_rome_exactly(tiny):
+    cfg = dataclasses.replace(rome.preset(tiny), covariance=None)
+    plain = rome.edit(tiny, REQ, cfg, templates=TEMPLATES)
+    zero = rome.edit(tiny, REQ, cfg, templates=TEMPLATES, sadr=sadr.SadrConfig(gamma=0.0))
+    assert torch.equal(plain.left[0], zero.left[0]) and torch.equal(plain.right[0], zero.right[0])
+    # but the drift is still measured and logged
+    assert any(s["sadr"] > 0 for s in zero.info["trace"])
+    assert all(s["sadr"] == 0 for s in plain.info["trace"])
+    on = rome.edit(tiny, REQ, cfg, templates=TEMPLATES, sadr=sadr.SadrConfig(gamma=10.0))
+    assert not torch.equal(plain.right[0], on.right[0])
+
+
+def test_sadr_restrains_drift_in_the_trace(tiny_llama):
+    cfg = dataclasses.replace(rome.preset(tiny_llama), covariance=None)
+    free = rome.edit(tiny_llama, REQ, cfg, templates=TEMPLATES, sadr=sadr.SadrConfig(gamma=0.0))
+    held = rome.edit(tiny_llama, REQ, cfg, templates=TEMPLATES, sadr=sadr.SadrConfig(gamma=5.0))
+    assert held.info["trace"][-1]["sadr"] < free.info["trace"][-1]["sadr"]
+    assert len(free.info["trace"][0]["heads"]) == tiny_llama.cfg.n_layers - 2
+
+
+def test_negative_gamma_is_rejected():
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        sadr.SadrConfig(gamma=-1.0)
