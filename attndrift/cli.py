@@ -109,6 +109,116 @@ def evaluate(args) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+@command("sweep", "edit every record under each setting; resumable JSON-lines results")
+def sweep_command(args) -> int:
+    """Edit every record (weights untouched: edits run as hooks), score all SPEC §5 probes
+    before and after, and append one JSON line per (record, setting) to --out. Rerunning with
+    the same --out resumes. Under torchrun each rank takes a disjoint shard of the records."""
+    from attndrift import sweep
+
+    p = argparse.ArgumentParser(prog="attndrift sweep", description=sweep_command.__doc__)
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--editor", default="rome", help="rome, memit, or both: rome,memit")
+    p.add_argument(
+        "--sadr-gamma", default="0", help="comma-separated γ values, e.g. 0,0.01 (0 = no SADR)"
+    )
+    p.add_argument(
+        "--all-heads", action="store_true", help="also run each γ>0 restraining all heads"
+    )
+    p.add_argument("--layer", type=int, default=None, help="ROME layer (default: preset)")
+    p.add_argument("--layers", default=None, help="MEMIT layers, e.g. 2,3,4,5,6")
+    p.add_argument("--steps", type=int, default=None, help="steps without SADR (default: preset)")
+    p.add_argument(
+        "--sadr-steps", type=int, default=None, help="steps with SADR (default: as --steps)"
+    )
+    p.add_argument("--cov-tokens", type=int, default=None, help="tokens for C (default: preset)")
+    p.add_argument("--identity-cov", action="store_true", help="no covariance (quick, crude)")
+    p.add_argument("--fluency", action="store_true", help="also measure fluency (FL)")
+    p.add_argument("--out", type=Path, required=True, help="results file (JSON lines)")
+    a = p.parse_args(args)
+    settings = []
+    layers = tuple(int(x) for x in a.layers.split(",")) if a.layers else None
+    for editor in a.editor.split(","):
+        for gamma in _floats(a.sadr_gamma):
+            for all_heads in (False, True) if (a.all_heads and gamma > 0) else (False,):
+                settings.append(
+                    sweep.Setting(
+                        editor=editor.strip(),
+                        sadr_gamma=gamma,
+                        all_heads=all_heads,
+                        layer=a.layer if editor.strip() == "rome" else None,
+                        layers=layers if editor.strip() == "memit" else None,
+                        steps=(a.sadr_steps or a.steps) if gamma > 0 else a.steps,
+                        cov_tokens=a.cov_tokens,
+                        identity_cov=a.identity_cov,
+                    )
+                )
+    rank, world = sweep.distributed_rank()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if a.device and "cuda" in a.device else "gloo")
+        a.device = a.device or sweep.device_for_rank()
+    ds = _load_data(a)
+    model = _load_model(a)
+    print(f"{len(ds)} records x {len(settings)} settings: " + ", ".join(s.key for s in settings))
+    path = sweep.run(model, ds, settings, a.out, fluency=a.fluency, rank=rank, world=world)
+    print(f"rank {rank}/{world}: results in {path}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
+    lines = sweep.load_results([a.out])
+    print(_table_text(lines))
+    return 0
+
+
+def _table_text(lines) -> str:
+    from attndrift import metrics, sweep
+
+    summaries = sweep.summarize(lines)
+    counts = sweep.records_per_setting(lines)
+    n_pre = len({line["record"] for line in lines})
+    rows = {f"none (n={n_pre})": summaries.pop("none")}
+    rows |= {f"{k} (n={counts[k]})": v for k, v in summaries.items()}
+    text = metrics.table(rows).to_string()
+    return text + "\n(% of probes with P(right) > P(wrong), ± 95 % normal interval)"
+
+
+@command("summarize", "Table-3 layout of sweep results (+ the γ trade-off plot)")
+def summarize_command(args) -> int:
+    """Merge results files (and their rank shards), print ES PS NS RS DNS Score (FL) per
+    setting with 95 % intervals next to the pre-edit row, and optionally plot the γ trade-off."""
+    from attndrift import sweep
+
+    p = argparse.ArgumentParser(prog="attndrift summarize", description=summarize_command.__doc__)
+    p.add_argument("results", nargs="+", type=Path, help="results files of attndrift sweep")
+    p.add_argument("--plot", type=Path, default=None, help="write the γ trade-off plot (HTML)")
+    p.add_argument("--csv", type=Path, default=None, help="write the trade-off numbers (CSV)")
+    a = p.parse_args(args)
+    lines = sweep.load_results(a.results)
+    print(_table_text(lines))
+    if a.plot or a.csv:
+        frame = sweep.tradeoff(lines)
+        if a.csv:
+            frame.to_csv(a.csv, index=False)
+            print(f"trade-off numbers: {a.csv}")
+        if a.plot:
+            from attndrift import plotting
+
+            plotting.save_html(plotting.tradeoff(frame), a.plot)
+            print(f"trade-off plot: {a.plot}")
+    return 0
+
+
 def _edit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("editor")
     g.add_argument("--editor", choices=("rome", "memit"), default="rome")
@@ -219,6 +329,182 @@ def edit_command(args) -> int:
     if a.out:
         e.save(a.out)
         print(f"edit saved to {a.out}")
+    return 0
+
+
+def _analysis_edit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("edit (ROME on the fly, or a saved edit)")
+    g.add_argument("--record", type=int, default=None, help="record id (default: the first)")
+    g.add_argument("--edit", type=Path, default=None, help="a saved edit (.safetensors)")
+    g.add_argument("--layer", type=int, default=None, help="ROME layer (default: preset)")
+    g.add_argument("--steps", type=int, default=None, help="ROME value steps (default: preset)")
+    g.add_argument(
+        "--identity-cov", action="store_true", help="no covariance adjustment (quick, crude)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="directory for the HTML and CSV files")
+
+
+def _analysis_setup(a):
+    """(record, model, edit, edited variant) for the drift and patch commands."""
+    import dataclasses
+
+    from attndrift import models, rome
+    from attndrift.edit import Edit
+
+    ds = _load_data(a)
+    if not len(ds):
+        raise ValueError("no records selected")
+    record = ds.by_id(a.record) if a.record is not None else ds[0]
+    model = _load_model(a)
+    if a.edit is not None:
+        if a.layer is not None or a.steps is not None or a.identity_cov:
+            raise ValueError("--layer, --steps and --identity-cov apply to on-the-fly edits only")
+        e = Edit.load(a.edit, device=models.model_device(model))
+        if record.request not in e.requests:
+            print(f"warning: {a.edit} was not made for record {record.id}", file=sys.stderr)
+    else:
+        cfg = rome.preset(model)
+        changes: dict = {}
+        if a.layer is not None:
+            changes["layer"] = a.layer
+        if a.steps is not None:
+            changes["value"] = dataclasses.replace(cfg.value, steps=a.steps)
+        if a.identity_cov:
+            changes["covariance"] = None
+        cfg = dataclasses.replace(cfg, **changes)
+        e = rome.edit(model, record.request, cfg, progress=True)
+        a.out.mkdir(parents=True, exist_ok=True)
+        e.save(a.out / "edit.safetensors")
+        cov = "identity covariance" if cfg.covariance is None else "covariance"
+        print(
+            f"ROME edit at layer {cfg.layer} ({cfg.value.steps} steps, {cov}) in "
+            f"{e.info['seconds']:.1f} s; saved to {a.out / 'edit.safetensors'}"
+        )
+    r = record.request
+    print(f"record {record.id}: {r.subject!r}: {r.target_true!r} -> {r.target_new!r}")
+    return record, model, e, models.Variant(model, e.hooks(model), name=e.editor)
+
+
+@command("drift", "attention drift of an edit on a record's probes (figures + CSV)")
+def drift_command(args) -> int:
+    """Measure the attention drift (SPEC §1) of one edit on its record's probes: per-head drift
+    of the last token's attention, the drift factor of each probe against P(o_new), and the
+    attention rows of the most drifting heads. Writes drift.html, drift.csv and probes.csv."""
+    from attndrift import capture, drift, encoding, plotting
+
+    p = argparse.ArgumentParser(prog="attndrift drift", description=drift_command.__doc__)
+    _model_args(p)
+    _data_args(p)
+    _analysis_edit_args(p)
+    p.add_argument("--kinds", default="RS,DNS", help="probe kinds (default: %(default)s)")
+    p.add_argument("--heads", type=int, default=4, help="attention rows of the top N heads")
+    a = p.parse_args(args)
+    record, model, _, edited = _analysis_setup(a)
+    probes = record.probes([k.strip() for k in a.kinds.split(",")])
+    if not probes:
+        raise ValueError(f"record {record.id} has no probes of kinds {a.kinds}")
+    t0 = time.perf_counter()
+    analysis = drift.versus_failure(model, [(edited, probes)])
+    kept = [pr for pr in probes if pr.prompt in set(analysis.probes["prompt"])]
+    d = drift.measure(model, edited, [pr.prompt for pr in kept], [pr.subject for pr in kept])
+    worst = int(d.factor().argmax())
+    top = d.delta[worst].flatten().topk(min(a.heads, d.delta[worst].numel())).indices.tolist()
+    n_heads = d.delta.shape[-1]
+    heads = [(d.layers[i // n_heads], i % n_heads) for i in top]
+    batch = encoding.encode_batch(model, [d.prompts[worst]], [d.subjects[worst]])
+    pair = capture.pair(model, edited, batch, layers=sorted({layer for layer, _ in heads}))
+    tokens = encoding.token_strings(model, batch.tokens[0].tolist())
+    print(f"{len(kept)} probes analysed in {time.perf_counter() - t0:.1f} s")
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    d.frame().to_csv(a.out / "drift.csv", index=False)
+    analysis.probes.to_csv(a.out / "probes.csv", index=False)
+    figures = [
+        plotting.drift_heatmap(d, "delta"),
+        plotting.drift_heatmap(d, "kl"),
+        plotting.drift_heatmap(d, "delta", prompt=worst),
+        plotting.attention_rows(pair, tokens, heads),
+        plotting.drift_scatter(analysis),
+    ]
+    plotting.save_html(figures, a.out / "drift.html")
+    c = analysis.overall
+    print(
+        f"drift factor: max {float(d.factor().max()):.3f}, mean {float(d.factor().mean()):.3f}; "
+        f"vs P(o_new): Pearson {c.pearson:.2f} (p {c.pearson_p:.1e}), "
+        f"Spearman {c.spearman:.2f} (p {c.spearman_p:.1e}), n {c.n}"
+    )
+    print(f"most drifting prompt: {d.prompts[worst]!r}")
+    for layer, head in heads:
+        li = d.layers.index(layer)
+        print(
+            f"  layer {layer:>2} head {head:>2}: attention to s_last "
+            f"{float(d.a_vanilla[worst, li, head]):.3f} -> {float(d.a_edited[worst, li, head]):.3f}"
+        )
+    print(f"wrote {a.out / 'drift.html'}, {a.out / 'drift.csv'}, {a.out / 'probes.csv'}")
+    return 0
+
+
+@command("patch", "restore / contaminate patching sweep of an edit on one prompt (figures + CSV)")
+def patch_command(args) -> int:
+    """Patch attention pattern rows and MLP outputs between the vanilla and the edited model
+    (SPEC §2) at every layer window and prompt position of one probe: restore (edited run,
+    vanilla values) and contaminate (vanilla run, edited values). Writes patching.html and
+    patching.csv."""
+    from attndrift import drift, patching, plotting
+
+    p = argparse.ArgumentParser(prog="attndrift patch", description=patch_command.__doc__)
+    _model_args(p)
+    _data_args(p)
+    _analysis_edit_args(p)
+    p.add_argument("--kind", default="DNS", help="probe kind (default: %(default)s)")
+    p.add_argument("--probe", type=int, default=0, help="which probe of that kind (default: 0)")
+    p.add_argument("--window", type=int, default=1, help="layers per cell (default: 1)")
+    p.add_argument("--components", default="attn,mlp", help="attn and/or mlp (default: both)")
+    p.add_argument("--full-answer", action="store_true", help="also score the full answers")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward")
+    a = p.parse_args(args)
+    record, model, _, edited = _analysis_setup(a)
+    probes = record.probes([a.kind])
+    if not 0 <= a.probe < len(probes):
+        raise ValueError(f"record {record.id} has {len(probes)} {a.kind} probes, not {a.probe + 1}")
+    probe = probes[a.probe]
+    true, new = drift.answers(probe)
+    t0 = time.perf_counter()
+    results = patching.sweep(
+        model,
+        edited,
+        probe.prompt,
+        true,
+        new,
+        components=[c.strip() for c in a.components.split(",")],
+        window=a.window,
+        full_answer=a.full_answer,
+        max_batch_tokens=a.batch_tokens,
+        progress=True,
+    )
+    n_cells = sum(r.p_true.numel() for r in results)
+    print(f"{n_cells} cells patched in {time.perf_counter() - t0:.1f} s")
+    a.out.mkdir(parents=True, exist_ok=True)
+    patching.frame(results).to_csv(a.out / "patching.csv", index=False)
+    metrics = ["p_true", "p_new", "recovery"] + (["p_true_full"] if a.full_answer else [])
+    plotting.save_html(
+        [plotting.patching_heatmap(results, m) for m in metrics], a.out / "patching.html"
+    )
+    print(f"{probe.kind} prompt: {probe.prompt!r}  (o_true {true!r}, o_new {new!r})")
+    for r in results:
+        t, s = r.target, r.source
+        print(f"{r.direction}: P(o_true) unpatched {t.p_true:.4f}, other model {s.p_true:.4f}")
+        for c, component in enumerate(r.components):
+            flat = int(r.p_true[c].argmax())
+            layer, i = divmod(flat, len(r.positions))
+            best = float(r.p_true[c, layer, i])
+            print(
+                f"  {component:<4} largest P(o_true) {best:.4f} "
+                f"(gain {float(r.gain_pct[c, layer, i]):+.1f} %) at layers "
+                f"{layer}-{min(layer + r.window, model.cfg.n_layers) - 1}, "
+                f"token {r.tokens[r.positions[i]]!r} (position {r.positions[i]})"
+            )
+    print(f"wrote {a.out / 'patching.html'}, {a.out / 'patching.csv'}")
     return 0
 
 

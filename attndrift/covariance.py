@@ -41,7 +41,7 @@ SAMPLE_OPENINGS = (
 )  # fmt: skip
 
 
-_CHUNK = 64
+_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def sampled_corpus(
 ) -> list[str]:
     """``n_texts`` texts of ``text_tokens`` tokens sampled from the model (top-k 40), cached.
 
-    Texts are drawn in whole chunks of 64 with seeds ``seed, seed+1, …``, so a larger corpus
+    Texts are drawn in whole chunks of 128 with seeds ``seed, seed+1, …``, so a larger corpus
     extends a smaller one and the cache of the largest corpus serves every smaller request.
     """
     directory = models.cache_dir() / "corpora"

@@ -58,6 +58,7 @@ _EMBEDDED_N_CTX = 2048
 
 TinyArch = Literal["gpt2", "gptj", "llama"]
 TINY_ARCHS: tuple[TinyArch, ...] = ("gpt2", "gptj", "llama")
+TINY_NAMES = tuple(f"tiny-{a}" for a in TINY_ARCHS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +254,8 @@ def load_model(
 
     Args:
         name: ``"smollm2-135m"`` (embedded, offline), an official TransformerLens model name,
-            or a local Hugging Face checkpoint directory.
+            a local Hugging Face checkpoint directory, or ``"tiny-gpt2"`` / ``"tiny-gptj"`` /
+            ``"tiny-llama"`` (random test models, :func:`tiny_model` with seed 0).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``…; default: CUDA if available, else CPU.
         dtype: parameter dtype (float32 is the default and what tests use).
     """
@@ -261,6 +263,8 @@ def load_model(
     t0 = time.perf_counter()
     if name == EMBEDDED_MODEL:
         model = _load_embedded(device, dtype)
+    elif name in TINY_NAMES:
+        model = tiny_model(name.removeprefix("tiny-"), seed=0, device=device, dtype=dtype)
     elif Path(name).is_dir():
         model = _load_local_hf(Path(name), device, dtype)
     else:

@@ -83,7 +83,7 @@ def test_corpus_sources(tiny, tmp_path, cache):
 def test_sampled_corpus_is_seeded_cached_and_nested(tiny, cache):
     small = covariance.sampled_corpus(tiny, 3, 6, seed=1)
     assert len(small) == 3 and small == covariance.sampled_corpus(tiny, 3, 6, seed=1)
-    big = covariance.sampled_corpus(tiny, 70, 6, seed=1)  # two chunks of 64
-    assert big[:3] == small and len(big) == 70
+    big = covariance.sampled_corpus(tiny, 130, 6, seed=1)  # two chunks of 128
+    assert big[:3] == small and len(big) == 130
     assert covariance.sampled_corpus(tiny, 5, 6, seed=1) == big[:5]
     assert covariance.sampled_corpus(tiny, 3, 6, seed=2) != small
