@@ -351,14 +351,20 @@ def _analysis_setup(a):
     from attndrift import models, rome
     from attndrift.edit import Edit
 
-    ds = _load_data(a)
-    if not len(ds):
-        raise ValueError("no records selected")
-    record = ds.by_id(a.record) if a.record is not None else ds[0]
-    model = _load_model(a)
     if a.edit is not None:
         if a.layer is not None or a.steps is not None or a.identity_cov:
             raise ValueError("--layer, --steps and --identity-cov apply to on-the-fly edits only")
+        if not a.edit.exists():
+            raise FileNotFoundError(f"edit file not found: {a.edit}")
+    ds = _load_data(a)
+    if not len(ds):
+        raise ValueError("no records selected")
+    try:
+        record = ds.by_id(a.record) if a.record is not None else ds[0]
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    model = _load_model(a)
+    if a.edit is not None:
         e = Edit.load(a.edit, device=models.model_device(model))
         if record.request not in e.requests:
             print(f"warning: {a.edit} was not made for record {record.id}", file=sys.stderr)
@@ -460,6 +466,9 @@ def patch_command(args) -> int:
     p.add_argument("--probe", type=int, default=0, help="which probe of that kind (default: 0)")
     p.add_argument("--window", type=int, default=1, help="layers per cell (default: 1)")
     p.add_argument("--components", default="attn,mlp", help="attn and/or mlp (default: both)")
+    p.add_argument(
+        "--positions", default=None, help="comma-separated prompt positions (default: all)"
+    )
     p.add_argument("--full-answer", action="store_true", help="also score the full answers")
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward")
     a = p.parse_args(args)
@@ -478,6 +487,7 @@ def patch_command(args) -> int:
         new,
         components=[c.strip() for c in a.components.split(",")],
         window=a.window,
+        positions=[int(x) for x in a.positions.split(",")] if a.positions else None,
         full_answer=a.full_answer,
         max_batch_tokens=a.batch_tokens,
         progress=True,

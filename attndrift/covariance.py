@@ -117,7 +117,12 @@ def sampled_corpus(
     for i in tqdm(range(0, n_texts, _CHUNK), desc="sampling corpus", unit="chunk"):
         openings = [SAMPLE_OPENINGS[j % len(SAMPLE_OPENINGS)] for j in range(_CHUNK)]
         texts += generation.sample(
-            model, openings, max_new_tokens=text_tokens, seed=seed + i // _CHUNK, top_k=40
+            model,
+            openings,
+            max_new_tokens=text_tokens,
+            seed=seed + i // _CHUNK,
+            top_k=40,
+            max_batch=_CHUNK,
         )
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{stem}-n{len(texts)}.tmp"

@@ -84,7 +84,9 @@ PRESETS: dict[str, RomeConfig] = {
     "gpt2-xl": RomeConfig(layer=17),
     "gpt-j": _GPTJ,
     "llama": RomeConfig(layer=5, value=ValueConfig(steps=25, weight_decay=1e-3)),
-    "smollm2-135m": RomeConfig(layer=4),
+    "smollm2-135m": RomeConfig(
+        layer=4, covariance=CovarianceConfig(n_tokens=32_768, text_tokens=128)
+    ),
     "tiny": RomeConfig(
         layer=1,
         value=ValueConfig(steps=20),

@@ -1,11 +1,13 @@
 import math
 
+import pandas as pd
 import pytest
 import torch
 from transformer_lens.patching import generic_activation_patch
 
-from attndrift import capture, encoding, models, patching, scoring
+from attndrift import capture, data, drift, encoding, models, patching, scoring
 from tests.test_capture import edited, hook_free
+from tests.test_drift import quick_rome
 
 PROMPT = "The Eiffel Tower is located in the city of"
 TRUE, NEW = "Paris", "Rome"
@@ -186,6 +188,16 @@ def test_full_answer_matches_the_scorer_and_a_manual_patch(tiny):
     assert torch.isnan(plain.p_true_full).all()
 
 
+def test_chunking_does_not_change_results(tiny):
+    edit = edited(tiny)
+    one = patching.patch(tiny, edit, PROMPT, TRUE, NEW, direction="contaminate", max_cells=1)
+    many = patching.patch(tiny, edit, PROMPT, TRUE, NEW, direction="contaminate", max_cells=7)
+    for name in ("p_true", "p_new", "logit_diff"):
+        torch.testing.assert_close(getattr(one, name), getattr(many, name), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="must be positive"):
+        patching.patch(tiny, edit, PROMPT, TRUE, NEW, direction="restore", max_cells=0)
+
+
 def test_positions_subset(tiny):
     edit = edited(tiny)
     full = patching.patch(tiny, edit, PROMPT, TRUE, NEW, direction="restore")
@@ -224,3 +236,42 @@ def test_bad_input_is_a_clear_error(tiny):
         )
     with pytest.raises(ValueError, match="mismatched models"):
         patching.sweep(models.tiny_model("gpt2"), models.tiny_model("llama"), PROMPT, TRUE, NEW)
+
+
+@pytest.mark.slow
+def test_smollm_cells_equal_transformer_lens(smollm):
+    record = data.load_embedded()[0]
+    edit = quick_rome(smollm, record)
+    probe = record.probes(["DNS"])[0]
+    true, new = drift.answers(probe)
+    enc = encoding.encode_prompt(smollm, probe.prompt, probe.subject)
+    positions = [enc.subject_last, enc.last]
+    layers = [0, 4, 5, 22, 29]
+    results = patching.sweep(smollm, edit, probe.prompt, true, new, positions=positions)
+    tokens = torch.tensor([enc.ids])
+    t_id = encoding.encode_answer(smollm, true)[0]
+    cells = pd.DataFrame(
+        [(layer, pos) for layer in layers for pos in positions], columns=["layer", "pos"]
+    )
+    for r in results:
+        target, source = (edit, smollm) if r.direction == "restore" else (smollm, edit)
+        cache = capture.full(source, tokens)
+        for c, component in enumerate(r.components):
+
+            def setter(act, index, clean, component=component):
+                return _set(component, act, index[1], clean)
+
+            with torch.no_grad(), smollm.hooks(fwd_hooks=list(models.as_variant(target).hooks)):
+                want = generic_activation_patch(
+                    smollm,
+                    tokens,
+                    cache,
+                    lambda logits: logits[0, enc.last].float().softmax(-1)[t_id],
+                    setter,
+                    TL_NAME[component],
+                    index_df=cells,
+                )
+            got = r.p_true[c][layers][:, [0, 1]].flatten()
+            torch.testing.assert_close(got, want.cpu(), atol=1e-5, rtol=0)
+    restore = results[0]
+    assert restore.p_true[restore.components.index("mlp"), 4, 0] > restore.target.p_true

@@ -1,4 +1,3 @@
-import json
 import os
 import signal
 import subprocess
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from attndrift import data, models, sweep
+from attndrift import data, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = dict(identity_cov=True, steps=3)
