@@ -4,17 +4,23 @@ Public API (everything else is reachable through the modules listed in ``__all__
 """
 
 from attndrift import (
+    capture,
     covariance,
     data,
+    drift,
     encoding,
     evaluation,
     generation,
     memit,
     metrics,
     models,
+    patching,
+    plotting,
+    report,
     rome,
     sadr,
     scoring,
+    sweep,
     value,
 )
 from attndrift.covariance import CovarianceConfig
@@ -44,8 +50,10 @@ __all__ = [
     "Variant",
     "__version__",
     "applied",
+    "capture",
     "covariance",
     "data",
+    "drift",
     "encoding",
     "evaluate",
     "evaluation",
@@ -56,9 +64,13 @@ __all__ = [
     "memit",
     "metrics",
     "models",
+    "patching",
+    "plotting",
+    "report",
     "rome",
     "sadr",
     "scoring",
+    "sweep",
     "tiny_model",
     "value",
 ]

@@ -236,45 +236,27 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def editor_from_args(model, a):
-    """(kind, config, SadrConfig | None) from parsed editor arguments."""
-    import dataclasses
+def setting_from_args(a):
+    """The :class:`attndrift.sweep.Setting` of parsed editor arguments."""
+    from attndrift.sweep import Setting
 
-    from attndrift import memit, rome
-    from attndrift.sadr import SadrConfig
-
-    sadr = SadrConfig(gamma=a.sadr_gamma, all_heads=a.all_heads) if a.sadr_gamma > 0 else None
-    if a.all_heads and sadr is None:
-        raise ValueError("--all-heads needs --sadr-gamma > 0")
-    cfg = rome.preset(model) if a.editor == "rome" else memit.preset(model)
-    changes: dict = {}
-    if a.editor == "rome":
-        if a.layer is not None:
-            changes["layer"] = a.layer
-        if a.r_rome:
-            changes["denominator"] = "mean_key"
-    else:
-        if a.layers:
-            changes["layers"] = tuple(int(x) for x in a.layers.split(","))
-        if a.r_rome:
-            raise ValueError("--r-rome applies to --editor rome only")
-    if a.steps is not None:
-        changes["value"] = dataclasses.replace(cfg.value, steps=a.steps)
-    if a.identity_cov:
-        changes["covariance"] = None
-    elif a.cov_tokens is not None:
-        changes["covariance"] = dataclasses.replace(cfg.covariance, n_tokens=a.cov_tokens)
-    return a.editor, dataclasses.replace(cfg, **changes), sadr
+    return Setting(
+        editor=a.editor,
+        sadr_gamma=a.sadr_gamma,
+        all_heads=a.all_heads,
+        layer=a.layer,
+        layers=tuple(int(x) for x in a.layers.split(",")) if a.layers else None,
+        steps=a.steps,
+        cov_tokens=a.cov_tokens,
+        identity_cov=a.identity_cov,
+        r_rome=a.r_rome,
+    )
 
 
-def make_edit(model, requests, kind, cfg, sadr, progress=True):
-    from attndrift import memit, rome
+def make_edit(model, requests, setting):
+    from attndrift.sweep import Editor
 
-    if kind == "rome":
-        if len(requests) != 1:
-            raise ValueError("ROME edits one request at a time; use --editor memit for several")
-        return rome.edit(model, requests[0], cfg, sadr=sadr, progress=progress)
-    return memit.edit(model, requests, cfg, sadr=sadr, progress=progress)
+    return Editor(model, progress=True)(setting, requests)
 
 
 @command("edit", "edit one fact (ROME / MEMIT, optional SADR); show before/after probes")
@@ -304,13 +286,13 @@ def edit_command(args) -> int:
         record = data.Record(0, request, neighborhood=tuple((n, a.true) for n in a.neighbor))
     else:
         p.error("give --record ID, or all of --subject --prompt --new --true")
+    setting = setting_from_args(a)
     model = _load_model(a)
-    kind, cfg, sadr = editor_from_args(model, a)
     probes = []
     for k in ("ES", "NS", "RS", "DNS", "RS_D"):
         probes += record.probes([k])[:1]
     before = scoring.score_probes(model, probes)
-    e = make_edit(model, [record.request], kind, cfg, sadr)
+    e = make_edit(model, [record.request], setting)
     with applied(model, e):
         after = scoring.score_probes(model, probes)
     r = record.request
@@ -333,58 +315,54 @@ def edit_command(args) -> int:
 
 
 def _analysis_edit_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("edit (ROME on the fly, or a saved edit)")
+    g = p.add_argument_group("edit (made on the fly, or a saved one)")
     g.add_argument("--record", type=int, default=None, help="record id (default: the first)")
     g.add_argument("--edit", type=Path, default=None, help="a saved edit (.safetensors)")
-    g.add_argument("--layer", type=int, default=None, help="ROME layer (default: preset)")
-    g.add_argument("--steps", type=int, default=None, help="ROME value steps (default: preset)")
-    g.add_argument(
-        "--identity-cov", action="store_true", help="no covariance adjustment (quick, crude)"
-    )
+    _edit_args(p)
     p.add_argument("--out", type=Path, required=True, help="directory for the HTML and CSV files")
+
+
+_EDITOR_DEFAULTS = {
+    "editor": "rome",
+    "sadr_gamma": 0.0,
+    "all_heads": False,
+    "layer": None,
+    "layers": None,
+    "steps": None,
+    "r_rome": False,
+    "identity_cov": False,
+    "cov_tokens": None,
+}
 
 
 def _analysis_setup(a):
     """(record, model, edit, edited variant) for the drift and patch commands."""
-    import dataclasses
-
-    from attndrift import models, rome
+    from attndrift import models
     from attndrift.edit import Edit
 
     if a.edit is not None:
-        if a.layer is not None or a.steps is not None or a.identity_cov:
-            raise ValueError("--layer, --steps and --identity-cov apply to on-the-fly edits only")
+        changed = [k for k, v in _EDITOR_DEFAULTS.items() if getattr(a, k) != v]
+        if changed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise ValueError(f"{flags}: editor options apply to on-the-fly edits, not --edit")
         if not a.edit.exists():
             raise FileNotFoundError(f"edit file not found: {a.edit}")
     ds = _load_data(a)
     if not len(ds):
         raise ValueError("no records selected")
-    try:
-        record = ds.by_id(a.record) if a.record is not None else ds[0]
-    except KeyError as err:
-        raise ValueError(err.args[0]) from None
+    record = ds.by_id(a.record) if a.record is not None else ds[0]
     model = _load_model(a)
     if a.edit is not None:
         e = Edit.load(a.edit, device=models.model_device(model))
         if record.request not in e.requests:
             print(f"warning: {a.edit} was not made for record {record.id}", file=sys.stderr)
     else:
-        cfg = rome.preset(model)
-        changes: dict = {}
-        if a.layer is not None:
-            changes["layer"] = a.layer
-        if a.steps is not None:
-            changes["value"] = dataclasses.replace(cfg.value, steps=a.steps)
-        if a.identity_cov:
-            changes["covariance"] = None
-        cfg = dataclasses.replace(cfg, **changes)
-        e = rome.edit(model, record.request, cfg, progress=True)
+        e = make_edit(model, [record.request], setting_from_args(a))
         a.out.mkdir(parents=True, exist_ok=True)
         e.save(a.out / "edit.safetensors")
-        cov = "identity covariance" if cfg.covariance is None else "covariance"
         print(
-            f"ROME edit at layer {cfg.layer} ({cfg.value.steps} steps, {cov}) in "
-            f"{e.info['seconds']:.1f} s; saved to {a.out / 'edit.safetensors'}"
+            f"{e.editor} edit at layers {list(e.layers)} in {e.info['seconds']:.1f} s; "
+            f"saved to {a.out / 'edit.safetensors'}"
         )
     r = record.request
     print(f"record {record.id}: {r.subject!r}: {r.target_true!r} -> {r.target_new!r}")
@@ -537,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[name][1](rest)
     except (ValueError, FileNotFoundError) as e:
         print(f"attndrift {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:  # an unknown record id
+        print(f"attndrift {name}: error: {e.args[0]}", file=sys.stderr)
         return 2
 
 

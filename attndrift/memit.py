@@ -17,6 +17,7 @@ For a batch of requests:
 (``left = (λC + KKᵀ)⁻¹K``, ``right = R``); the model is unchanged on return.
 """
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -47,6 +48,7 @@ class MemitConfig:
         templates: context templates (for z and for the averaged keys).
         covariance: where C comes from; ``None`` uses the identity.
         mom2_update_weight: λ in ``(λ C + K Kᵀ)``.
+        sadr_steps: z steps when SADR is on (γ > 0); ``None`` keeps ``value.steps``.
     """
 
     layers: tuple[int, ...]
@@ -56,6 +58,7 @@ class MemitConfig:
     templates: TemplateConfig = field(default_factory=TemplateConfig)
     covariance: CovarianceConfig | None = field(default_factory=CovarianceConfig)
     mom2_update_weight: float = 15000.0
+    sadr_steps: int | None = None
 
     def __post_init__(self) -> None:
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
@@ -147,9 +150,12 @@ def edit(
     z_layer = cfg.layers[-1]
     z_name = models.resid_post_hook(z_layer)
 
+    value_cfg = cfg.value
+    if sadr is not None and sadr.gamma > 0 and cfg.sadr_steps is not None:
+        value_cfg = dataclasses.replace(value_cfg, steps=cfg.sadr_steps)
     targets, traces = [], []
     for i, r in enumerate(requests):
-        objective = value.ValueObjective(model, r, z_name, z_layer, templates, cfg.value, sadr)
+        objective = value.ValueObjective(model, r, z_name, z_layer, templates, value_cfg, sadr)
         result = value.optimise_value(objective, progress=progress, desc=f"MEMIT z {i}")
         targets.append(result.target)
         traces.append([asdict(s) for s in result.trace])

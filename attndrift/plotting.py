@@ -8,6 +8,7 @@ Figures present numbers computed elsewhere (:mod:`attndrift.drift`, :mod:`attndr
 * :func:`patching_heatmap`: layer x token for each direction (rows) and component (columns);
 * :func:`attention_rows`: vanilla vs edited attention of chosen (layer, head)s over the tokens;
 * :func:`drift_scatter`: drift factor vs P(o_new) with a least-squares line and ρ in the title;
+* :func:`tradeoff`: ES/PS vs NS/RS/DNS across SADR's γ, with and without head selection;
 * :func:`save_html` (standalone, plotly.js embedded) and :func:`save_png` (needs kaleido and a
   Chrome/Chromium; a clear RuntimeError otherwise).
 
@@ -251,6 +252,55 @@ def drift_scatter(analysis: FailureAnalysis) -> go.Figure:
     )
     fig.update_xaxes(title_text="drift factor (max over layers and heads of Δ attention to s_last)")
     fig.update_yaxes(title_text="P(o_new) under the edited model")
+    return fig
+
+
+def tradeoff(frame, editor: str | None = None) -> go.Figure:
+    """The γ trade-off: edit success (ES, PS) and specificity (NS, RS, DNS) against γ.
+
+    Args:
+        frame: :func:`attndrift.sweep.tradeoff` — one row per setting with ``editor``,
+            ``gamma``, ``selection`` and each metric with ``_low``/``_high`` interval bounds.
+        editor: plot one editor's rows only (default: all, distinguished by line style).
+    """
+    if editor is not None:
+        frame = frame[frame["editor"] == editor]
+    if frame.empty:
+        raise ValueError("no settings to plot")
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("edit success", "specificity"), shared_yaxes=True
+    )
+    gammas = sorted(frame["gamma"].unique())
+    labels = [f"{g:g}" for g in gammas]
+    for (ed, selection), part in frame.groupby(["editor", "selection"], sort=True):
+        part = part.set_index("gamma").reindex(gammas)
+        style = "solid" if selection else "dash"
+        suffix = f"{ed}, {'selected heads' if selection else 'all heads'}"
+        for col, kinds in ((1, ("ES", "PS")), (2, ("NS", "RS", "DNS"))):
+            for kind in kinds:
+                y = part[kind].to_numpy(float)
+                if np.isnan(y).all():
+                    continue
+                fig.add_trace(
+                    go.Scatter(
+                        x=labels,
+                        y=100 * y,
+                        error_y={
+                            "type": "data",
+                            "symmetric": False,
+                            "array": 100 * (part[f"{kind}_high"].to_numpy(float) - y),
+                            "arrayminus": 100 * (y - part[f"{kind}_low"].to_numpy(float)),
+                        },
+                        mode="lines+markers",
+                        line={"dash": style},
+                        name=f"{kind} ({suffix})",
+                    ),
+                    row=1,
+                    col=col,
+                )
+    fig.update_xaxes(title_text="SADR γ", type="category")
+    fig.update_yaxes(title_text="% of probes right (95 % interval)", row=1, col=1)
+    fig.update_layout(title="SADR trade-off: edit success vs specificity across γ")
     return fig
 
 

@@ -15,6 +15,7 @@ The algorithm, in ROME's three parts:
 Context templates (SPEC §3.1) are ``"{}"`` plus prefixes sampled from the model, seeded.
 """
 
+import dataclasses
 import logging
 import re
 import time
@@ -59,6 +60,8 @@ class RomeConfig:
         templates: context templates.
         covariance: where C comes from; ``None`` uses the identity (no C⁻¹ adjustment).
         denominator: ``"k0"`` (ROME's code) or ``"mean_key"`` (r-ROME).
+        sadr_steps: optimisation steps when SADR is on (γ > 0): the paper used 80 instead of
+            20 on GPT-J; ``None`` keeps ``value.steps``.
     """
 
     layer: int
@@ -66,6 +69,7 @@ class RomeConfig:
     templates: TemplateConfig = field(default_factory=TemplateConfig)
     covariance: CovarianceConfig | None = field(default_factory=CovarianceConfig)
     denominator: str = "k0"  # "k0" | "mean_key" (validated: a clear error for CLI input)
+    sadr_steps: int | None = 80
 
     def __post_init__(self) -> None:
         if self.denominator not in ("k0", "mean_key"):
@@ -92,10 +96,9 @@ PRESETS: dict[str, RomeConfig] = {
         value=ValueConfig(steps=20),
         templates=TemplateConfig(lengths=((3, 2), (5, 2))),
         covariance=CovarianceConfig(n_tokens=2000, text_tokens=32),
+        sadr_steps=None,
     ),
 }
-#: with SADR the paper optimised 80 steps (GPT-J)
-SADR_STEPS = 80
 
 
 def preset(model: HookedTransformer | str) -> RomeConfig:
@@ -218,7 +221,10 @@ def edit(
     mean_key = acts[key_name].mean(0)
     k0, m0 = acts[key_name][0], acts[out_name][0]  # templates[0] == "{}": the bare prompt
 
-    objective = value.ValueObjective(model, request, out_name, layer, templates, cfg.value, sadr)
+    value_cfg = cfg.value
+    if sadr is not None and sadr.gamma > 0 and cfg.sadr_steps is not None:
+        value_cfg = dataclasses.replace(value_cfg, steps=cfg.sadr_steps)
+    objective = value.ValueObjective(model, request, out_name, layer, templates, value_cfg, sadr)
     result = value.optimise_value(objective, progress=progress, desc=f"ROME L{layer}")
     left, right = rank_one(cov, mean_key, k0, m0, result.target, cfg.denominator)
     info = {

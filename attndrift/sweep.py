@@ -49,8 +49,10 @@ class Setting:
         sadr_gamma: SADR weight (0 = off).
         all_heads: SADR ablation (restrain every head).
         layer: ROME layer override; layers: MEMIT layers override.
-        steps: optimisation steps override; cov_tokens: covariance tokens override.
+        steps: optimisation steps override (with or without SADR; default: the preset's
+            ``value.steps``, or its ``sadr_steps`` when γ > 0); cov_tokens: covariance tokens.
         identity_cov: no covariance adjustment.
+        r_rome: ROME with r-ROME's denominator (mean key).
     """
 
     editor: str = "rome"
@@ -61,8 +63,11 @@ class Setting:
     steps: int | None = None
     cov_tokens: int | None = None
     identity_cov: bool = False
+    r_rome: bool = False
 
     def __post_init__(self) -> None:
+        if self.r_rome and self.editor != "rome":
+            raise ValueError("r_rome applies to the rome editor only")
         if self.editor not in ("rome", "memit"):
             raise ValueError(f"editor must be 'rome' or 'memit', got {self.editor!r}")
         if self.sadr_gamma < 0:
@@ -82,6 +87,8 @@ class Setting:
                 parts.append(f"{name}={','.join(map(str, v)) if name == 'layers' else v}")
         if self.identity_cov:
             parts.append("identity_cov")
+        if self.r_rome:
+            parts.append("r-rome")
         return "|".join(parts)
 
     def sadr(self) -> SadrConfig | None:
@@ -93,10 +100,13 @@ class Setting:
         changes: dict = {}
         if self.editor == "rome" and self.layer is not None:
             changes["layer"] = self.layer
+        if self.r_rome:
+            changes["denominator"] = "mean_key"
         if self.editor == "memit" and self.layers is not None:
             changes["layers"] = self.layers
-        if self.steps is not None:
+        if self.steps is not None:  # for whichever of value.steps / sadr_steps applies
             changes["value"] = dataclasses.replace(base.value, steps=self.steps)
+            changes["sadr_steps"] = None
         if self.identity_cov:
             changes["covariance"] = None
         elif self.cov_tokens is not None and base.covariance is not None:
@@ -137,11 +147,18 @@ class Editor:
                 sadr=setting.sadr(),
                 cov=self._cov(cfg, cfg.layer),
                 templates=templates,
+                progress=self.progress,
             )
         covs = {layer: self._cov(cfg, layer) for layer in cfg.layers}
         covs = {k: v for k, v in covs.items() if v is not None}
         return memit.edit(
-            self.model, requests, cfg, sadr=setting.sadr(), covs=covs, templates=templates
+            self.model,
+            requests,
+            cfg,
+            sadr=setting.sadr(),
+            covs=covs,
+            templates=templates,
+            progress=self.progress,
         )
 
 

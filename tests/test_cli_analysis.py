@@ -26,7 +26,7 @@ def test_saved_edit_excludes_on_the_fly_options(tmp_path, capsys):
         str(tmp_path),
     ]
     assert cli.main(args) == 2
-    assert "apply to on-the-fly edits only" in capsys.readouterr().err
+    assert "--steps: editor options apply to on-the-fly edits" in capsys.readouterr().err
     assert (
         cli.main(["drift", "--edit", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)])
         == 2

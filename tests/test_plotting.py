@@ -129,3 +129,31 @@ def test_plotting_never_changes_its_inputs(d):
     before = d.delta.clone()
     plotting.drift_heatmap(d)
     assert torch.equal(before, d.delta)
+
+
+def test_tradeoff_plot():
+    import pandas as pd
+
+    from attndrift import plotting
+
+    rows = []
+    for gamma, selection, es, rs in [
+        (0.0, True, 1.0, 0.2),
+        (0.01, True, 0.9, 0.5),
+        (0.01, False, 0.8, 0.6),
+    ]:
+        row = {"editor": "rome", "gamma": gamma, "selection": selection}
+        for k, v in {"ES": es, "PS": es, "NS": 0.9, "RS": rs, "DNS": rs}.items():
+            row |= {k: v, f"{k}_low": v - 0.05, f"{k}_high": v + 0.05}
+        rows.append(row)
+    fig = plotting.tradeoff(pd.DataFrame(rows))
+    names = [t.name for t in fig.data]
+    assert "ES (rome, selected heads)" in names and "RS (rome, all heads)" in names
+    es = next(t for t in fig.data if t.name == "ES (rome, selected heads)")
+    assert list(es.x) == ["0", "0.01"] and list(es.y) == [100.0, 90.0]
+    assert list(es.error_y.array) == pytest.approx([5.0, 5.0])
+    rs_all = next(t for t in fig.data if t.name == "RS (rome, all heads)")
+    assert np.isnan(rs_all.y[0]) and rs_all.y[1] == pytest.approx(60.0)
+    assert fig.layout.xaxis.title.text == "SADR γ"
+    with pytest.raises(ValueError, match="no settings"):
+        plotting.tradeoff(pd.DataFrame(rows), editor="memit")
