@@ -65,15 +65,27 @@ def _load_model(args):
     return model
 
 
-@command("prepare", "install-time step: convert and cache the embedded model")
+@command("prepare", "install-time step: convert the embedded model, cache its covariance")
 def prepare(args) -> int:
-    from attndrift import models
+    """Convert and cache the embedded model, then compute and cache the covariance statistics
+    of its default ROME layer (the preset's self-sampled corpus), so that later edits start at
+    once."""
+    from attndrift import covariance, models, rome
 
     p = argparse.ArgumentParser(prog="attndrift prepare", description=prepare.__doc__)
-    p.parse_args(args)
+    p.add_argument("--no-covariance", action="store_true", help="only convert the model")
+    a = p.parse_args(args)
     t0 = time.perf_counter()
-    models.load_model(models.EMBEDDED_MODEL, device="cpu")
+    model = models.load_model(models.EMBEDDED_MODEL)
     print(f"embedded model ready in {models.cache_dir()} ({time.perf_counter() - t0:.1f} s)")
+    cfg = rome.preset(model)
+    if not a.no_covariance and cfg.covariance is not None:
+        t0 = time.perf_counter()
+        covariance.layer_covariance(model, cfg.layer, cfg.covariance)
+        print(
+            f"covariance of layer {cfg.layer} ({cfg.covariance.n_tokens} tokens) ready "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
     return 0
 
 
@@ -216,6 +228,71 @@ def summarize_command(args) -> int:
 
             plotting.save_html(plotting.tradeoff(frame), a.plot)
             print(f"trade-off plot: {a.plot}")
+    return 0
+
+
+@command("demo", "the main job: edit, failure, drift, patching, sweep -> HTML report")
+def demo_command(args) -> int:
+    """On the embedded SmolLM2 and dataset (offline): edit a fact with ROME and ROME+SADR,
+    show the specificity failure, measure attention drift, run the restoring patch sweep,
+    run a small sweep, and write one self-contained HTML report plus a JSON summary."""
+    import json
+
+    from attndrift import demo, models, report
+    from attndrift.version import __version__, git_revision
+
+    p = argparse.ArgumentParser(prog="attndrift demo", description=demo_command.__doc__)
+    p.add_argument("--model", default=models.EMBEDDED_MODEL, help="(default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda … (default: cuda if available)")
+    p.add_argument("--record", type=int, default=0, help="record of the embedded dataset")
+    p.add_argument("--sadr-gamma", type=float, default=demo.DemoConfig.sadr_gamma)
+    p.add_argument(
+        "--sweep-records",
+        default=",".join(map(str, demo.DemoConfig.sweep_records)),
+        help="embedded records of the small sweep (default: %(default)s)",
+    )
+    p.add_argument("--window", type=int, default=1, help="patching window (layers)")
+    p.add_argument("--out", type=Path, default=Path("out/demo"), help="(default: %(default)s)")
+    a = p.parse_args(args)
+    cfg = demo.DemoConfig(
+        record=a.record,
+        sadr_gamma=a.sadr_gamma,
+        sweep_records=tuple(int(x) for x in a.sweep_records.split(",") if x.strip()),
+        window=a.window,
+    )
+    t0 = time.perf_counter()
+    model = _load_model(a)
+    a.out.mkdir(parents=True, exist_ok=True)
+    result = demo.run(model, cfg, a.out / "sweep.jsonl")
+    r = result.record.request
+    print(f"\nrecord {result.record.id}: {r.subject!r}: {r.target_true!r} -> {r.target_new!r}")
+    shown = result.probes[["kind", "right", "wrong"]].copy()
+    for name in ("unedited", "ROME", "ROME+SADR"):
+        shown[name] = [
+            f"{x:.3f}/{y:.3f}"
+            for x, y in zip(
+                result.probes[f"P(right) {name}"], result.probes[f"P(wrong) {name}"], strict=True
+            )
+        ]
+    print("P(right)/P(wrong) per probe:")
+    print(shown.to_string(index=False))
+    print("\nattention drift on the record's RS/DNS prompts:")
+    print(demo._drift_table(result).to_string(float_format=lambda x: f"{x:.3f}"))
+    print("\nbest restoring patch per component (ROME edit):")
+    print(demo._best_patches(result.patches).to_string(float_format=lambda x: f"{x:.3f}"))
+    print("\nsmall sweep:")
+    print(demo._sweep_table(result.sweep_lines).to_string())
+    footer = (
+        f"attndrift {__version__} ({git_revision()}), model {model.cfg.model_name} on "
+        f"{models.model_device(model)}, {time.perf_counter() - t0:.0f} s"
+    )
+    page = report.render("attndrift demo: attention drift after a knowledge edit",
+                         demo.sections(result), footer)  # fmt: skip
+    (a.out / "report.html").write_text(page, encoding="utf-8")
+    info = demo.summary(result) | {"version": __version__, "git": git_revision()}
+    (a.out / "summary.json").write_text(json.dumps(info, indent=1, default=str))
+    print(f"\nreport: {(a.out / 'report.html').resolve()}")
+    print(f"summary: {(a.out / 'summary.json').resolve()}  ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
@@ -392,9 +469,7 @@ def drift_command(args) -> int:
     kept = [pr for pr in probes if pr.prompt in set(analysis.probes["prompt"])]
     d = drift.measure(model, edited, [pr.prompt for pr in kept], [pr.subject for pr in kept])
     worst = int(d.factor().argmax())
-    top = d.delta[worst].flatten().topk(min(a.heads, d.delta[worst].numel())).indices.tolist()
-    n_heads = d.delta.shape[-1]
-    heads = [(d.layers[i // n_heads], i % n_heads) for i in top]
+    heads = drift.top_heads(d, worst, a.heads)
     batch = encoding.encode_batch(model, [d.prompts[worst]], [d.subjects[worst]])
     pair = capture.pair(model, edited, batch, layers=sorted({layer for layer, _ in heads}))
     tokens = encoding.token_strings(model, batch.tokens[0].tolist())

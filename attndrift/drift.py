@@ -247,6 +247,14 @@ def measure(
     return concat(parts)
 
 
+def top_heads(d: Drift, prompt: int, n: int, metric: str = "delta") -> list[tuple[int, int]]:
+    """The ``n`` (layer, head) pairs with the largest ``metric`` for one prompt, largest first."""
+    values = getattr(d, metric)[prompt]  # [layer, head]
+    top = values.flatten().topk(min(n, values.numel())).indices.tolist()
+    n_heads = values.shape[-1]
+    return [(d.layers[i // n_heads], i % n_heads) for i in top]
+
+
 # --------------------------------------------------------------------------------------------
 # Drift versus failure (paper Fig. 4)
 # --------------------------------------------------------------------------------------------

@@ -176,7 +176,8 @@ def unembed(
     model: HookedTransformer, hidden: Float[Tensor, "*rows d_model"]
 ) -> Float[Tensor, "*rows d_vocab"]:
     """Logits from final hidden states (TransformerLens' unembed, for chosen rows only)."""
-    return hidden @ model.unembed.W_U + model.unembed.b_U
+    w = model.unembed.W_U
+    return hidden.to(w.device) @ w + model.unembed.b_U
 
 
 def bos_prefix(model: HookedTransformer) -> list[int]:
@@ -249,6 +250,7 @@ def load_model(
     name: str = EMBEDDED_MODEL,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    n_devices: int = 1,
 ) -> HookedTransformer:
     """Load a model as an unprocessed :class:`HookedTransformer` in eval mode.
 
@@ -258,8 +260,12 @@ def load_model(
             ``"tiny-llama"`` (random test models, :func:`tiny_model` with seed 0).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``…; default: CUDA if available, else CPU.
         dtype: parameter dtype (float32 is the default and what tests use).
+        n_devices: split the blocks over this many GPUs (TransformerLens' placement, official
+            models only); attndrift moves its tensors to each block's device.
     """
     device = str(device) if device is not None else default_device()
+    if n_devices > 1 and (name == EMBEDDED_MODEL or name in TINY_NAMES or Path(name).is_dir()):
+        raise ValueError("n_devices > 1 is for official TransformerLens models (large ones)")
     t0 = time.perf_counter()
     if name == EMBEDDED_MODEL:
         model = _load_embedded(device, dtype)
@@ -268,13 +274,15 @@ def load_model(
     elif Path(name).is_dir():
         model = _load_local_hf(Path(name), device, dtype)
     else:
-        model = _load_official(name, device, dtype)
+        model = _load_official(name, device, dtype, n_devices)
     model.eval()
     log.info("loaded %s on %s in %.1f s", name, device, time.perf_counter() - t0)
     return model
 
 
-def _load_official(name: str, device: str, dtype: torch.dtype) -> HookedTransformer:
+def _load_official(
+    name: str, device: str, dtype: torch.dtype, n_devices: int = 1
+) -> HookedTransformer:
     from transformer_lens import loading_from_pretrained as loading
 
     try:
@@ -285,7 +293,10 @@ def _load_official(name: str, device: str, dtype: torch.dtype) -> HookedTransfor
             "model name (e.g. 'gpt2-xl', 'EleutherAI/gpt-j-6B') or a local checkpoint directory"
         ) from None
     with _quiet_tl_deprecation():
-        return HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype)
+        model = HookedTransformer.from_pretrained_no_processing(
+            name, device=device, dtype=dtype, n_devices=n_devices
+        )
+    return fast_layout(model)
 
 
 def _load_local_hf(path: Path, device: str, dtype: torch.dtype) -> HookedTransformer:

@@ -198,18 +198,21 @@ class ValueObjective:
 
         def add_delta(x: Tensor, hook) -> Tensor:
             if capture_init:
-                store["init"] = x[0, self.subject_last[0]].detach().clone()
-            return x + self.onehot[:, :, None] * delta
+                store["init"] = x[0, self.subject_last[0]].detach().clone().to(self.tokens.device)
+            # (multi-GPU models: the loss lives on the first device, this layer may not)
+            return x + self.onehot.to(x.device)[:, :, None] * delta.to(x.device)
 
         def keep_rows(pattern: Tensor, hook) -> None:
             layer = hook.layer()
             # query row t_j of each rewriting prompt: [prompt, head, key]
-            pattern_rows[layer] = pattern[prompts, :, self.prompt_last[prompts], :]
+            rows = pattern[prompts.to(pattern.device), :, self.prompt_last.to(pattern.device), :]
+            pattern_rows[layer] = rows.to(self.tokens.device)  # one device (multi-GPU models)
 
         hooks = [(self.hook_name, add_delta)]
         if self.sadr_cfg is not None:
             hooks += [(models.pattern_hook(layer), keep_rows) for layer in self.sadr_layers]
         hidden = models.final_hidden_from(self.model, self.resid_pre, self.layer, fwd_hooks=hooks)
+        hidden = hidden.to(self.tokens.device)
         rows = (
             torch.stack([pattern_rows[layer] for layer in self.sadr_layers], dim=1)
             if self.sadr_cfg is not None and self.sadr_layers
