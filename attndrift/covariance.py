@@ -70,13 +70,7 @@ def corpus_texts(model: HookedTransformer, cfg: CovarianceConfig) -> list[str]:
         return list(corpus)
     if corpus == "samples":
         n_texts = -(-cfg.n_tokens // cfg.text_tokens)
-        openings = [SAMPLE_OPENINGS[i % len(SAMPLE_OPENINGS)] for i in range(n_texts)]
-        log.info(
-            "sampling %d texts of %d tokens for the covariance corpus", n_texts, cfg.text_tokens
-        )
-        return generation.sample(
-            model, openings, max_new_tokens=cfg.text_tokens, seed=cfg.seed, top_k=40
-        )
+        return sampled_corpus(model, n_texts, cfg.text_tokens, cfg.seed)
     if corpus.startswith("hf:"):
         import datasets  # optional, online
 

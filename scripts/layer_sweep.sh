@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
 # Evidence for the SmolLM2 ROME layer (docs/RESULTS.md): ROME at several layers on the first
 # 10 dev records (5 CounterFact + 5 WikiData), covariance from the preset's self-sampled corpus.
-#   scripts/layer_sweep.sh [OUT] [LAYERS...]
+#   scripts/layer_sweep.sh [OUT] [LAYERS...]      (NPROC=2 by default: torchrun data-parallel)
 set -euo pipefail
 out=${1:-runs/layer_sweep.jsonl}; shift || true
 layers=${*:-1 2 3 4 6 8 11}
+nproc=${NPROC:-2}
 data=${ATTNDRIFT_DEV_DATA:-$(dirname "$0")/../../shared/data/merged_counterfact_dev.json}
+# covariances first, in one process (the ranks would otherwise compute them twice)
+python - $layers <<'PY'
+import sys
+from attndrift import covariance, models, rome
+model = models.load_model("smollm2-135m")
+cfg = rome.preset(model).covariance
+for layer in map(int, sys.argv[1:]):
+    covariance.layer_covariance(model, layer, cfg)
+PY
 for layer in $layers; do
-  attndrift sweep --data "$data" --limit 10 --layer "$layer" --out "$out"
+  OMP_NUM_THREADS=1 torchrun --nproc_per_node "$nproc" --master_port 29533 -m attndrift.cli \
+    sweep --data "$data" --limit 10 --layer "$layer" --out "$out"
 done
 attndrift summarize "$out"

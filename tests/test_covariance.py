@@ -87,3 +87,17 @@ def test_sampled_corpus_is_seeded_cached_and_nested(tiny, cache):
     assert big[:3] == small and len(big) == 130
     assert covariance.sampled_corpus(tiny, 5, 6, seed=1) == big[:5]
     assert covariance.sampled_corpus(tiny, 3, 6, seed=2) != small
+
+
+def test_samples_corpus_is_cached_and_shared_across_layers(tiny, cache, monkeypatch):
+    from attndrift import generation
+
+    cfg = covariance.CovarianceConfig(n_tokens=64, text_tokens=4)
+    covariance.layer_covariance(tiny, 1, cfg, progress=False)
+    assert len(list((cache / "corpora").glob("*.json"))) == 1
+
+    def fail(*a, **k):
+        raise AssertionError("the corpus was sampled again")
+
+    monkeypatch.setattr(generation, "sample", fail)
+    covariance.layer_covariance(tiny, 2, cfg, progress=False)  # same corpus, another layer
