@@ -43,6 +43,8 @@ from attndrift.data import Probe
 
 log = logging.getLogger(__name__)
 
+#: Per prompt x layer x head quantities of a :class:`Drift` (its tensor fields, frame columns).
+METRICS = ("kl", "a_vanilla", "a_edited", "delta", "mass_vanilla", "mass_edited", "mass_delta")
 #: Probe kinds whose ``right`` answer is o_new (for the others, ``wrong`` is o_new).
 NEW_IS_RIGHT = frozenset({"ES", "PS", "AS"})
 
@@ -113,15 +115,7 @@ class Drift:
             "layer": np.tile(np.repeat(np.asarray(self.layers), n_heads), b),
             "head": np.tile(np.arange(n_heads), b * n_layers),
         }
-        for name in (
-            "kl",
-            "a_vanilla",
-            "a_edited",
-            "delta",
-            "mass_vanilla",
-            "mass_edited",
-            "mass_delta",
-        ):
+        for name in METRICS:
             columns[name] = getattr(self, name).detach().float().cpu().flatten().numpy()
         return pd.DataFrame(columns)
 

@@ -440,29 +440,11 @@ def patch(
     target_new: str,
     *,
     direction: str,
-    components: Sequence[str] = COMPONENTS,
-    window: int = 1,
-    positions: Sequence[int] | None = None,
-    full_answer: bool = False,
-    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
-    max_cells: int | None = None,
-    progress: bool = False,
+    **kwargs,
 ) -> Patching:
-    """:func:`sweep` of one direction."""
+    """:func:`sweep` of one direction (``kwargs``: the other options of :func:`sweep`)."""
     (result,) = sweep(
-        vanilla,
-        edited,
-        prompt,
-        target_true,
-        target_new,
-        directions=(direction,),
-        components=components,
-        window=window,
-        positions=positions,
-        full_answer=full_answer,
-        max_batch_tokens=max_batch_tokens,
-        max_cells=max_cells,
-        progress=progress,
+        vanilla, edited, prompt, target_true, target_new, directions=(direction,), **kwargs
     )
     return result
 

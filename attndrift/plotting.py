@@ -27,6 +27,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from attndrift.capture import Pair
+from attndrift.drift import METRICS as DRIFT_METRICS
 from attndrift.drift import Drift, FailureAnalysis
 from attndrift.patching import METRICS, Patching
 
@@ -34,15 +35,6 @@ DIVERGING = "RdBu_r"
 SEQUENTIAL = "Viridis"
 #: metrics that are differences (diverging colour scale centred on 0)
 _DIFFERENCES = frozenset({"delta", "mass_delta", "logit_diff", "recovery", "gain_pct"})
-_DRIFT_METRICS = (
-    "kl",
-    "a_vanilla",
-    "a_edited",
-    "delta",
-    "mass_vanilla",
-    "mass_edited",
-    "mass_delta",
-)
 _TITLES = {
     "kl": "KL(vanilla ‖ edited) of the last token's attention",
     "a_vanilla": "vanilla attention last → s_last",
@@ -84,8 +76,8 @@ def drift_heatmap(d: Drift, metric: str = "delta", prompt: int | None = None) ->
             ``mass_edited`` or ``mass_delta``.
         prompt: index of the prompt (default: mean over prompts).
     """
-    if metric not in _DRIFT_METRICS:
-        raise ValueError(f"unknown drift metric {metric!r}: expected one of {_DRIFT_METRICS}")
+    if metric not in DRIFT_METRICS:
+        raise ValueError(f"unknown drift metric {metric!r}: expected one of {DRIFT_METRICS}")
     values = getattr(d, metric).detach().float().cpu()
     if prompt is None:
         z, which = values.mean(0), f"mean over {values.shape[0]} prompts"
