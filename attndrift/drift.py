@@ -384,19 +384,42 @@ def versus_failure(
             )
     if not rows:
         raise ValueError("no probes to analyse")
-    table = pd.DataFrame(rows)
-    factor_per_layer = torch.cat(per_layer)
-    size = range_size or max(1, math.ceil(len(used_layers) / 6))
+    return failure_analysis(
+        pd.DataFrame(rows), torch.cat(per_layer), used_layers, range_size, skipped
+    )
+
+
+def failure_analysis(
+    probes: pd.DataFrame,
+    factor_per_layer: Float[Tensor, "probe layer"],
+    layers: Sequence[int],
+    range_size: int | None = None,
+    skipped: int = 0,
+) -> FailureAnalysis:
+    """Correlations of collected drift factors with P(o_new), overall and per layer range.
+
+    Args:
+        probes: one row per probe with at least ``factor`` and ``p_new`` columns.
+        factor_per_layer: the drift factor of each probe at each of ``layers``.
+        layers: the analysed layers.
+        range_size: layers per range (default: about a sixth of the layers).
+        skipped: probes left out upstream (reported).
+    """
+    if len(probes) != factor_per_layer.shape[0] or factor_per_layer.shape[1] != len(layers):
+        raise ValueError("factor_per_layer must be [probes, layers]")
+    layers = tuple(layers)
+    size = range_size or max(1, math.ceil(len(layers) / 6))
+    p_new = probes["p_new"].to_numpy()
     ranges = []
-    for first, last in layer_ranges(used_layers, size):
-        cols = [i for i, layer in enumerate(used_layers) if first <= layer <= last]
-        c = correlate(factor_per_layer[:, cols].amax(-1).numpy(), table["p_new"].to_numpy())
+    for first, last in layer_ranges(layers, size):
+        cols = [i for i, layer in enumerate(layers) if first <= layer <= last]
+        c = correlate(factor_per_layer[:, cols].amax(-1).numpy(), p_new)
         ranges.append({"first": first, "last": last, **dataclasses.asdict(c)})
     return FailureAnalysis(
-        probes=table,
-        layers=used_layers,
+        probes=probes,
+        layers=layers,
         factor_per_layer=factor_per_layer,
-        overall=correlate(table["factor"].to_numpy(), table["p_new"].to_numpy()),
+        overall=correlate(probes["factor"].to_numpy(), p_new),
         by_range=pd.DataFrame(ranges),
         skipped=skipped,
     )

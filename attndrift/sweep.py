@@ -258,18 +258,25 @@ def _summary(ev: evaluation.Evaluation) -> dict:
     return {k: (None if v != v else v) for k, v in ev.summary.row().items()}  # NaN -> null
 
 
-def _drift(model: HookedTransformer, e: Edit, record: Record) -> dict:
+def _drift(model: HookedTransformer, e: Edit, record: Record, post: pd.DataFrame) -> dict:
+    """Drift factor of the record's RS/DNS probes (those containing the subject), per layer,
+    with the edited model's P(o_new) of each (its ``p_wrong``), for the Fig. 4 analysis."""
     probes = [p for p in record.probes(DRIFT_KINDS) if p.subject in p.prompt]
     if not probes:
-        return {"factor": [], "factor_layer": [], "mean": None}
+        return {"kinds": [], "factor": [], "factor_layer": [], "per_layer": [], "p_new": [],
+                "mean": None}  # fmt: skip
     edited = models.Variant(model, e.hooks(model))
     d = drift.measure(model, edited, [p.prompt for p in probes], [p.subject for p in probes])
     per_layer = d.factor_per_layer().float().cpu()  # [prompt, layer]
     factor = per_layer.max(-1)
+    p_new = post.set_index(["kind", "prompt"])["p_wrong"]
     return {
         "kinds": [p.kind for p in probes],
         "factor": [round(float(x), 5) for x in factor.values],
         "factor_layer": [d.layers[int(i)] for i in factor.indices],
+        "layers": list(d.layers),
+        "per_layer": [[round(float(x), 4) for x in row] for row in per_layer],
+        "p_new": [float(p_new[(p.kind, p.prompt)]) for p in probes],
         "mean": float(factor.values.mean()),
     }
 
@@ -326,7 +333,7 @@ def run(
         t2 = time.perf_counter()
         post = evaluation.evaluate(models.Variant(model, e.hooks(model)), [record], fluency=fluency)
         t3 = time.perf_counter()
-        drift_info = _drift(model, e, record)
+        drift_info = _drift(model, e, record, post.probes)
         t4 = time.perf_counter()
         append_line(
             path,
@@ -431,6 +438,32 @@ def tradeoff(lines: Sequence[dict]) -> pd.DataFrame:
         row["Score"] = s.score
         rows.append(row)
     return pd.DataFrame(rows).sort_values(["editor", "selection", "gamma"]).reset_index(drop=True)
+
+
+def failure_analysis(lines: Sequence[dict], setting: str) -> drift.FailureAnalysis:
+    """Paper Fig. 4 over a sweep: each RS/DNS probe's drift factor vs its P(o_new) under the
+    edit of ``setting``, pooled over records (Pearson, Spearman, per layer range)."""
+    rows, per_layer, layers = [], [], None
+    for line in lines:
+        if line["setting"] != setting or not line["drift"]["kinds"]:
+            continue
+        d = line["drift"]
+        layers = d["layers"]
+        for i, kind in enumerate(d["kinds"]):
+            rows.append(
+                {
+                    "record": line["record"],
+                    "kind": kind,
+                    "prompt": "",
+                    "p_new": d["p_new"][i],
+                    "factor": d["factor"][i],
+                    "factor_layer": d["factor_layer"][i],
+                }
+            )
+            per_layer.append(d["per_layer"][i])
+    if not rows:
+        raise ValueError(f"no drift measurements for setting {setting!r}")
+    return drift.failure_analysis(pd.DataFrame(rows), torch.tensor(per_layer), layers)
 
 
 def distributed_rank() -> tuple[int, int]:

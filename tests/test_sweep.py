@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from attndrift import data, sweep
@@ -66,6 +67,30 @@ def test_summary_matches_direct_evaluation(tiny_llama, records, tmp_path):
         assert s["none"].metrics[k].n == direct.metrics[k].n
     frame = sweep.tradeoff(sweep.load_results([out]))
     assert list(frame["setting"]) == ["rome|g=0|steps=3|identity_cov"]
+
+
+def test_failure_analysis_from_sweep_lines(tiny_llama, records, tmp_path):
+    from attndrift import drift, models
+
+    out = tmp_path / "r.jsonl"
+    setting = sweep.Setting(**QUICK)
+    sweep.run(tiny_llama, records, [setting], out, progress=False)
+    lines = sweep.load_results([out])
+    analysis = sweep.failure_analysis(lines, setting.key)
+    n = sum(len(x["drift"]["kinds"]) for x in lines)
+    assert len(analysis.probes) == n == analysis.overall.n and n > 3
+    assert analysis.factor_per_layer.shape == (n, tiny_llama.cfg.n_layers)
+    # the stored numbers are those of a direct measurement under the same edit
+    editor = sweep.Editor(tiny_llama)
+    record = records.records[0]
+    e = editor(setting, [record.request])
+    probes = [p for p in record.probes(sweep.DRIFT_KINDS) if p.subject in p.prompt]
+    variant = models.Variant(tiny_llama, e.hooks(tiny_llama))
+    d = drift.measure(tiny_llama, variant, [p.prompt for p in probes], [p.subject for p in probes])
+    first = analysis.probes[analysis.probes["record"] == record.id]["factor"].to_numpy()
+    np.testing.assert_allclose(first, d.factor().numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="no drift measurements"):
+        sweep.failure_analysis(lines, "memit|g=0")
 
 
 def test_bad_runs(tiny_llama, records, tmp_path):
