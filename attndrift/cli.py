@@ -41,9 +41,18 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="use at most this many records")
     p.add_argument(
-        "--records", default=None, help="comma-separated record ids (default: all, in file order)"
+        "--records", default=None, help="record ids, e.g. 3,5,10-14 (default: all, in file order)"
     )
     p.add_argument("--lenient", action="store_true", help="skip (and report) malformed records")
+
+
+def _ids(text: str) -> list[int]:
+    """Record ids from ``"3,5,10-14"`` (ranges inclusive)."""
+    ids: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        ids += list(range(int(first), int(last or first) + 1))
+    return ids
 
 
 def _load_data(args):
@@ -52,7 +61,7 @@ def _load_data(args):
     ds = data.load_dataset(args.data, lenient=args.lenient) if args.data else data.load_embedded()
     for s in ds.skipped:
         print(f"skipped record {s.record}: {s.field}: {s.problem}", file=sys.stderr)
-    ids = [int(x) for x in args.records.split(",")] if args.records else None
+    ids = _ids(args.records) if args.records else None
     return ds.select(ids=ids, limit=args.limit)
 
 

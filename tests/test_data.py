@@ -144,3 +144,11 @@ def test_edit_request_validation():
         data.EditRequest("Colosseum", "The Eiffel Tower is in", "Rome", "Paris")
     with pytest.raises(ValueError, match="non-empty"):
         data.EditRequest("", "The Eiffel Tower is in", "Rome", "Paris")
+
+
+def test_cli_record_ranges():
+    from attndrift.cli import _ids
+
+    assert _ids("3,5,10-12") == [3, 5, 10, 11, 12]
+    with pytest.raises(ValueError):
+        _ids("a-b")
