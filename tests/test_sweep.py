@@ -171,3 +171,20 @@ def test_two_process_sweep_matches_one_process(tmp_path):
             assert a[0] == b[0]
             assert a[1] == pytest.approx(b[1], rel=1e-5) and a[2] == pytest.approx(b[2], rel=1e-5)
     assert "none (n=5)" in res.stdout
+
+
+def test_fluency_is_measured_before_and_after(tiny_llama, tmp_path):
+    from attndrift import evaluation, generation, metrics
+
+    records = data.load_embedded().select(limit=1)
+    out = tmp_path / "fl.jsonl"
+    sweep.run(tiny_llama, records, [sweep.Setting(**QUICK)], out, fluency=True, progress=False)
+    (line,) = sweep.read_lines(out)
+    assert line["pre"]["summary"]["FL"] > 0 and line["post"]["summary"]["FL"] > 0
+    texts = generation.sample(
+        tiny_llama, list(records[0].generation_prompts), max_new_tokens=evaluation.FLUENCY_TOKENS
+    )
+    assert line["pre"]["summary"]["FL"] == pytest.approx(metrics.fluency(texts))
+    s = sweep.summarize([line])
+    assert s["none"].fluency == pytest.approx(line["pre"]["summary"]["FL"])
+    assert "FL" in metrics.table(s).columns
