@@ -48,7 +48,7 @@ class DemoConfig:
 
     record: int = 0
     sadr_gamma: float = 0.01
-    sweep_records: tuple[int, ...] = (1, 19, 49)
+    sweep_records: tuple[int, ...] = (19, 49)
     window: int = 1
     heads: int = 4
 
