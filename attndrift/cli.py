@@ -528,6 +528,7 @@ def patch_command(args) -> int:
     p.add_argument("--probe", type=int, default=0, help="which probe of that kind (default: 0)")
     p.add_argument("--window", type=int, default=1, help="layers per cell (default: 1)")
     p.add_argument("--components", default="attn,mlp", help="attn and/or mlp (default: both)")
+    p.add_argument("--directions", default="restore,contaminate", help="restore and/or contaminate")
     p.add_argument(
         "--positions", default=None, help="comma-separated prompt positions (default: all)"
     )
@@ -548,6 +549,7 @@ def patch_command(args) -> int:
         true,
         new,
         components=[c.strip() for c in a.components.split(",")],
+        directions=[d.strip() for d in a.directions.split(",")],
         window=a.window,
         positions=[int(x) for x in a.positions.split(",")] if a.positions else None,
         full_answer=a.full_answer,
