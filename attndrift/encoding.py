@@ -37,10 +37,6 @@ class EncodedPrompt:
         return len(self.ids) - 1
 
 
-def clean_prompt(prompt: str) -> str:
-    return prompt.rstrip()
-
-
 def encode_prompt(
     model: HookedTransformer, prompt: str, subject: str | None = None
 ) -> EncodedPrompt:
@@ -49,7 +45,7 @@ def encode_prompt(
     Raises:
         ValueError: the prompt is empty or does not contain ``subject``.
     """
-    prompt = clean_prompt(prompt)
+    prompt = prompt.rstrip()
     if not prompt:
         raise ValueError("empty prompt")
     bos = models.bos_prefix(model)
@@ -111,10 +107,6 @@ def encode_batch(
     if len(subjects) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(subjects)} subjects")
     enc = [encode_prompt(model, p, s) for p, s in zip(prompts, subjects, strict=True)]
-    return batch_of(model, enc)
-
-
-def batch_of(model: HookedTransformer, enc: Sequence[EncodedPrompt]) -> Batch:
     device = models.model_device(model)
 
     def col(values: list[int]) -> Tensor:

@@ -102,11 +102,6 @@ def model_device(model: HookedTransformer) -> torch.device:
     return model.embed.W_E.device
 
 
-def n_query_heads(model: HookedTransformer) -> int:
-    """Heads in ``hook_pattern`` (query heads; GQA models share K/V among them)."""
-    return model.cfg.n_heads
-
-
 @dataclass(frozen=True)
 class Variant:
     """A model plus forward hooks that change it, e.g. an edit applied as a hook.
