@@ -66,7 +66,7 @@ class MemitConfig:
 
 
 #: Documented defaults (MEMIT's released GPT-J and GPT-2 XL settings; Llama per the SADR
-#: paper's setting; SmolLM2: layers around the ROME layer, see docs/RESULTS.md).
+#: paper's setting; SmolLM2: five layers centred on its ROME layer 6, see docs/RESULTS.md).
 PRESETS: dict[str, MemitConfig] = {
     "gpt-j": MemitConfig(layers=(3, 4, 5, 6, 7, 8)),
     "gpt2-xl": MemitConfig(
@@ -78,7 +78,9 @@ PRESETS: dict[str, MemitConfig] = {
         layers=(4, 5, 6, 7, 8),
         value=ValueConfig(steps=25, weight_decay=1e-3, clamp_norm_factor=0.75),
     ),
-    "smollm2-135m": MemitConfig(layers=(2, 3, 4, 5, 6)),
+    "smollm2-135m": MemitConfig(
+        layers=(4, 5, 6, 7, 8), covariance=CovarianceConfig(n_tokens=32_768, text_tokens=128)
+    ),
     "tiny": MemitConfig(
         layers=(0, 1),
         value=ValueConfig(steps=20, clamp_norm_factor=4.0),

@@ -82,14 +82,15 @@ class RomeConfig:
 
 _GPTJ = RomeConfig(layer=5)
 #: Documented defaults. GPT-2 XL / GPT-J: ROME's released hyper-parameters (SPEC §3);
-#: Llama: the paper's Llama-3-8B setting; SmolLM2-135M: layer chosen by the layer sweep in
-#: ``docs/RESULTS.md`` (covariance from 100k tokens of self-sampled text).
+#: Llama: the paper's Llama-3-8B setting; SmolLM2-135M: layer 6, the best Score among the
+#: layers reaching ES and PS >= 90 % in the layer sweep of ``docs/RESULTS.md``
+#: (``scripts/layer_sweep.sh``), C from 32k tokens of self-sampled text.
 PRESETS: dict[str, RomeConfig] = {
     "gpt2-xl": RomeConfig(layer=17),
     "gpt-j": _GPTJ,
     "llama": RomeConfig(layer=5, value=ValueConfig(steps=25, weight_decay=1e-3)),
     "smollm2-135m": RomeConfig(
-        layer=4, covariance=CovarianceConfig(n_tokens=32_768, text_tokens=128)
+        layer=6, covariance=CovarianceConfig(n_tokens=32_768, text_tokens=128)
     ),
     "tiny": RomeConfig(
         layer=1,
