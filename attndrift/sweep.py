@@ -269,7 +269,8 @@ def _drift(model: HookedTransformer, e: Edit, record: Record, post: pd.DataFrame
     d = drift.measure(model, edited, [p.prompt for p in probes], [p.subject for p in probes])
     per_layer = d.factor_per_layer().float().cpu()  # [prompt, layer]
     factor = per_layer.max(-1)
-    p_new = post.set_index(["kind", "prompt"])["p_wrong"]
+    # (kind, prompt) -> P(o_new); a prompt repeated in a record has the same score
+    p_new = dict(zip(zip(post["kind"], post["prompt"], strict=True), post["p_wrong"], strict=True))
     return {
         "kinds": [p.kind for p in probes],
         "factor": [round(float(x), 5) for x in factor.values],
