@@ -111,3 +111,44 @@ def test_truncated_cache_is_detected(tmp_path):
     assert not models._cache_complete(target)
     (target / "attndrift.json").write_text("{not json")
     assert not models._cache_complete(target)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_local_hf_checkpoint_loads_unprocessed(arch, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = models.tiny_tokenizer()
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64)
+        cfg.n_ctx = 64  # TransformerLens 3.9 reads it (hub GPT-2 configs carry it)
+        hf = GPT2LMHeadModel(cfg)
+    else:
+        hf = LlamaForCausalLM(
+            LlamaConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                vocab_size=len(tok),
+                max_position_embeddings=64,
+            )
+        )
+    hf.eval().save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = models.load_model(str(tmp_path), device="cpu")
+    ids = torch.tensor([encoding.encode_prompt(model, "The Eiffel Tower is in Paris").ids])
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() < 1e-5
+    # unprocessed: norms keep their weights (not folded into LNPre) and W_out is HF's own
+    assert model.cfg.normalization_type in ("LN", "RMS")
+    w_out = (
+        hf.transformer.h[1].mlp.c_proj.weight
+        if arch == "gpt2"
+        else (hf.model.layers[1].mlp.down_proj.weight.T)
+    )
+    assert torch.equal(models.mlp_out_weight(model, 1), w_out)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        models.load_model(str(tmp_path / "empty"), device="cpu")
