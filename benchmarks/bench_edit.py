@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--record", type=int, default=0)
     p.add_argument("--cov-tokens", type=int, default=20_000)
+    p.add_argument("--no-cov", action="store_true", help="skip the covariance measurement")
     a = p.parse_args()
     model = models.load_model("smollm2-135m")
     req = data.load_embedded().by_id(a.record).request
@@ -60,6 +61,7 @@ def main() -> None:
         cfg,
         covariance=None,  # timed separately below
         value=dataclasses.replace(cfg.value, steps=a.steps, early_stop_loss=0.0),
+        sadr_steps=None,  # same number of steps with and without SADR
     )
     templates = rome.context_templates(model, cfg.templates)
     print(
@@ -79,6 +81,8 @@ def main() -> None:
         )
     print(f"ratio ROME+SADR / ROME: {times['ROME+SADR'] / times['ROME']:.2f}x")
 
+    if a.no_cov:
+        return
     base = models.cache_dir()
     with tempfile.TemporaryDirectory() as tmp:
         os.symlink(base / "models", os.path.join(tmp, "models"))
