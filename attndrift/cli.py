@@ -261,6 +261,10 @@ def demo_command(args) -> int:
         help="embedded records of the small sweep (default: %(default)s)",
     )
     p.add_argument("--window", type=int, default=1, help="patching window (layers)")
+    p.add_argument("--steps", type=int, default=None, help="edit steps (default: presets)")
+    p.add_argument(
+        "--identity-cov", action="store_true", help="no covariance adjustment (quick, crude)"
+    )
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="(default: %(default)s)")
     a = p.parse_args(args)
     cfg = demo.DemoConfig(
@@ -268,6 +272,8 @@ def demo_command(args) -> int:
         sadr_gamma=a.sadr_gamma,
         sweep_records=tuple(int(x) for x in a.sweep_records.split(",") if x.strip()),
         window=a.window,
+        steps=a.steps,
+        identity_cov=a.identity_cov,
     )
     t0 = time.perf_counter()
     model = _load_model(a)
@@ -446,9 +452,11 @@ def _analysis_setup(a):
         e = make_edit(model, [record.request], setting_from_args(a))
         a.out.mkdir(parents=True, exist_ok=True)
         e.save(a.out / "edit.safetensors")
+        cov = e.hparams.get("covariance")
+        cov_text = "identity covariance" if cov is None else f"C from {cov['n_tokens']} tokens"
         print(
-            f"{e.editor} edit at layers {list(e.layers)} in {e.info['seconds']:.1f} s; "
-            f"saved to {a.out / 'edit.safetensors'}"
+            f"{e.editor} edit at layers {list(e.layers)} ({cov_text}) in "
+            f"{e.info['seconds']:.1f} s; saved to {a.out / 'edit.safetensors'}"
         )
     r = record.request
     print(f"record {record.id}: {r.subject!r}: {r.target_true!r} -> {r.target_new!r}")

@@ -119,6 +119,15 @@ def _mean_keys(model, requests, layer, templates) -> torch.Tensor:
     return keys.view(len(requests), len(templates), -1).mean(1)
 
 
+def _layer_cov(model, layer, cfg: MemitConfig, given, progress) -> torch.Tensor:
+    """C of ``layer`` in float64: given, from ``cfg.covariance`` (cached), or the identity."""
+    if given is not None and layer in given:
+        return given[layer].double()
+    if cfg.covariance is not None:
+        return covariance.layer_covariance(model, layer, cfg.covariance, progress=progress).double()
+    return torch.eye(model.cfg.d_mlp, dtype=torch.float64, device=models.model_device(model))
+
+
 def edit(
     model: HookedTransformer,
     requests: Sequence[EditRequest],
@@ -163,6 +172,9 @@ def edit(
         traces.append([asdict(s) for s in result.trace])
     z = torch.stack(targets)  # [n, d_model]
 
+    # every C from the unedited weights, before the loop below changes the lower layers (also
+    # keeps the on-disk cache key, which hashes the weights, the same for every layer)
+    covs = {layer: _layer_cov(model, layer, cfg, covs, progress) for layer in cfg.layers}
     lefts, rights = [], []
     with edit_module.restored(model, cfg.layers):
         for i, layer in enumerate(cfg.layers):
@@ -175,13 +187,7 @@ def edit(
                 z_layer + 1,
             )[z_name]  # [n, d_model]
             resid = (z - current).double() / (len(cfg.layers) - i)  # [n, d_model]
-            if covs is not None and layer in covs:
-                cov = covs[layer].double()
-            elif cfg.covariance is not None:
-                cov = covariance.layer_covariance(model, layer, cfg.covariance, progress=progress)
-                cov = cov.double()
-            else:
-                cov = torch.eye(model.cfg.d_mlp, dtype=torch.float64, device=keys.device)
+            cov = covs[layer]
             left = torch.linalg.solve(cfg.mom2_update_weight * cov + keys @ keys.T, keys)
             dtype = model.cfg.dtype
             lefts.append(left.to(dtype))

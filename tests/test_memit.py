@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from attndrift import data, edit, memit, models, rome, sadr, scoring, value
+from attndrift import covariance, data, edit, memit, models, rome, sadr, scoring, value
 
 REQS = [
     data.EditRequest("Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome", "Paris"),
@@ -85,10 +85,24 @@ def test_memit_needs_requests(tiny):
 def test_smollm_memit_edits_two_facts(smollm):
     ds = data.load_embedded()
     reqs = [ds[0].request, ds[5].request]
-    cfg = dataclasses.replace(memit.preset(smollm), covariance=None)
+    # the preset's C (its corpus is cached by `attndrift prepare`; each layer's E[kk^T] takes
+    # seconds): with the identity in place of C, λ = 15000 damps the update to nothing
+    cfg = memit.preset(smollm)
     templates = rome.context_templates(smollm, cfg.templates)
     e = memit.edit(smollm, reqs, cfg, templates=templates)
     table = scoring.score_probes(
         smollm, [p for r in (ds[0], ds[5]) for p in r.probes(["ES"])], fwd_hooks=e.hooks(smollm)
     )
     assert table["success"].all(), table
+
+
+def test_memit_takes_every_covariance_from_the_unedited_weights(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNDRIFT_CACHE", str(tmp_path))
+    cfg = dataclasses.replace(memit.preset(tiny), mom2_update_weight=1.0)
+    covs = {layer: covariance.layer_covariance(tiny, layer, cfg.covariance) for layer in cfg.layers}
+    from_cfg = memit.edit(tiny, REQS, cfg, templates=TEMPLATES)
+    given = memit.edit(tiny, REQS, cfg, templates=TEMPLATES, covs=covs)
+    for a, b in zip(from_cfg.left, given.left, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # one cache file per layer: no layer's C was keyed to (or computed on) edited weights
+    assert len(list((tmp_path / "covariance").glob("*.safetensors"))) == len(cfg.layers)

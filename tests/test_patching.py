@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformer_lens.patching import generic_activation_patch
 
-from attndrift import capture, data, drift, encoding, models, patching, scoring
+from attndrift import capture, data, drift, encoding, models, patching, rome, scoring
 from tests.test_capture import edited, hook_free
 from tests.test_drift import quick_rome
 
@@ -246,7 +246,8 @@ def test_smollm_cells_equal_transformer_lens(smollm):
     true, new = drift.answers(probe)
     enc = encoding.encode_prompt(smollm, probe.prompt, probe.subject)
     positions = [enc.subject_last, enc.last]
-    layers = [0, 4, 5, 22, 29]
+    edited_layer = rome.preset(smollm).layer  # quick_rome edits the preset layer
+    layers = [0, edited_layer - 1, edited_layer, 22, 29]
     results = patching.sweep(smollm, edit, probe.prompt, true, new, positions=positions)
     tokens = torch.tensor([enc.ids])
     t_id = encoding.encode_answer(smollm, true)[0]
@@ -274,4 +275,6 @@ def test_smollm_cells_equal_transformer_lens(smollm):
             got = r.p_true[c][layers][:, [0, 1]].flatten()
             torch.testing.assert_close(got, want.cpu(), atol=1e-5, rtol=0)
     restore = results[0]
-    assert restore.p_true[restore.components.index("mlp"), 4, 0] > restore.target.p_true
+    # restoring the vanilla MLP output at the edited layer and the subject's last token
+    mlp = restore.components.index("mlp")
+    assert restore.p_true[mlp, edited_layer, 0] > restore.target.p_true
