@@ -224,9 +224,32 @@ def summarize_command(args) -> int:
     p.add_argument("results", nargs="+", type=Path, help="results files of attndrift sweep")
     p.add_argument("--plot", type=Path, default=None, help="write the γ trade-off plot (HTML)")
     p.add_argument("--csv", type=Path, default=None, help="write the trade-off numbers (CSV)")
+    p.add_argument(
+        "--drift",
+        default=None,
+        metavar="SETTING",
+        help="drift factor vs P(o_new) over the RS/DNS probes of SETTING, e.g. 'rome|g=0'",
+    )
+    p.add_argument("--drift-plot", type=Path, default=None, help="its scatter plot (HTML)")
     a = p.parse_args(args)
     lines = sweep.load_results(a.results)
     print(_table_text(lines))
+    if a.drift:
+        fa = sweep.failure_analysis(lines, a.drift)
+        c = fa.overall
+        n_records = fa.probes["record"].nunique()
+        print(
+            f"\ndrift factor vs P(o_new), {a.drift}, {n_records} edits, {c.n} RS/DNS probes: "
+            f"Pearson {c.pearson:.3f} (p {c.pearson_p:.1e}), "
+            f"Spearman {c.spearman:.3f} (p {c.spearman_p:.1e})"
+        )
+        print("by layer range (drift factor = max over the range's layers):")
+        print(fa.by_range.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+        if a.drift_plot:
+            from attndrift import plotting
+
+            plotting.save_html(plotting.drift_scatter(fa), a.drift_plot)
+            print(f"scatter plot: {a.drift_plot}")
     if a.plot or a.csv:
         frame = sweep.tradeoff(lines)
         if a.csv:

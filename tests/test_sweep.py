@@ -69,7 +69,7 @@ def test_summary_matches_direct_evaluation(tiny_llama, records, tmp_path):
     assert list(frame["setting"]) == ["rome|g=0|steps=3|identity_cov"]
 
 
-def test_failure_analysis_from_sweep_lines(tiny_llama, records, tmp_path):
+def test_failure_analysis_from_sweep_lines(tiny_llama, records, tmp_path, capsys):
     from attndrift import drift, models
 
     out = tmp_path / "r.jsonl"
@@ -91,6 +91,16 @@ def test_failure_analysis_from_sweep_lines(tiny_llama, records, tmp_path):
     np.testing.assert_allclose(first, d.factor().numpy(), atol=1e-4)
     with pytest.raises(ValueError, match="no drift measurements"):
         sweep.failure_analysis(lines, "memit|g=0")
+
+    from attndrift import cli
+
+    capsys.readouterr()
+    plot = tmp_path / "scatter.html"
+    assert cli.main(["summarize", str(out), "--drift", setting.key, "--drift-plot", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    c = analysis.overall
+    assert f"{len(records)} edits, {n} RS/DNS probes: Pearson {c.pearson:.3f}" in printed
+    assert f"Spearman {c.spearman:.3f}" in printed and plot.stat().st_size > 1_000_000
 
 
 def test_bad_runs(tiny_llama, records, tmp_path):
