@@ -231,8 +231,15 @@ def summarize_command(args) -> int:
         help="drift factor vs P(o_new) over the RS/DNS probes of SETTING, e.g. 'rome|g=0'",
     )
     p.add_argument("--drift-plot", type=Path, default=None, help="its scatter plot (HTML)")
+    p.add_argument(
+        "--paired", action="store_true", help="only records that have every setting's line"
+    )
     a = p.parse_args(args)
     lines = sweep.load_results(a.results)
+    if a.paired:
+        lines = sweep.paired(lines)
+        if not lines:
+            raise ValueError("--paired: no record has a line under every setting")
     print(_table_text(lines))
     if a.drift:
         fa = sweep.failure_analysis(lines, a.drift)
@@ -598,14 +605,21 @@ def patch_command(args) -> int:
     print(f"{probe.kind} prompt: {probe.prompt!r}  (o_true {true!r}, o_new {new!r})")
     for r in results:
         t, s = r.target, r.source
-        print(f"{r.direction}: P(o_true) unpatched {t.p_true:.4f}, other model {s.p_true:.4f}")
+        print(
+            f"{r.direction}: unpatched P(o_true) {t.p_true:.4f} P(o_new) {t.p_new:.4f}; "
+            f"other model P(o_true) {s.p_true:.4f} P(o_new) {s.p_new:.4f}"
+        )
         for c, component in enumerate(r.components):
-            flat = int(r.p_true[c].argmax())
-            layer, i = divmod(flat, len(r.positions))
-            best = float(r.p_true[c, layer, i])
+            # restoring looks for the cell that brings o_true back, contaminating for the one
+            # that carries o_new into the vanilla model
+            if r.direction == "restore":
+                grid, what, base = r.p_true[c], "P(o_true)", t.p_true
+            else:
+                grid, what, base = r.p_new[c], "P(o_new)", t.p_new
+            layer, i = divmod(int(grid.argmax()), len(r.positions))
             print(
-                f"  {component:<4} largest P(o_true) {best:.4f} "
-                f"(gain {float(r.gain_pct[c, layer, i]):+.1f} %) at layers "
+                f"  {component:<4} largest {what} {float(grid[layer, i]):.4f} "
+                f"(unpatched {base:.4f}) at layers "
                 f"{layer}-{min(layer + r.window, model.cfg.n_layers) - 1}, "
                 f"token {r.tokens[r.positions[i]]!r} (position {r.positions[i]})"
             )

@@ -412,6 +412,16 @@ def summarize(lines: Sequence[dict]) -> dict[str, metrics.Summary]:
     return out
 
 
+def paired(lines: Sequence[dict]) -> list[dict]:
+    """The lines of the records that have a line under every setting (for a like-for-like
+    comparison of settings while a sweep is unfinished)."""
+    settings = {line["setting"] for line in lines}
+    have: dict[int, set[str]] = {}
+    for line in lines:
+        have.setdefault(line["record"], set()).add(line["setting"])
+    return [line for line in lines if have[line["record"]] == settings]
+
+
 def records_per_setting(lines: Sequence[dict]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for line in lines:

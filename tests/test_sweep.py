@@ -198,3 +198,14 @@ def test_fluency_is_measured_before_and_after(tiny_llama, tmp_path):
     s = sweep.summarize([line])
     assert s["none"].fluency == pytest.approx(line["pre"]["summary"]["FL"])
     assert "FL" in metrics.table(s).columns
+
+
+def test_paired_keeps_records_with_every_setting():
+    lines = [
+        {"record": 1, "setting": "a"},
+        {"record": 1, "setting": "b"},
+        {"record": 2, "setting": "a"},
+        {"record": 3, "setting": "b"},
+    ]
+    assert sweep.paired(lines) == lines[:2]
+    assert sweep.paired(lines[2:3]) == lines[2:3]
