@@ -174,7 +174,7 @@ def edit(
 
     # every C from the unedited weights, before the loop below changes the lower layers (also
     # keeps the on-disk cache key, which hashes the weights, the same for every layer)
-    covs = {layer: _layer_cov(model, layer, cfg, covs, progress) for layer in cfg.layers}
+    cov_of = {layer: _layer_cov(model, layer, cfg, covs, progress) for layer in cfg.layers}
     lefts, rights = [], []
     with edit_module.restored(model, cfg.layers):
         for i, layer in enumerate(cfg.layers):
@@ -187,7 +187,7 @@ def edit(
                 z_layer + 1,
             )[z_name]  # [n, d_model]
             resid = (z - current).double() / (len(cfg.layers) - i)  # [n, d_model]
-            cov = covs[layer]
+            cov = cov_of[layer]
             left = torch.linalg.solve(cfg.mom2_update_weight * cov + keys @ keys.T, keys)
             dtype = model.cfg.dtype
             lefts.append(left.to(dtype))

@@ -2,7 +2,7 @@
 # The sweeps behind docs/RESULTS.md, on the embedded SmolLM2-135M and the dev records.
 # Resumable: rerun the same command after an interruption. NPROC torchrun ranks (default 2).
 #   scripts/results.sh gamma          # γ selection on dev records 1000-1007
-#   GAMMA=0.05 scripts/results.sh main   # ROME vs ROME+SADR on 0-59, MEMIT±SADR on 0-29
+#   GAMMA=0.2 scripts/results.sh main    # ROME vs ROME+SADR on 0-59, MEMIT±SADR on 0-29
 set -euo pipefail
 data=${ATTNDRIFT_DEV_DATA:-$(dirname "$0")/../../shared/data/merged_counterfact_dev.json}
 nproc=${NPROC:-2}
@@ -13,8 +13,9 @@ python - <<'PY'
 from attndrift import covariance, memit, models, rome
 model = models.load_model("smollm2-135m")
 r, m = rome.preset(model), memit.preset(model)
-for layer in sorted({r.layer, *m.layers}):
-    covariance.layer_covariance(model, layer, r.covariance)
+for cfg, layers in ((r.covariance, [r.layer]), (m.covariance, m.layers)):
+    for layer in layers:  # a layer shared with the same config is read from the cache
+        covariance.layer_covariance(model, layer, cfg)
 PY
 case ${1:-} in
   gamma)
