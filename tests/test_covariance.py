@@ -24,10 +24,17 @@ def test_second_moment_by_hand(tiny):
         keys.append(cache[models.mlp_key_hook(2)][0, n_bos:])
     k = torch.cat(keys)
     assert used == k.shape[0]
-    torch.testing.assert_close(c, k.T @ k / used, atol=1e-6, rtol=1e-5)
+
+    def by_hand(k):  # float64 like the accumulator; tolerance scaled to C's magnitude
+        k = k.double()
+        return (k.T @ k / k.shape[0]).float()
+
+    want = by_hand(k)
+    torch.testing.assert_close(c, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
     c5, used5 = covariance.second_moment(tiny, 2, TEXTS, n_tokens=5)
     assert used5 == 5
-    torch.testing.assert_close(c5, k[:5].T @ k[:5] / 5, atol=1e-6, rtol=1e-5)
+    want5 = by_hand(k[:5])
+    torch.testing.assert_close(c5, want5, atol=1e-5 * want5.abs().max().item(), rtol=1e-5)
 
 
 def test_cache_is_used_and_corruption_is_detected(tiny, cache, monkeypatch, caplog):
