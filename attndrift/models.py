@@ -149,15 +149,61 @@ def final_hidden_from(
     resid_pre: Float[Tensor, "batch pos d_model"],
     layer: int,
     fwd_hooks: list | tuple = (),
+    past_kv_cache=None,
+    attention_mask: Int[Tensor, "batch key_pos"] | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """Like :func:`final_hidden`, but starting at block ``layer`` from its input residual.
 
     Skips the blocks before ``layer`` when only later activations change (e.g. in an
-    optimisation loop that perturbs layer ``layer``).
+    optimisation loop that perturbs layer ``layer``). With ``past_kv_cache`` (a frozen
+    :func:`prefix_cache`), the rows continue the cached prefix; ``attention_mask`` then covers
+    the cached and the new positions (``[batch, prefix + pos]``, 0 = padding).
     """
+    kwargs = {}
+    if past_kv_cache is not None:
+        if attention_mask is None:
+            raise ValueError("a prefix cache needs the attention mask of prefix + new positions")
+        kwargs = {"past_kv_cache": past_kv_cache, "attention_mask": attention_mask}
     with model.hooks(fwd_hooks=list(fwd_hooks)):
-        resid = model(resid_pre, start_at_layer=layer, stop_at_layer=model.cfg.n_layers)
+        resid = model(resid_pre, start_at_layer=layer, stop_at_layer=model.cfg.n_layers, **kwargs)
         return model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+
+
+def prefix_cache(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch prefix"],
+    attention_mask: Int[Tensor, "batch prefix"],
+):
+    """A frozen key-value cache of left-padded prefixes (every layer), for reuse by many runs.
+
+    ``tokens`` are left-padded (``attention_mask`` 0 on the padding), so that every row's
+    prefix ends at the same column and the continuations that use the cache line up. Positions
+    (rotary or learned) follow the mask, so each real token sits at its unpadded position.
+    """
+    cache = kv_cache(model, tokens.shape[0])
+    if tokens.shape[1] > 0:
+        with torch.no_grad():
+            model(tokens, attention_mask=attention_mask, past_kv_cache=cache, return_type=None)
+    else:
+        cache.previous_attention_mask = attention_mask.to(cache.previous_attention_mask)
+    cache.freeze()
+    return cache
+
+
+def resid_after_prefix(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    cache,
+    attention_mask: Int[Tensor, "batch pos"],
+    stop_at_layer: int,
+    fwd_hooks: list | tuple = (),
+) -> Float[Tensor, "batch pos d_model"]:
+    """Residual stream before block ``stop_at_layer`` of ``tokens`` continuing a frozen
+    :func:`prefix_cache` (``attention_mask``: the new positions only)."""
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        return model(
+            tokens, attention_mask=attention_mask, past_kv_cache=cache, stop_at_layer=stop_at_layer
+        )
 
 
 def kv_cache(model: HookedTransformer, batch: int):

@@ -16,8 +16,10 @@ and Adam minimises
          + γ · L_SADR                                                   (optional, sadr.py)
 
 projecting δ onto ``‖δ‖ ≤ clamp_norm_factor · ‖v_0‖`` after each step and stopping once
-``L < early_stop_loss``; like ROME's code, at most ``steps − 1`` updates are made and the
-returned δ is the one whose loss was last evaluated. The model's parameters are frozen (their
+``L < early_stop_loss`` (ROME's rule; ``early_stop_on="nll"`` compares the NLL term alone,
+which can trigger when the weight-decay term alone stays above the threshold); like ROME's
+code, at most ``steps − 1`` updates are made and the returned δ is the one whose loss was last
+evaluated. The model's parameters are frozen (their
 ``requires_grad`` flags are restored afterwards); gradients reach δ through the attention
 pattern hooks that SADR reads.
 """
@@ -49,12 +51,16 @@ class ValueConfig:
     weight_decay: float = 0.5  # v_weight_decay
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
-    early_stop_loss: float = 0.05
+    early_stop_loss: float = 0.05  # stop once the watched quantity falls below this
+    early_stop_on: str = "loss"  # "loss" (ROME: the whole L) or "nll" (the NLL term alone)
     essence_prompt: str = "{} is a"
+    prefix_cache: bool = True  # each step runs only what δ reaches (False: full reference)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.early_stop_on not in ("loss", "nll"):
+            raise ValueError(f"early_stop_on must be 'loss' or 'nll', got {self.early_stop_on!r}")
         if "{}" not in self.essence_prompt:
             raise ValueError("essence_prompt needs '{}' for the subject")
 
@@ -126,11 +132,21 @@ class ValueObjective:
     Construction runs the model once at δ = 0 to record v_0, the essence distribution p_0 and
     (for SADR) the vanilla attention rows.
 
+    Only what δ can reach is recomputed at each step (``cfg.prefix_cache``, the default): δ
+    enters at the subject's last token s_j of row j, in layer L, so nothing before s_j and
+    nothing below layer L+1 changes. Construction runs each row's prefix (positions < s_j)
+    once into a frozen key-value cache (left-padded, so that every row's s_j falls in the same
+    column) and the rest of the row (s_j onwards, right-padded) up to layer L; every step then
+    runs only those positions, from layer L+1, attending to the cached prefix. Rotary and
+    learned positions follow the attention mask, so every token keeps its unpadded position.
+    ``prefix_cache=False`` runs every position from layer L with δ added by a hook: the
+    reference the tests compare against (same losses to float rounding).
+
     Args:
         model: the model (unchanged by this class).
         request: the edit.
         hook_name: activation δ is added to (``models.mlp_out_hook(L)`` or
-            ``models.resid_post_hook(L)``).
+            ``models.resid_post_hook(L)``); both feed the residual after block L additively.
         layer: the layer of ``hook_name``; SADR reads the attention of layers > ``layer``.
         templates: context templates; ``templates[0]`` must be ``"{}"`` (the bare prompt,
             whose activation is v_0).
@@ -153,8 +169,8 @@ class ValueObjective:
             raise ValueError('templates[0] must be "{}" (the bare edit prompt)')
         models.check_layer(model, layer)
         self.model, self.cfg, self.sadr_cfg, self.hook_name = model, cfg, sadr_cfg, hook_name
-        target = encoding.encode_answer(model, request.target_new)
-        self.target = target
+        self.layer, self.prefix_cached = layer, cfg.prefix_cache
+        self.target = target = encoding.encode_answer(model, request.target_new)
         rows, subject_last, prompt_last = [], [], []
         for t in templates:
             e = encoding.encode_prompt(model, fill(t, request.prompt), request.subject)
@@ -166,82 +182,148 @@ class ValueObjective:
         )
         rows.append(essence.ids)
         subject_last.append(essence.subject_last)
-        device = models.model_device(model)
         self.n_rewrite = len(templates)
-        self.tokens = encoding.pad(model, rows)
-        self.subject_last = torch.tensor(subject_last, device=device)
-        self.prompt_last = torch.tensor(prompt_last, device=device)
-        # delta goes to (row, subject_last[row]) of every row
-        self.onehot = torch.zeros(self.tokens.shape, device=device, dtype=model.cfg.dtype)
-        self.onehot[torch.arange(len(rows), device=device), self.subject_last] = 1.0
+        self.sadr_layers = list(range(layer + 1, model.cfg.n_layers))
+        self.device = device = models.model_device(model)
+        # where δ goes, and the SADR rows, in the coordinates of the batch each step runs
+        s = torch.tensor(subject_last, device=device)  # [row] s_j in the prompt
+        t = torch.tensor(prompt_last, device=device)  # [prompt] t_j in the prompt
+        with torch.no_grad():
+            if cfg.prefix_cache:
+                width = int(s.max())  # prefix columns: row j's s_j lands in column `width`
+                self._start_suffix(rows, subject_last, width)
+                self.delta_pos = torch.zeros_like(s)  # s_j is the first position that runs
+                self.query = t - s[: self.n_rewrite]
+                self.subject_key = torch.full_like(self.query, width)
+            else:
+                self._start_full(rows, s)
+                self.delta_pos, self.query, self.subject_key = s, t, s[: self.n_rewrite]
+        n_rows, width = self.step_shape
+        # delta goes to (row, delta_pos[row]) of every row: [row, pos]
+        self.onehot = torch.zeros(n_rows, width, device=device, dtype=model.cfg.dtype)
+        self.onehot[torch.arange(n_rows, device=device), self.delta_pos] = 1.0
         # positions predicting o_new's tokens in the rewriting rows
         n_t = len(target)
         self.nll_rows = torch.arange(self.n_rewrite, device=device).repeat_interleave(n_t)
-        self.nll_pos = (self.prompt_last[:, None] + torch.arange(n_t, device=device)).flatten()
+        self.nll_pos = (self.query[:, None] + torch.arange(n_t, device=device)).flatten()
         self.nll_target = torch.tensor(target, device=device).repeat(self.n_rewrite)
-        self.sadr_layers = list(range(layer + 1, model.cfg.n_layers))
-        self.layer = layer
 
         with torch.no_grad():
-            # blocks before `layer` do not depend on delta: run them once, start there later
-            self.resid_pre = model(self.tokens, stop_at_layer=layer)
             zero = torch.zeros(model.cfg.d_model, device=device, dtype=model.cfg.dtype)
-            hidden, init, rows_now = self._forward(zero, capture_init=True)
-            self.init = init
+            hidden, rows_now = self._forward(zero)
             self.essence_logp0 = self._essence_logp(hidden)
             self.vanilla_rows = rows_now  # [prompt, layer, head, key] at delta = 0
 
-    def _forward(self, delta: Tensor, capture_init: bool = False):
+    def _start_full(self, rows: list, subject_last: Tensor) -> None:
+        """Reference: every position of every row runs from layer L at each step."""
+        self.tokens = encoding.pad(self.model, rows)
+        # blocks before `layer` do not depend on delta: run them once, start there later
+        self.start = self.model(self.tokens, stop_at_layer=self.layer)
+        self.step_shape = tuple(self.tokens.shape)
         store: dict[str, Tensor] = {}
-        pattern_rows: dict[int, Tensor] = {}
-        prompts = torch.arange(self.n_rewrite, device=self.tokens.device)
 
-        def add_delta(x: Tensor, hook) -> Tensor:
-            if capture_init:
-                store["init"] = x[0, self.subject_last[0]].detach().clone().to(self.tokens.device)
-            # (multi-GPU models: the loss lives on the first device, this layer may not)
-            return x + self.onehot.to(x.device)[:, :, None] * delta.to(x.device)
+        def keep(x: Tensor, hook) -> None:
+            store["init"] = x[0, subject_last[0]].detach().clone()
+
+        self.model.run_with_hooks(
+            self.tokens, stop_at_layer=self.layer + 1, fwd_hooks=[(self.hook_name, keep)]
+        )
+        self.init = store["init"].to(self.device)
+
+    def _start_suffix(self, rows: list, subject_last: list[int], width: int) -> None:
+        """Cache each row's prefix (positions < s_j) and run the rest up to layer L."""
+        model, pad = self.model, models.pad_id(self.model)
+        suffixes = [r[s:] for r, s in zip(rows, subject_last, strict=True)]
+        n = max(len(x) for x in suffixes)
+        prefix = [
+            [pad] * (width - s) + list(r[:s]) for r, s in zip(rows, subject_last, strict=True)
+        ]
+        suffix = [list(x) + [pad] * (n - len(x)) for x in suffixes]
+        mask = [
+            [0] * (width - s) + [1] * (s + len(x)) + [0] * (n - len(x))
+            for s, x in zip(subject_last, suffixes, strict=True)
+        ]
+        tokens = torch.tensor([p + x for p, x in zip(prefix, suffix, strict=True)])
+        self.tokens = tokens.to(self.device)  # [row, width + n]: the layout of every step
+        self.mask = torch.tensor(mask, device=self.device)  # [row, width + n]
+        self.cache = models.prefix_cache(model, self.tokens[:, :width], self.mask[:, :width])
+        store: dict[str, Tensor] = {}
+
+        def keep(x: Tensor, hook) -> None:
+            store["init"] = x[0, 0].detach().clone()  # row 0 ("{}"), its s_j: v_0 / z_0
+
+        # the residual after block L at s_j onwards; delta adds to it from here on
+        self.start = models.resid_after_prefix(
+            model,
+            self.tokens[:, width:],
+            self.cache,
+            self.mask[:, width:],
+            self.layer + 1,
+            [(self.hook_name, keep)],
+        )
+        self.step_shape = tuple(self.start.shape[:2])
+        self.init = store["init"].to(self.device)
+
+    def _forward(self, delta: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Final hidden states of the step batch at ``delta``, and SADR's attention rows."""
+        pattern_rows: dict[int, Tensor] = {}
+        prompts = torch.arange(self.n_rewrite, device=self.device)
 
         def keep_rows(pattern: Tensor, hook) -> None:
-            layer = hook.layer()
             # query row t_j of each rewriting prompt: [prompt, head, key]
-            rows = pattern[prompts.to(pattern.device), :, self.prompt_last.to(pattern.device), :]
-            pattern_rows[layer] = rows.to(self.tokens.device)  # one device (multi-GPU models)
+            d = pattern.device
+            rows = pattern[prompts.to(d), :, self.query.to(d), :]
+            pattern_rows[hook.layer()] = rows.to(self.device)  # one device (multi-GPU models)
 
-        hooks = [(self.hook_name, add_delta)]
+        hooks = []
         if self.sadr_cfg is not None:
             hooks += [(models.pattern_hook(layer), keep_rows) for layer in self.sadr_layers]
-        hidden = models.final_hidden_from(self.model, self.resid_pre, self.layer, fwd_hooks=hooks)
-        hidden = hidden.to(self.tokens.device)
+        if self.prefix_cached:
+            resid = self.start + self.onehot[:, :, None] * delta
+            hidden = models.final_hidden_from(
+                self.model, resid, self.layer + 1, hooks, self.cache, self.mask
+            )
+        else:
+
+            def add_delta(x: Tensor, hook) -> Tensor:
+                # (multi-GPU models: the loss lives on the first device, this layer may not)
+                return x + self.onehot.to(x.device)[:, :, None] * delta.to(x.device)
+
+            hooks.insert(0, (self.hook_name, add_delta))
+            hidden = models.final_hidden_from(self.model, self.start, self.layer, hooks)
+        hidden = hidden.to(self.device)
         rows = (
             torch.stack([pattern_rows[layer] for layer in self.sadr_layers], dim=1)
             if self.sadr_cfg is not None and self.sadr_layers
             else None
         )
-        return hidden, store.get("init"), rows
+        return hidden, rows
 
     def _essence_logp(self, hidden: Tensor) -> Tensor:
-        h = hidden[self.n_rewrite, self.subject_last[self.n_rewrite]]
+        h = hidden[self.n_rewrite, self.delta_pos[self.n_rewrite]]
         return torch.log_softmax(models.unembed(self.model, h).float(), -1)
 
     def __call__(self, delta: Float[Tensor, " d_model"]) -> LossTerms:
         """All loss terms at ``delta`` (differentiable w.r.t. ``delta``)."""
-        hidden, _, rows = self._forward(delta)
-        picked = hidden[self.nll_rows, self.nll_pos]
-        logp = torch.log_softmax(models.unembed(self.model, picked).float(), -1)
-        token_logp = logp.gather(1, self.nll_target[:, None])[:, 0]
-        per_prompt = -token_logp.view(self.n_rewrite, len(self.target)).mean(1)
+        hidden, rows = self._forward(delta)
+        # one unembedding (W_U is read once) for the target positions and the essence row
+        essence = hidden[self.n_rewrite, self.delta_pos[self.n_rewrite]][None]
+        picked = torch.cat([hidden[self.nll_rows, self.nll_pos], essence])
+        logits = models.unembed(self.model, picked).float()  # [target tokens + 1, d_vocab]
+        token_nll = torch.nn.functional.cross_entropy(
+            logits[:-1], self.nll_target, reduction="none"
+        )
+        per_prompt = token_nll.view(self.n_rewrite, len(self.target)).mean(1)
         nll = per_prompt.mean()
-        ess = self._essence_logp(hidden)
+        ess = torch.log_softmax(logits[-1], -1)
         kl = self.cfg.kl_factor * (ess.exp() * (ess - self.essence_logp0)).sum()
         wd = self.cfg.weight_decay * delta.norm() / self.init.norm() ** 2
         total = nll + kl + wd
         zero = torch.zeros((), device=delta.device)
         sadr_term, heads = zero, torch.zeros(len(self.sadr_layers), device=delta.device)
         if rows is not None:
-            subject = self.subject_last[: self.n_rewrite]
             sadr_term, heads = sadr.sadr_loss(
-                self.vanilla_rows, rows, subject, all_heads=self.sadr_cfg.all_heads
+                self.vanilla_rows, rows, self.subject_key, all_heads=self.sadr_cfg.all_heads
             )
             if self.sadr_cfg.gamma > 0:
                 total = total + self.sadr_cfg.gamma * sadr_term
@@ -278,7 +360,8 @@ def optimise_value(
             )
             log.debug("%s", trace[-1])
             bar.set_postfix(loss=f"{trace[-1].loss:.3f}", p_new=f"{trace[-1].p_new:.2f}")
-            if terms.total.item() < cfg.early_stop_loss or step == cfg.steps - 1:
+            watched = terms.total if cfg.early_stop_on == "loss" else terms.nll
+            if watched.item() < cfg.early_stop_loss or step == cfg.steps - 1:
                 break
             terms.total.backward()
             opt.step()

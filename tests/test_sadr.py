@@ -11,9 +11,10 @@ REQ = data.EditRequest(
 TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
 
 
-def _objective(model, sadr_cfg, layer=1):
+def _objective(model, sadr_cfg, layer=1, prefix_cache=True):
+    cfg = value.ValueConfig(prefix_cache=prefix_cache)
     return value.ValueObjective(
-        model, REQ, models.mlp_out_hook(layer), layer, TEMPLATES, value.ValueConfig(), sadr_cfg
+        model, REQ, models.mlp_out_hook(layer), layer, TEMPLATES, cfg, sadr_cfg
     )
 
 
@@ -53,12 +54,13 @@ def test_head_mask_matches_hand_computation():
 
 
 def test_mask_on_tiny_model_matches_hand_computation(tiny_llama):
-    obj = _objective(tiny_llama, sadr.SadrConfig(gamma=1.0))
+    # the full-forward layout: rows and keys at their prompt positions
+    obj = _objective(tiny_llama, sadr.SadrConfig(gamma=1.0), prefix_cache=False)
     delta = torch.randn(tiny_llama.cfg.d_model, generator=torch.Generator().manual_seed(1)) * 30
     with torch.no_grad():
-        _, _, rows = obj._forward(delta)
+        _, rows = obj._forward(delta)
         terms = obj(delta)
-    subject = obj.subject_last[: obj.n_rewrite]
+    subject = obj.subject_key
 
     # the rows SADR reads equal those of an independent full cached run with the same delta
     def add(x, hook):
@@ -69,12 +71,12 @@ def test_mask_on_tiny_model_matches_hand_computation(tiny_llama):
     for li, layer in enumerate(obj.sadr_layers):
         pattern = cache[models.pattern_hook(layer)]
         for j in range(obj.n_rewrite):
-            full_row = pattern[j, :, obj.prompt_last[j]]
+            full_row = pattern[j, :, obj.query[j]]
             torch.testing.assert_close(rows[j, li], full_row, atol=1e-6, rtol=1e-5)
     n_heads = tiny_llama.cfg.n_heads
     expected = 0.0
     for j in range(obj.n_rewrite):
-        s, t = subject[j].item(), obj.prompt_last[j].item()
+        s, t = subject[j].item(), obj.query[j].item()
         for li in range(len(obj.sadr_layers)):
             best = max(obj.vanilla_rows[j, li, h, s].item() for h in range(n_heads))
             for h in range(n_heads):

@@ -1,0 +1,157 @@
+"""The prefix-cached value optimisation against the full-forward reference (same losses,
+same δ, same SADR heads), on tiny models of three architectures and on SmolLM2."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from attndrift import data, memit, models, rome, sadr, value
+
+REQ = data.EditRequest(
+    "Eiffel Tower", "The Eiffel Tower is located in the city of", "New York City", "Paris"
+)
+# prefixes of different lengths, so that the cached prefixes need padding
+TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}", "The the the the the the. {}")
+HOOKS = {"rome": models.mlp_out_hook, "memit": models.resid_post_hook}
+SADR = {
+    "none": None,
+    "selective": sadr.SadrConfig(gamma=1.0),
+    "all heads": sadr.SadrConfig(gamma=1.0, all_heads=True),
+}
+
+
+def _pair(model, hook, cfg, sadr_cfg, layer=1, request=REQ, templates=TEMPLATES):
+    return tuple(
+        value.ValueObjective(
+            model,
+            request,
+            hook(layer),
+            layer,
+            templates,
+            dataclasses.replace(cfg, prefix_cache=p),
+            sadr_cfg,
+        )
+        for p in (False, True)
+    )
+
+
+def _assert_same_run(ref: value.ValueResult, new: value.ValueResult, rel=1e-5):
+    assert len(ref.trace) == len(new.trace)
+    for a, b in zip(ref.trace, new.trace, strict=True):
+        for name in ("loss", "nll", "weight_decay", "p_new"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert y == pytest.approx(x, rel=rel, abs=1e-7), (a.step, name, x, y)
+        # the two KL terms are small differences of large sums: compared against the loss
+        for name in ("kl", "sadr"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert y == pytest.approx(x, abs=rel * a.loss), (a.step, name, x, y)
+        assert a.heads == b.heads, a.step  # the same heads restrained at every step
+    torch.testing.assert_close(new.init, ref.init, rtol=1e-5, atol=1e-6)
+    scale = ref.delta.norm()
+    assert (new.delta - ref.delta).norm() <= 1e-4 * scale
+    torch.testing.assert_close(new.target, ref.target, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("editor", sorted(HOOKS))
+@pytest.mark.parametrize("restrain", sorted(SADR))
+def test_prefix_cache_follows_the_full_forward(tiny, editor, restrain):
+    cfg = value.ValueConfig(steps=8, clamp_norm_factor=4.0)
+    full, cached = _pair(tiny, HOOKS[editor], cfg, SADR[restrain])
+    assert cached.step_shape[1] < full.step_shape[1]  # fewer positions run per step
+    ref, new = value.optimise_value(full), value.optimise_value(cached)
+    _assert_same_run(ref, new)
+    if restrain != "none":
+        assert any(sum(s.heads) > 0 for s in ref.trace)  # the selection was exercised
+
+
+def test_sadr_rows_see_every_key_and_select_the_same_heads(tiny):
+    cfg = value.ValueConfig()
+    full, cached = _pair(tiny, models.mlp_out_hook, cfg, sadr.SadrConfig(gamma=1.0))
+    g = torch.Generator().manual_seed(3)
+    for scale in (3.0, 30.0):
+        delta = torch.randn(tiny.cfg.d_model, generator=g) * scale
+        with torch.no_grad():
+            _, rows_full = full._forward(delta)
+            _, rows_cached = cached._forward(delta)
+        # each query row is a distribution over all of its prompt's keys, cached ones included
+        torch.testing.assert_close(rows_cached.sum(-1), torch.ones_like(rows_cached.sum(-1)))
+        masks = [
+            sadr.head_mask(o.vanilla_rows, r, o.subject_key)
+            for o, r in ((full, rows_full), (cached, rows_cached))
+        ]
+        assert torch.equal(masks[0], masks[1])
+        kls = [
+            sadr.kl_rows(o.vanilla_rows, r) for o, r in ((full, rows_full), (cached, rows_cached))
+        ]
+        torch.testing.assert_close(kls[1], kls[0], rtol=1e-4, atol=1e-6)
+        # attention to the subject's last token, read at each layout's own key index
+        at = [
+            r.gather(-1, o.subject_key[:, None, None, None].expand(*r.shape[:3], 1))
+            for o, r in ((full, rows_full), (cached, rows_cached))
+        ]
+        torch.testing.assert_close(at[1], at[0], rtol=1e-5, atol=1e-6)
+
+
+def test_subject_at_the_first_position_needs_no_prefix(tiny_llama):
+    # SmolLM2-style model (no BOS): a one-token subject opening the prompt leaves an empty prefix
+    req = data.EditRequest("Apple", "Apple was founded by", "Bill Gates", "Steve Jobs")
+    cfg = value.ValueConfig(steps=4)
+    full, cached = _pair(
+        tiny_llama, models.mlp_out_hook, cfg, sadr.SadrConfig(1.0), 1, req, ("{}",)
+    )
+    assert cached.cache[0].past_keys.shape[1] == 0
+    _assert_same_run(value.optimise_value(full), value.optimise_value(cached))
+
+
+def test_rome_and_memit_edits_match_the_reference(tiny):
+    cfg = dataclasses.replace(rome.preset(tiny), covariance=None)
+    ref_cfg = dataclasses.replace(cfg, value=dataclasses.replace(cfg.value, prefix_cache=False))
+    for s in (None, sadr.SadrConfig(gamma=1.0)):
+        a = rome.edit(tiny, REQ, ref_cfg, templates=TEMPLATES, sadr=s)
+        b = rome.edit(tiny, REQ, cfg, templates=TEMPLATES, sadr=s)
+        torch.testing.assert_close(b.left[0], a.left[0])
+        torch.testing.assert_close(b.right[0], a.right[0], rtol=1e-4, atol=1e-5)
+    mcfg = dataclasses.replace(memit.preset(tiny), covariance=None, mom2_update_weight=1.0)
+    mref = dataclasses.replace(mcfg, value=dataclasses.replace(mcfg.value, prefix_cache=False))
+    reqs = [REQ, data.EditRequest("Louvre", "The Louvre is in", "London", "Paris")]
+    a = memit.edit(tiny, reqs, mref, templates=TEMPLATES, sadr=sadr.SadrConfig(1.0))
+    b = memit.edit(tiny, reqs, mcfg, templates=TEMPLATES, sadr=sadr.SadrConfig(1.0))
+    for x, y in zip(a.right, b.right, strict=True):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+
+
+def test_early_stop_on_the_nll_term(tiny_llama):
+    def run(**changes):
+        cfg = value.ValueConfig(steps=6, weight_decay=50.0, early_stop_loss=0.0)
+        cfg = dataclasses.replace(cfg, **changes)
+        hook = models.mlp_out_hook(1)
+        return value.optimise_value(value.ValueObjective(tiny_llama, REQ, hook, 1, TEMPLATES, cfg))
+
+    free = run().trace
+    assert len(free) == 6
+    nll = [s.nll for s in free]
+    threshold = (nll[0] + min(nll[1:])) / 2  # the NLL passes it after some steps...
+    first = next(i for i, x in enumerate(nll) if x < threshold)
+    assert first > 0 and min(s.loss for s in free) > threshold  # ...the whole loss never does
+    assert len(run(early_stop_loss=threshold, early_stop_on="nll").trace) == first + 1
+    assert len(run(early_stop_loss=threshold, early_stop_on="loss").trace) == 6
+    with pytest.raises(ValueError, match="early_stop_on"):
+        value.ValueConfig(early_stop_on="p_new")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("restrain", ["none", "selective"])
+def test_smollm_prefix_cache_follows_the_full_forward(smollm, restrain):
+    ds = data.load_embedded()
+    cfg = rome.preset(smollm)
+    templates = rome.context_templates(smollm, cfg.templates)
+    value_cfg = dataclasses.replace(cfg.value, steps=6)
+    for record, hook, layer in (
+        (ds[0], models.mlp_out_hook, cfg.layer),
+        (ds[5], models.resid_post_hook, 8),
+    ):
+        full, cached = _pair(
+            smollm, hook, value_cfg, SADR[restrain], layer, record.request, templates
+        )
+        _assert_same_run(value.optimise_value(full), value.optimise_value(cached))
