@@ -130,55 +130,23 @@ def evaluate(args) -> int:
     return 0
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
 @command("sweep", "edit every record under each setting; resumable JSON-lines results")
 def sweep_command(args) -> int:
     """Edit every record (weights untouched: edits run as hooks), score all SPEC §5 probes
-    before and after, and append one JSON line per (record, setting) to --out. Rerunning with
-    the same --out resumes. Under torchrun each rank takes a disjoint shard of the records."""
+    before and after, and append one JSON line per (record, setting) to --out. Every editor
+    option takes a comma-separated list (MEMIT layer sets: separated by ';'): the sweep runs
+    every combination. Rerunning with the same --out resumes. Under torchrun each rank takes a
+    disjoint shard of the records."""
     from attndrift import sweep
 
     p = argparse.ArgumentParser(prog="attndrift sweep", description=sweep_command.__doc__)
     _model_args(p)
     _data_args(p)
-    p.add_argument("--editor", default="rome", help="rome, memit, or both: rome,memit")
-    p.add_argument(
-        "--sadr-gamma", default="0", help="comma-separated γ values, e.g. 0,0.01 (0 = no SADR)"
-    )
-    p.add_argument(
-        "--all-heads", action="store_true", help="also run each γ>0 restraining all heads"
-    )
-    p.add_argument("--layer", type=int, default=None, help="ROME layer (default: preset)")
-    p.add_argument("--layers", default=None, help="MEMIT layers, e.g. 2,3,4,5,6")
-    p.add_argument("--steps", type=int, default=None, help="steps without SADR (default: preset)")
-    p.add_argument(
-        "--sadr-steps", type=int, default=None, help="steps with SADR (default: as --steps)"
-    )
-    p.add_argument("--cov-tokens", type=int, default=None, help="tokens for C (default: preset)")
-    p.add_argument("--identity-cov", action="store_true", help="no covariance (quick, crude)")
+    _setting_args(p, grid=True)
     p.add_argument("--fluency", action="store_true", help="also measure fluency (FL)")
     p.add_argument("--out", type=Path, required=True, help="results file (JSON lines)")
     a = p.parse_args(args)
-    settings = []
-    layers = tuple(int(x) for x in a.layers.split(",")) if a.layers else None
-    for editor in a.editor.split(","):
-        for gamma in _floats(a.sadr_gamma):
-            for all_heads in (False, True) if (a.all_heads and gamma > 0) else (False,):
-                settings.append(
-                    sweep.Setting(
-                        editor=editor.strip(),
-                        sadr_gamma=gamma,
-                        all_heads=all_heads,
-                        layer=a.layer if editor.strip() == "rome" else None,
-                        layers=layers if editor.strip() == "memit" else None,
-                        steps=(a.sadr_steps or a.steps) if gamma > 0 else a.steps,
-                        cov_tokens=a.cov_tokens,
-                        identity_cov=a.identity_cov,
-                    )
-                )
+    settings = settings_from_args(a, grid=True)
     rank, world = sweep.distributed_rank()
     if world > 1:
         import torch.distributed as dist
@@ -197,17 +165,18 @@ def sweep_command(args) -> int:
         dist.destroy_process_group()
         if rank != 0:
             return 0
-    lines = sweep.load_results([a.out])
-    print(_table_text(lines))
+    from attndrift import results
+
+    print(_table_text(results.load([a.out])))
     return 0
 
 
 def _table_text(lines) -> str:
-    from attndrift import metrics, sweep
+    from attndrift import metrics, summary
 
-    summaries = sweep.summarize(lines)
-    counts = sweep.records_per_setting(lines)
-    n_pre = len({line["record"] for line in lines})
+    summaries = summary.by_setting(lines)
+    counts = summary.records_per_setting(lines)
+    n_pre = len({line.record for line in lines})
     rows = {f"none (n={n_pre})": summaries.pop("none")}
     rows |= {f"{k} (n={counts[k]})": v for k, v in summaries.items()}
     text = metrics.table(rows).to_string()
@@ -218,7 +187,7 @@ def _table_text(lines) -> str:
 def summarize_command(args) -> int:
     """Merge results files (and their rank shards), print ES PS NS RS DNS Score (FL) per
     setting with 95 % intervals next to the pre-edit row, and optionally plot the γ trade-off."""
-    from attndrift import sweep
+    from attndrift import results, summary
 
     p = argparse.ArgumentParser(prog="attndrift summarize", description=summarize_command.__doc__)
     p.add_argument("results", nargs="+", type=Path, help="results files of attndrift sweep")
@@ -235,14 +204,14 @@ def summarize_command(args) -> int:
         "--paired", action="store_true", help="only records that have every setting's line"
     )
     a = p.parse_args(args)
-    lines = sweep.load_results(a.results)
+    lines = results.load(a.results)
     if a.paired:
-        lines = sweep.paired(lines)
+        lines = summary.paired(lines)
         if not lines:
             raise ValueError("--paired: no record has a line under every setting")
     print(_table_text(lines))
     if a.drift:
-        fa = sweep.failure_analysis(lines, a.drift)
+        fa = summary.drift_vs_failure(lines, a.drift)
         c = fa.overall
         n_records = fa.probes["record"].nunique()
         print(
@@ -258,7 +227,7 @@ def summarize_command(args) -> int:
             plotting.save_html(plotting.drift_scatter(fa), a.drift_plot)
             print(f"scatter plot: {a.drift_plot}")
     if a.plot or a.csv:
-        frame = sweep.tradeoff(lines)
+        frame = summary.tradeoff(lines)
         if a.csv:
             frame.to_csv(a.csv, index=False)
             print(f"trade-off numbers: {a.csv}")
@@ -308,7 +277,8 @@ def demo_command(args) -> int:
     t0 = time.perf_counter()
     model = _load_model(a)
     a.out.mkdir(parents=True, exist_ok=True)
-    result = demo.run(model, cfg, a.out / "sweep.jsonl")
+    # one results file per code revision: a sweep resumes only onto lines of its own revision
+    result = demo.run(model, cfg, a.out / f"sweep-{git_revision()}.jsonl")
     r = result.record.request
     print(f"\nrecord {result.record.id}: {r.subject!r}: {r.target_true!r} -> {r.target_new!r}")
     shown = result.probes[["kind", "right", "wrong"]].copy()
@@ -334,51 +304,81 @@ def demo_command(args) -> int:
     page = report.render("attndrift demo: attention drift after a knowledge edit",
                          demo.sections(result), footer)  # fmt: skip
     (a.out / "report.html").write_text(page, encoding="utf-8")
-    info = demo.summary(result) | {"version": __version__, "git": git_revision()}
+    info = demo.to_json(result) | {"version": __version__, "git": git_revision()}
     (a.out / "summary.json").write_text(json.dumps(info, indent=1, default=str))
     print(f"\nreport: {(a.out / 'report.html').resolve()}")
     print(f"summary: {(a.out / 'summary.json').resolve()}  ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
-def _edit_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("editor")
-    g.add_argument("--editor", choices=("rome", "memit"), default="rome")
-    g.add_argument("--sadr-gamma", type=float, default=0.0, help="SADR weight γ (0 = off)")
-    g.add_argument("--all-heads", action="store_true", help="SADR ablation: restrain every head")
-    g.add_argument("--layer", type=int, default=None, help="ROME layer (default: preset)")
-    g.add_argument("--layers", default=None, help="MEMIT layers, e.g. 2,3,4,5,6")
-    g.add_argument("--steps", type=int, default=None, help="optimisation steps (default: preset)")
-    g.add_argument("--r-rome", action="store_true", help="r-ROME denominator (mean key)")
-    g.add_argument(
-        "--identity-cov", action="store_true", help="no covariance adjustment (quick, crude)"
-    )
-    g.add_argument(
-        "--cov-tokens", type=int, default=None, help="tokens for C (default: preset config)"
-    )
+def _parse(name: str, kind: type, text: str):
+    """One value of option ``--name``; a ValueError that names the option otherwise."""
+    try:
+        if kind is tuple:
+            return tuple(int(x) for x in text.split(",") if x.strip())
+        return kind(text)
+    except ValueError:
+        what = {int: "an integer", float: "a number", tuple: "comma-separated integers"}
+        flag = "--" + name.replace("_", "-")
+        raise ValueError(f"{flag}: expected {what.get(kind, 'a value')}, got {text!r}") from None
 
 
-def setting_from_args(a):
-    """The :class:`attndrift.sweep.Setting` of parsed editor arguments."""
-    from attndrift.sweep import Setting
+def _setting_fields():
+    import dataclasses
+    import typing
 
-    return Setting(
-        editor=a.editor,
-        sadr_gamma=a.sadr_gamma,
-        all_heads=a.all_heads,
-        layer=a.layer,
-        layers=tuple(int(x) for x in a.layers.split(",")) if a.layers else None,
-        steps=a.steps,
-        cov_tokens=a.cov_tokens,
-        identity_cov=a.identity_cov,
-        r_rome=a.r_rome,
-    )
+    from attndrift.setting import Setting
+
+    for f in dataclasses.fields(Setting):
+        kinds = [t for t in typing.get_args(f.type) if t is not type(None)] or [f.type]
+        kind = typing.get_origin(kinds[0]) or kinds[0]
+        yield f, kind
 
 
-def make_edit(model, requests, setting):
-    from attndrift.sweep import Editor
+def _setting_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
+    """Editor flags, one per :class:`attndrift.setting.Setting` field (default: the preset)."""
+    g = p.add_argument_group("editor (every option left out keeps the model's preset)")
+    for f, kind in _setting_fields():
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            g.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
+        sep = ";" if kind is tuple else ","
+        more = f" ({sep}-separated values: one setting each)" if grid else ""
+        g.add_argument(flag, default=None, metavar=f.name.upper(), help=f.metadata["help"] + more)
 
-    return Editor(model, progress=True)(setting, requests)
+
+def settings_from_args(a, grid: bool = False) -> list:
+    """The :class:`attndrift.setting.Setting` (or, with ``grid``, every combination) of the
+    parsed editor flags."""
+    from attndrift import setting
+
+    options: dict[str, list] = {}
+    for f, kind in _setting_fields():
+        value = getattr(a, f.name)
+        if kind is bool:
+            if value:
+                options[f.name] = [True]
+            continue
+        if value is None:
+            continue
+        sep = ";" if kind is tuple else ","
+        texts = value.split(sep) if grid else [value]
+        options[f.name] = [_parse(f.name, kind, t.strip()) for t in texts if t.strip()]
+        if not options[f.name]:
+            raise ValueError(f"--{f.name.replace('_', '-')}: no value given")
+    settings = setting.grid(**options)
+    if not settings:
+        raise ValueError("no setting to run: --all-heads needs --sadr-gamma > 0")
+    if not grid and len(settings) != 1:
+        raise ValueError("give one value per editor option")
+    return settings
+
+
+def make_edit(model, requests, s):
+    from attndrift.setting import Editor
+
+    return Editor(model, progress=True)(s, requests)
 
 
 @command("edit", "edit one fact (ROME / MEMIT, optional SADR); show before/after probes")
@@ -397,7 +397,7 @@ def edit_command(args) -> int:
     p.add_argument("--new", help="new object")
     p.add_argument("--true", help="true object")
     p.add_argument("--neighbor", action="append", default=[], help="neighbour prompt (true obj)")
-    _edit_args(p)
+    _setting_args(p)
     p.add_argument("--out", type=Path, default=None, help="save the edit (.safetensors)")
     a = p.parse_args(args)
     if a.record is not None:
@@ -408,7 +408,7 @@ def edit_command(args) -> int:
         record = data.Record(0, request, neighborhood=tuple((n, a.true) for n in a.neighbor))
     else:
         p.error("give --record ID, or all of --subject --prompt --new --true")
-    setting = setting_from_args(a)
+    (setting,) = settings_from_args(a)
     model = _load_model(a)
     probes = []
     for k in ("ES", "NS", "RS", "DNS", "RS_D"):
@@ -440,21 +440,8 @@ def _analysis_edit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("edit (made on the fly, or a saved one)")
     g.add_argument("--record", type=int, default=None, help="record id (default: the first)")
     g.add_argument("--edit", type=Path, default=None, help="a saved edit (.safetensors)")
-    _edit_args(p)
+    _setting_args(p)
     p.add_argument("--out", type=Path, required=True, help="directory for the HTML and CSV files")
-
-
-_EDITOR_DEFAULTS = {
-    "editor": "rome",
-    "sadr_gamma": 0.0,
-    "all_heads": False,
-    "layer": None,
-    "layers": None,
-    "steps": None,
-    "r_rome": False,
-    "identity_cov": False,
-    "cov_tokens": None,
-}
 
 
 def _analysis_setup(a):
@@ -463,7 +450,7 @@ def _analysis_setup(a):
     from attndrift.edit import Edit
 
     if a.edit is not None:
-        changed = [k for k, v in _EDITOR_DEFAULTS.items() if getattr(a, k) != v]
+        changed = [f.name for f, _ in _setting_fields() if getattr(a, f.name) not in (None, False)]
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ValueError(f"{flags}: editor options apply to on-the-fly edits, not --edit")
@@ -479,7 +466,7 @@ def _analysis_setup(a):
         if record.request not in e.requests:
             print(f"warning: {a.edit} was not made for record {record.id}", file=sys.stderr)
     else:
-        e = make_edit(model, [record.request], setting_from_args(a))
+        e = make_edit(model, [record.request], settings_from_args(a)[0])
         a.out.mkdir(parents=True, exist_ok=True)
         e.save(a.out / "edit.safetensors")
         cov = e.hparams.get("covariance")

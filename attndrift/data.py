@@ -24,10 +24,12 @@ is ``()``). Loaders read (a) the paper's merged format (``requested_rewrite``, `
 (``p-reasoning``, ``o-commonsense``, ROME's ``attribute_prompts``) are not loaded.
 """
 
+import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -159,11 +161,20 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Records loaded from one file, plus what lenient loading skipped (never silently)."""
+    """Records loaded from one file, plus what lenient loading skipped (never silently).
+
+    ``sha256`` identifies the source: the file's sha256, or (records built in memory) the
+    sha256 of their canonical JSON (:func:`records_sha256`).
+    """
 
     records: tuple[Record, ...]
     skipped: tuple[Skipped, ...] = ()
     path: str = ""
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.sha256:
+            object.__setattr__(self, "sha256", records_sha256(self.records))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -178,11 +189,23 @@ class Dataset:
         raise KeyError(f"no record with id {record_id} in {self.path or 'this dataset'}")
 
     def select(self, ids: Sequence[int] | None = None, limit: int | None = None) -> "Dataset":
-        """Records with the given ids (in that order), then at most ``limit`` of them."""
+        """Records with the given ids (in that order), then at most ``limit`` of them.
+
+        The selection keeps the source's ``sha256`` (results record which file they came from;
+        the record ids say which part of it).
+        """
+        if ids is not None:
+            repeated = [i for i, n in Counter(ids).items() if n > 1]
+            if repeated:
+                raise ValueError(f"record {repeated[0]} is selected more than once")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
+        ):
+            raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
         records = [self.by_id(i) for i in ids] if ids is not None else list(self.records)
         if limit is not None:
             records = records[:limit]
-        return Dataset(tuple(records), self.skipped, self.path)
+        return Dataset(tuple(records), self.skipped, self.path, self.sha256)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,10 +223,15 @@ def load_dataset(path: str | Path, *, lenient: bool = False) -> Dataset:
             listed in :attr:`Dataset.skipped`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"data path {path} is a directory, not a JSON file of records")
     try:
-        raw = json.loads(path.read_text())
+        raw_bytes = path.read_bytes()
+        raw = json.loads(raw_bytes.decode("utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"data file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, list):
@@ -217,7 +245,8 @@ def load_dataset(path: str | Path, *, lenient: bool = False) -> Dataset:
                 raise DataError(e.record, e.field, f"{e.problem} (in {path})") from None
             log.warning("skipping %s", e)
             skipped.append(Skipped(index, e.field, e.problem))
-    return Dataset(tuple(records), tuple(skipped), str(path))
+    sha = hashlib.sha256(raw_bytes).hexdigest()
+    return Dataset(tuple(records), tuple(skipped), str(path), sha)
 
 
 def parse_record(item: dict, index: int) -> Record:
@@ -340,6 +369,12 @@ def embedded_dataset_path() -> Path:
 def load_embedded(*, lenient: bool = False) -> Dataset:
     """The embedded dataset of well-known facts SmolLM2-135M gets right before editing."""
     return load_dataset(embedded_dataset_path(), lenient=lenient)
+
+
+def records_sha256(records: Iterable[Record]) -> str:
+    """sha256 of the records' canonical JSON (identifies records built in memory)."""
+    text = json.dumps([asdict(r) for r in records], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def probes_of(records: Iterable[Record], kinds: Iterable[ProbeKind] = PROBE_KINDS) -> list[Probe]:

@@ -10,7 +10,7 @@
 5. A small resumable sweep over a few more embedded records (ROME vs ROME+SADR).
 
 :func:`run` computes (and writes only the sweep's own results file); :func:`sections` turns the
-result into report sections; :func:`summary` into a JSON-able dict. The CLI saves both.
+result into report sections; :func:`to_json` into a JSON-able dict. The CLI saves both.
 """
 
 import logging
@@ -32,7 +32,10 @@ from attndrift import (
     patching,
     plotting,
     report,
+    results,
     scoring,
+    setting,
+    summary,
     sweep,
 )
 from attndrift.edit import Edit
@@ -66,7 +69,7 @@ class DemoResult:
     attention: dict[str, go.Figure]
     patches: tuple[patching.Patching, ...]
     patch_prompt: str
-    sweep_lines: list[dict]
+    sweep_lines: list[results.Line]
     sweep_path: Path
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -81,10 +84,10 @@ def run(
     record = dataset.by_id(cfg.record)
     quick = {"steps": cfg.steps, "identity_cov": cfg.identity_cov}
     settings = {
-        "ROME": sweep.Setting("rome", **quick),
-        "ROME+SADR": sweep.Setting("rome", cfg.sadr_gamma, **quick),
+        "ROME": setting.Setting("rome", **quick),
+        "ROME+SADR": setting.Setting("rome", cfg.sadr_gamma, **quick),
     }
-    editor = sweep.Editor(model, progress=progress)
+    editor = setting.Editor(model, progress=progress)
     edits = {name: editor(s, [record.request]) for name, s in settings.items()}
     seconds["edits"] = time.perf_counter() - t
     for name, e in edits.items():
@@ -135,7 +138,7 @@ def run(
     t = time.perf_counter()
     others = dataset.select(ids=list(cfg.sweep_records))
     path = sweep.run(model, others, list(settings.values()), sweep_out, progress=progress)
-    lines = sweep.load_results([path])
+    lines = results.load([path])
     seconds["sweep"] = time.perf_counter() - t
     return DemoResult(
         record, edits, table, drifts, attention, patches, patch_probe.prompt, lines, path, seconds
@@ -146,8 +149,8 @@ def _variants(model, edits):
     return [(name, models.Variant(model, e.hooks(model), name=name)) for name, e in edits.items()]
 
 
-def _sweep_table(lines: list[dict]) -> pd.DataFrame:
-    summaries = sweep.summarize(lines)
+def _sweep_table(lines: list[results.Line]) -> pd.DataFrame:
+    summaries = summary.by_setting(lines)
     names = {"none": "unedited", "rome|g=0": "ROME"}
     rows = {names.get(k, k.replace("rome|g=", "ROME+SADR γ=")): v for k, v in summaries.items()}
     return metrics.table(rows)
@@ -227,7 +230,7 @@ def sections(result: DemoResult) -> list[report.Section]:
         report.Section(
             "5. Small sweep",
             [
-                f"{len({x['record'] for x in result.sweep_lines})} more records of the embedded "
+                f"{len({x.record for x in result.sweep_lines})} more records of the embedded "
                 f"dataset, ROME vs ROME+SADR; results in {result.sweep_path}."
             ],
             tables=[_sweep_table(result.sweep_lines)],
@@ -244,9 +247,9 @@ def _best_patches(results: tuple[patching.Patching, ...]) -> pd.DataFrame:
     return frame.loc[base, [c for c in cols if c in frame.columns]].set_index("component")
 
 
-def summary(result: DemoResult) -> dict:
+def to_json(result: DemoResult) -> dict:
     """JSON-able summary: the edit, probe outcomes, drift, best patches, sweep metrics."""
-    sweep_rows = {k: v.row() for k, v in sweep.summarize(result.sweep_lines).items()}
+    sweep_rows = {k: v.row() for k, v in summary.by_setting(result.sweep_lines).items()}
     return {
         "record": result.record.id,
         "request": result.record.request.__dict__,

@@ -204,6 +204,37 @@ def concat(parts: Sequence[Drift]) -> Drift:
     )
 
 
+def reference(
+    vanilla: HookedTransformer | models.Variant,
+    prompts: Sequence[str],
+    subjects: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    all_rows: bool = False,
+    batch_size: int = 16,
+) -> list[capture.Capture]:
+    """The vanilla captures :func:`measure` compares against, batch by batch.
+
+    Compute them once and pass them as ``vanilla_captures`` to measure many edits of the same model
+    on the same prompts (a sweep edits one record under several settings).
+    """
+    if len(prompts) != len(subjects):
+        raise ValueError(f"{len(prompts)} prompts but {len(subjects)} subjects")
+    if not prompts:
+        raise ValueError("no prompts")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    model = models.as_variant(vanilla).model
+    queries = "all" if all_rows else "last"
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = encoding.encode_batch(
+            model, prompts[i : i + batch_size], subjects[i : i + batch_size]
+        )
+        out.append(capture.run(vanilla, batch, layers=layers, queries=queries))
+    return out
+
+
 def measure(
     vanilla: HookedTransformer | models.Variant,
     edited: HookedTransformer | models.Variant,
@@ -213,6 +244,7 @@ def measure(
     layers: Sequence[int] | None = None,
     all_rows: bool = False,
     batch_size: int = 16,
+    vanilla_captures: Sequence[capture.Capture] | None = None,
 ) -> Drift:
     """Attention drift of ``edited`` against ``vanilla`` on prompts, in batches.
 
@@ -223,21 +255,24 @@ def measure(
         layers: layers to analyse (default: all).
         all_rows: also keep the KL of every query row (captures every row: more memory).
         batch_size: prompts per forward pass.
+        vanilla_captures: the vanilla captures of these prompts from :func:`reference` (same
+            layers, rows and batch size), to skip the vanilla runs.
     """
-    if len(prompts) != len(subjects):
-        raise ValueError(f"{len(prompts)} prompts but {len(subjects)} subjects")
-    if not prompts:
-        raise ValueError("no prompts")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    model = models.as_variant(vanilla).model
+    if vanilla_captures is None:
+        vanilla_captures = reference(
+            vanilla, prompts, subjects, layers=layers, all_rows=all_rows, batch_size=batch_size
+        )
+    v, e = models.as_variant(vanilla), models.as_variant(edited)
+    capture.check_compatible(v.model, e.model)
+    queries = "all" if all_rows else "last"
     parts = []
-    for i in range(0, len(prompts), batch_size):
-        chunk, chunk_subjects = prompts[i : i + batch_size], subjects[i : i + batch_size]
-        batch = encoding.encode_batch(model, chunk, chunk_subjects)
-        queries = "all" if all_rows else "last"
-        pair = capture.pair(vanilla, edited, batch, layers=layers, queries=queries)
-        parts.append(compare(pair, chunk, chunk_subjects, all_rows))
+    for i, van in enumerate(vanilla_captures):
+        chunk = prompts[i * batch_size : (i + 1) * batch_size]
+        chunk_subjects = subjects[i * batch_size : (i + 1) * batch_size]
+        edi = capture.run(e, van.batch, layers=van.layers, queries=queries)
+        parts.append(compare(capture.Pair(van, edi), chunk, chunk_subjects, all_rows))
+    if sum(len(p.prompts) for p in parts) != len(prompts):
+        raise ValueError("the reference captures do not cover these prompts")
     return concat(parts)
 
 

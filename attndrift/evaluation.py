@@ -57,4 +57,4 @@ def evaluate(
                 v.model, prompts, max_new_tokens=FLUENCY_TOKENS, seed=seed, fwd_hooks=v.hooks
             )
             fl = metrics.fluency(texts)
-    return Evaluation(table, metrics.summarize(table, fluency=fl))
+    return Evaluation(table, metrics.aggregate(table, fluency=fl))

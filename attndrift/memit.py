@@ -19,7 +19,6 @@ For a batch of requests:
 
 import dataclasses
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -155,9 +154,10 @@ def edit(
         raise ValueError("MEMIT needs at least one request")
     for layer in cfg.layers:
         models.check_layer(model, layer)
-    t0 = time.perf_counter()
+    clock = rome._Clock()
     if templates is None:
         templates = rome.context_templates(model, cfg.templates)
+    clock.lap("templates")
     z_layer = cfg.layers[-1]
     z_name = models.resid_post_hook(z_layer)
 
@@ -171,10 +171,12 @@ def edit(
         targets.append(result.target)
         traces.append([asdict(s) for s in result.trace])
     z = torch.stack(targets)  # [n, d_model]
+    clock.lap("value_steps")
 
     # every C from the unedited weights, before the loop below changes the lower layers (also
     # keeps the on-disk cache key, which hashes the weights, the same for every layer)
     cov_of = {layer: _layer_cov(model, layer, cfg, covs, progress) for layer in cfg.layers}
+    clock.lap("covariance")
     lefts, rights = [], []
     with edit_module.restored(model, cfg.layers):
         for i, layer in enumerate(cfg.layers):
@@ -195,9 +197,13 @@ def edit(
             w = models.mlp_out_weight(model, layer)
             with torch.no_grad():
                 w.add_((left @ resid).to(w.dtype))
+    clock.lap("keys_and_solve")
     info = {
+        "steps_run": len(traces[0]),
+        "final": traces[0][-1],
         "z_traces": traces,
-        "seconds": time.perf_counter() - t0,
+        "seconds": clock.total(),
+        "timings": clock.laps,
         "sadr": None if sadr is None else asdict(sadr),
         "n_templates": len(templates),
     }

@@ -86,7 +86,7 @@ class Summary:
         return out
 
 
-def summarize(probe_table: pd.DataFrame, fluency: float | None = None) -> Summary:
+def aggregate(probe_table: pd.DataFrame, fluency: float | None = None) -> Summary:
     """Aggregate a :func:`attndrift.scoring.score_probes` table into SPEC §5 metrics."""
     missing = {"kind", "success"} - set(probe_table.columns)
     if missing:

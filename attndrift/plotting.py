@@ -251,7 +251,7 @@ def tradeoff(frame, editor: str | None = None) -> go.Figure:
     """The γ trade-off: edit success (ES, PS) and specificity (NS, RS, DNS) against γ.
 
     Args:
-        frame: :func:`attndrift.sweep.tradeoff` — one row per setting with ``editor``,
+        frame: :func:`attndrift.summary.tradeoff` — one row per setting with ``editor``,
             ``gamma``, ``selection`` and each metric with ``_low``/``_high`` interval bounds.
         editor: plot one editor's rows only (default: all, distinguished by line style).
     """

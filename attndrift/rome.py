@@ -210,30 +210,37 @@ def edit(
     cfg = cfg or preset(model)
     layer = cfg.layer
     models.check_layer(model, layer)
-    t0 = time.perf_counter()
+    clock = _Clock()
     if templates is None:
         templates = context_templates(model, cfg.templates)
+    clock.lap("templates")
     if cov is None and cfg.covariance is not None:
         cov = covariance.layer_covariance(model, layer, cfg.covariance, progress=progress)
+    clock.lap("covariance")
 
     key_name, out_name = models.mlp_key_hook(layer), models.mlp_out_hook(layer)
     filled = [value.fill(t, request.prompt) for t in templates]
     acts = read_at_subject(model, filled, request.subject, [key_name, out_name], layer + 1)
     mean_key = acts[key_name].mean(0)
     k0, m0 = acts[key_name][0], acts[out_name][0]  # templates[0] == "{}": the bare prompt
+    clock.lap("keys")
 
     value_cfg = cfg.value
     if sadr is not None and sadr.gamma > 0 and cfg.sadr_steps is not None:
         value_cfg = dataclasses.replace(value_cfg, steps=cfg.sadr_steps)
     objective = value.ValueObjective(model, request, out_name, layer, templates, value_cfg, sadr)
+    clock.lap("value_setup")
     result = value.optimise_value(objective, progress=progress, desc=f"ROME L{layer}")
+    clock.lap("value_steps")
     left, right = rank_one(cov, mean_key, k0, m0, result.target, cfg.denominator)
+    clock.lap("solve")
     info = {
         "steps_run": len(result.trace),
         "final": asdict(result.trace[-1]),
         "trace": [asdict(s) for s in result.trace],
         "value_seconds": result.seconds,
-        "seconds": time.perf_counter() - t0,
+        "seconds": clock.total(),
+        "timings": clock.laps,
         "sadr": None if sadr is None else asdict(sadr),
         "n_templates": len(templates),
     }
@@ -247,6 +254,22 @@ def edit(
         model_name=model.cfg.model_name,
         info=info,
     )
+
+
+class _Clock:
+    """Wall time of an edit's phases (``laps``: phase -> seconds)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def _jsonable(obj):

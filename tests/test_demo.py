@@ -32,9 +32,10 @@ def test_demo_writes_report_and_summary(tmp_path, capsys):
         "rome|g=0.2|steps=3|identity_cov",
     }
 
-    lines = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
+    (sweep_file,) = out.glob("sweep-*.jsonl")
+    lines = [json.loads(x) for x in sweep_file.read_text().splitlines()]
     assert sorted(line["record"] for line in lines) == [19, 19]
 
     # rerunning resumes the sweep: nothing is added to its results file
     assert cli.main([*args, "--out", str(out)]) == 0
-    assert len((out / "sweep.jsonl").read_text().splitlines()) == 2
+    assert len(sweep_file.read_text().splitlines()) == 2

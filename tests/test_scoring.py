@@ -100,7 +100,7 @@ def test_metrics_aggregation_by_hand():
             "success": [True, True, True, False, True, True, False, False, True],
         }
     )
-    s = metrics.summarize(table)
+    s = metrics.aggregate(table)
     es = s.metrics["ES"]
     assert es.mean == 0.75 and es.n == 4
     sem = np.std([1, 1, 1, 0], ddof=1) / 2
@@ -109,7 +109,7 @@ def test_metrics_aggregation_by_hand():
     assert s.metrics["AS"].n == 0 and math.isnan(s.metrics["AS"].mean)
     assert metrics.harmonic_mean([0.5, 1.0]) == pytest.approx(2 / 3)
     table2 = table[table["kind"] != "RS"]
-    s2 = metrics.summarize(table2)
+    s2 = metrics.aggregate(table2)
     assert s2.score_kinds == ("ES", "PS", "NS", "DNS")
     assert s2.score == pytest.approx(4 / (1 / 0.75 + 1 / 1 + 1 / 0.5 + 1 / 1))
 

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import signal
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attndrift import data, sweep
+from attndrift import data, models, results, setting, summary, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = dict(identity_cov=True, steps=3)
@@ -20,28 +21,51 @@ def records():
 
 
 def test_setting_keys_and_validation():
-    assert sweep.Setting().key == "rome|g=0"
-    s = sweep.Setting("memit", 0.005, True, layers=(1, 2), steps=5)
+    assert setting.Setting().key == "rome|g=0"
+    s = setting.Setting("memit", 0.005, True, layers=(1, 2), steps=5)
     assert s.key == "memit|g=0.005|all|layers=1,2|steps=5"
-    with pytest.raises(ValueError, match="editor must be"):
-        sweep.Setting("grace")
+    assert setting.Setting(weight_decay=1e-3, early_stop_on="nll").key == (
+        "rome|g=0|weight_decay=0.001|early_stop_on=nll"
+    )
+    assert setting.Setting.from_dict(dataclasses.asdict(s)) == s
+    with pytest.raises(ValueError, match="editor must be one of"):
+        setting.Setting("grace")
     with pytest.raises(ValueError, match="all_heads needs"):
-        sweep.Setting(all_heads=True)
+        setting.Setting(all_heads=True)
+    with pytest.raises(ValueError, match="sadr_gamma must be a finite number >= 0, got nan"):
+        setting.Setting(sadr_gamma=float("nan"))
+    with pytest.raises(ValueError, match="layers applies to the memit editor"):
+        setting.Setting(layers=(1, 2))
+
+
+def test_setting_grid_and_overrides(tiny_llama):
+    grid = setting.grid(editor=["rome", "memit"], sadr_gamma=[0.0, 0.1], layer=[2])
+    assert [s.key for s in grid] == [
+        "rome|g=0|layer=2",
+        "rome|g=0.1|layer=2",
+        "memit|g=0",
+        "memit|g=0.1",
+    ]
+    cfg = setting.Setting(steps=7, weight_decay=0.01, clamp=0.5, sadr_gamma=0.2).config(tiny_llama)
+    assert (cfg.value.steps, cfg.sadr_steps) == (7, None)
+    assert (cfg.value.weight_decay, cfg.value.clamp_norm_factor) == (0.01, 0.5)
+    mcfg = setting.Setting("memit", mom2_weight=10.0, layers=(0, 2)).config(tiny_llama)
+    assert (mcfg.mom2_update_weight, mcfg.layers) == (10.0, (0, 2))
 
 
 def test_sweep_resumes_without_duplicates(tiny_llama, records, tmp_path):
     out = tmp_path / "r.jsonl"
-    settings = [sweep.Setting(**QUICK), sweep.Setting(sadr_gamma=0.01, **QUICK)]
+    settings = [setting.Setting(**QUICK), setting.Setting(sadr_gamma=0.01, **QUICK)]
     sweep.run(tiny_llama, records, settings, out, progress=False)
-    lines = sweep.read_lines(out)
+    lines = results.read(out)
     assert len(lines) == 6
-    assert {(x["record"], x["setting"]) for x in lines} == {
-        (r.id, s.key) for r in records.records for s in settings
-    }
+    assert {x.key for x in lines} == {(r.id, s.key) for r in records.records for s in settings}
     first = lines[0]
-    assert first["version"] and first["git"] and first["model"] == tiny_llama.cfg.model_name
-    assert len(first["post"]["probes"]) == len(first["pre"]["probes"]) > 0
-    assert first["drift"]["factor"], "RS/DNS probes carry a drift factor"
+    prov = first.provenance
+    assert prov.version and prov.git and prov.model == tiny_llama.cfg.model_name
+    assert prov.fingerprint == models.fingerprint(tiny_llama) and prov.data_sha256
+    assert len(first.post) == len(first.pre) > 0
+    assert first.drift.factor, "RS/DNS probes carry a drift factor"
     # rerun: nothing to do, nothing appended
     sweep.run(tiny_llama, records, settings, out, progress=False)
     assert out.read_bytes().count(b"\n") == 6
@@ -49,9 +73,9 @@ def test_sweep_resumes_without_duplicates(tiny_llama, records, tmp_path):
     text = out.read_bytes()
     cut = text[: text.rfind(b"\n", 0, len(text) - 1) + 1] + b'{"record": 2, "sett'
     out.write_bytes(cut)
-    assert len(sweep.read_lines(out)) == 5
+    assert len(results.read(out)) == 5
     sweep.run(tiny_llama, records, settings, out, progress=False)
-    again = sweep.read_lines(out)
+    again = results.read(out)
     assert len(again) == 6 and b'{"record": 2, "sett' not in out.read_bytes()
 
 
@@ -59,13 +83,13 @@ def test_summary_matches_direct_evaluation(tiny_llama, records, tmp_path):
     from attndrift import evaluation
 
     out = tmp_path / "r.jsonl"
-    sweep.run(tiny_llama, records, [sweep.Setting(**QUICK)], out, progress=False)
-    s = sweep.summarize(sweep.load_results([out]))
+    sweep.run(tiny_llama, records, [setting.Setting(**QUICK)], out, progress=False)
+    s = summary.by_setting(results.load([out]))
     direct = evaluation.evaluate(tiny_llama, records.records).summary
     for k in ("ES", "NS", "RS", "DNS"):
         assert s["none"].metrics[k].mean == pytest.approx(direct.metrics[k].mean)
         assert s["none"].metrics[k].n == direct.metrics[k].n
-    frame = sweep.tradeoff(sweep.load_results([out]))
+    frame = summary.tradeoff(results.load([out]))
     assert list(frame["setting"]) == ["rome|g=0|steps=3|identity_cov"]
 
 
@@ -73,30 +97,30 @@ def test_failure_analysis_from_sweep_lines(tiny_llama, records, tmp_path, capsys
     from attndrift import drift, models
 
     out = tmp_path / "r.jsonl"
-    setting = sweep.Setting(**QUICK)
-    sweep.run(tiny_llama, records, [setting], out, progress=False)
-    lines = sweep.load_results([out])
-    analysis = sweep.failure_analysis(lines, setting.key)
-    n = sum(len(x["drift"]["kinds"]) for x in lines)
+    quick = setting.Setting(**QUICK)
+    sweep.run(tiny_llama, records, [quick], out, progress=False)
+    lines = results.load([out])
+    analysis = summary.drift_vs_failure(lines, quick.key)
+    n = sum(len(x.drift.kinds) for x in lines)
     assert len(analysis.probes) == n == analysis.overall.n and n > 3
     assert analysis.factor_per_layer.shape == (n, tiny_llama.cfg.n_layers)
     # the stored numbers are those of a direct measurement under the same edit
-    editor = sweep.Editor(tiny_llama)
+    editor = setting.Editor(tiny_llama)
     record = records.records[0]
-    e = editor(setting, [record.request])
+    e = editor(quick, [record.request])
     probes = [p for p in record.probes(sweep.DRIFT_KINDS) if p.subject in p.prompt]
     variant = models.Variant(tiny_llama, e.hooks(tiny_llama))
     d = drift.measure(tiny_llama, variant, [p.prompt for p in probes], [p.subject for p in probes])
     first = analysis.probes[analysis.probes["record"] == record.id]["factor"].to_numpy()
     np.testing.assert_allclose(first, d.factor().numpy(), atol=1e-4)
     with pytest.raises(ValueError, match="no drift measurements"):
-        sweep.failure_analysis(lines, "memit|g=0")
+        summary.drift_vs_failure(lines, "memit|g=0")
 
     from attndrift import cli
 
     capsys.readouterr()
     plot = tmp_path / "scatter.html"
-    assert cli.main(["summarize", str(out), "--drift", setting.key, "--drift-plot", str(plot)]) == 0
+    assert cli.main(["summarize", str(out), "--drift", quick.key, "--drift-plot", str(plot)]) == 0
     printed = capsys.readouterr().out
     c = analysis.overall
     assert f"{len(records)} edits, {n} RS/DNS probes: Pearson {c.pearson:.3f}" in printed
@@ -107,13 +131,13 @@ def test_bad_runs(tiny_llama, records, tmp_path):
     with pytest.raises(ValueError, match="at least one setting"):
         sweep.run(tiny_llama, records, [], tmp_path / "x.jsonl")
     with pytest.raises(ValueError, match="duplicate settings"):
-        sweep.run(tiny_llama, records, [sweep.Setting(), sweep.Setting()], tmp_path / "x.jsonl")
+        sweep.run(tiny_llama, records, [setting.Setting(), setting.Setting()], tmp_path / "x.jsonl")
     with pytest.raises(FileNotFoundError, match="no results"):
-        sweep.load_results([tmp_path / "none.jsonl"])
+        results.load([tmp_path / "none.jsonl"])
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
-    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
-        sweep.read_lines(bad)
+    bad.write_text("not json\n")
+    with pytest.raises(ValueError, match="line 1 is not a results line"):
+        results.read(bad)
 
 
 def _cli(*args, env=None):
@@ -147,16 +171,16 @@ def test_kill_9_and_resume(tmp_path):
     assert 3 <= n_before < 16, "killed mid-run"
     subprocess.run(_cli(*_sweep_args(out, 8)), cwd=REPO, env=env, check=True,
                    capture_output=True)  # fmt: skip
-    lines = sweep.read_lines(out)
-    keys = [(x["record"], x["setting"]) for x in lines]
+    lines = results.read(out)
+    keys = [x.key for x in lines]
     assert len(keys) == len(set(keys)) == 16
     # same numbers as an uninterrupted run
     clean = tmp_path / "clean.jsonl"
     subprocess.run(_cli(*_sweep_args(clean, 8)), cwd=REPO, env=env, check=True,
                    capture_output=True)  # fmt: skip
-    ref = {(x["record"], x["setting"]): x["post"]["probes"] for x in sweep.read_lines(clean)}
+    ref = {x.key: x.post for x in results.read(clean)}
     for x in lines:
-        assert x["post"]["probes"] == ref[(x["record"], x["setting"])]
+        assert x.post == ref[x.key]
 
 
 def test_two_process_sweep_matches_one_process(tmp_path):
@@ -171,15 +195,16 @@ def test_two_process_sweep_matches_one_process(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     shards = sorted(tmp_path.glob("two.rank*-of-2.jsonl"))
     assert len(shards) == 2
-    per_rank = [{x["record"] for x in sweep.read_lines(s)} for s in shards]
+    per_rank = [{x.record for x in results.read(s)} for s in shards]
     assert per_rank[0].isdisjoint(per_rank[1])
-    merged = {(x["record"], x["setting"]): x for x in sweep.load_results([two])}
-    single = {(x["record"], x["setting"]): x for x in sweep.read_lines(one)}
+    merged = {x.key: x for x in results.load([two])}
+    single = {x.key: x for x in results.read(one)}
     assert merged.keys() == single.keys() and len(single) == 10
     for key, x in single.items():
-        for a, b in zip(x["post"]["probes"], merged[key]["post"]["probes"], strict=True):
-            assert a[0] == b[0]
-            assert a[1] == pytest.approx(b[1], rel=1e-5) and a[2] == pytest.approx(b[2], rel=1e-5)
+        for a, b in zip(x.post, merged[key].post, strict=True):
+            assert a.kind == b.kind
+            assert a.p_right == pytest.approx(b.p_right, rel=1e-5)
+            assert a.p_wrong == pytest.approx(b.p_wrong, rel=1e-5)
     assert "none (n=5)" in res.stdout
 
 
@@ -188,24 +213,75 @@ def test_fluency_is_measured_before_and_after(tiny_llama, tmp_path):
 
     records = data.load_embedded().select(limit=1)
     out = tmp_path / "fl.jsonl"
-    sweep.run(tiny_llama, records, [sweep.Setting(**QUICK)], out, fluency=True, progress=False)
-    (line,) = sweep.read_lines(out)
-    assert line["pre"]["summary"]["FL"] > 0 and line["post"]["summary"]["FL"] > 0
+    sweep.run(tiny_llama, records, [setting.Setting(**QUICK)], out, fluency=True, progress=False)
+    (line,) = results.read(out)
+    assert line.fluency_pre > 0 and line.fluency_post > 0
     texts = generation.sample(
         tiny_llama, list(records[0].generation_prompts), max_new_tokens=evaluation.FLUENCY_TOKENS
     )
-    assert line["pre"]["summary"]["FL"] == pytest.approx(metrics.fluency(texts))
-    s = sweep.summarize([line])
-    assert s["none"].fluency == pytest.approx(line["pre"]["summary"]["FL"])
+    assert line.fluency_pre == pytest.approx(metrics.fluency(texts))
+    s = summary.by_setting([line])
+    assert s["none"].fluency == pytest.approx(line.fluency_pre)
     assert "FL" in metrics.table(s).columns
 
 
 def test_paired_keeps_records_with_every_setting():
-    lines = [
-        {"record": 1, "setting": "a"},
-        {"record": 1, "setting": "b"},
-        {"record": 2, "setting": "a"},
-        {"record": 3, "setting": "b"},
-    ]
-    assert sweep.paired(lines) == lines[:2]
-    assert sweep.paired(lines[2:3]) == lines[2:3]
+    def line(record, gamma):
+        return results.Line(
+            record=record,
+            setting=setting.Setting(sadr_gamma=gamma),
+            editor="rome",
+            layers=(1,),
+            request=data.load_embedded()[0].request,
+            pre=(),
+            post=(),
+            fluency_pre=None,
+            fluency_post=None,
+            drift=results.DriftScores((), (), (), (), (), ()),
+            steps_run=1,
+            final={},
+            config={},
+            seconds={},
+            provenance=None,
+        )
+
+    lines = [line(1, 0.0), line(1, 0.1), line(2, 0.0), line(3, 0.1)]
+    assert summary.paired(lines) == lines[:2]
+    assert summary.paired(lines[2:3]) == lines[2:3]
+
+
+def test_resume_only_onto_lines_of_the_same_provenance(tiny_llama, tiny, records, tmp_path):
+    out = tmp_path / "r.jsonl"
+    quick = [setting.Setting(**QUICK)]
+    sweep.run(tiny_llama, records, quick, out, progress=False)
+    before = out.read_bytes()
+    if tiny.cfg.model_name != tiny_llama.cfg.model_name:
+        with pytest.raises(ValueError, match=f"{out} was written with model"):
+            sweep.run(tiny, records, quick, out, progress=False)
+    other = data.Dataset(records.records, path="other.json", sha256="0" * 64)
+    with pytest.raises(ValueError, match="was written with data_sha256"):
+        sweep.run(tiny_llama, other, quick, out, progress=False)
+    with pytest.raises(ValueError, match="repeat an id"):
+        sweep.run(tiny_llama, list(records.records) * 2, quick, out, progress=False)
+    assert out.read_bytes() == before  # refused before anything was written
+
+
+def test_out_must_be_a_results_file(tiny_llama, records, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nlast line without newline")
+    with pytest.raises(ValueError, match="not a results line"):
+        sweep.run(tiny_llama, records, [setting.Setting(**QUICK)], notes, progress=False)
+    assert notes.read_text() == "my notes\nlast line without newline"
+
+
+def test_gz_copy_counts_as_done_and_is_summarized(tiny_llama, records, tmp_path):
+    import gzip
+
+    out = tmp_path / "r.jsonl"
+    sweep.run(tiny_llama, records, [setting.Setting(**QUICK)], out, progress=False)
+    gz = tmp_path / "r.jsonl.gz"
+    gz.write_bytes(gzip.compress(out.read_bytes()))
+    out.unlink()
+    assert len(results.load([out])) == len(records)  # read from the .gz copy
+    sweep.run(tiny_llama, records, [setting.Setting(**QUICK)], out, progress=False)
+    assert not out.exists() or out.stat().st_size == 0  # nothing left to do

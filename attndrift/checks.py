@@ -1,0 +1,51 @@
+"""Checks of user-supplied values: one ValueError that names the value and its allowed range.
+
+Every config dataclass validates its fields with :func:`number` in ``__post_init__``, so the
+API, the command line and saved settings reject NaN, inf and out-of-range values the same way.
+"""
+
+import math
+
+
+def number(
+    name: str,
+    value: object,
+    *,
+    low: int | float | None = None,
+    high: int | float | None = None,
+    above: bool = False,
+    integer: bool = False,
+) -> None:
+    """Raise a ValueError unless ``value`` is a finite number in the allowed range.
+
+    Args:
+        name: the option's name, as the user wrote it (e.g. ``"clamp_norm_factor"``).
+        value: the value to check (``bool`` is not a number here).
+        low: the smallest allowed value (``None``: no lower bound).
+        high: the largest allowed value (``None``: no upper bound).
+        above: ``value`` must be strictly greater than ``low``.
+        integer: ``value`` must be an ``int``.
+    """
+    kind = "an integer" if integer else "a finite number"
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if above else '>='} {low:g}")
+    if high is not None:
+        bounds.append(f"<= {high:g}")
+    allowed = f"{kind} {' and '.join(bounds)}".strip()
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    ok = ok and not isinstance(value, bool)
+    if ok and not integer:
+        ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if above else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def choice(name: str, value: object, allowed: tuple) -> None:
+    """Raise a ValueError unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")

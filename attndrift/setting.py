@@ -1,0 +1,233 @@
+"""Settings: one editor configuration, as a model's preset plus explicit overrides.
+
+A :class:`Setting` names an editor and overrides any of its hyper-parameters; every field left
+at ``None`` (or ``False``) keeps the model's documented preset (:data:`attndrift.rome.PRESETS`,
+:data:`attndrift.memit.PRESETS`). It is the one source of the editing options: the command
+line derives ``edit``/``drift``/``patch``/``sweep``'s flags from its fields, a sweep stores it
+with every result line, and its :attr:`Setting.key` names the line's setting (defaults left
+out, e.g. ``rome|g=0.2|steps=80``).
+
+:class:`Editor` makes edits for settings on one model, reusing context templates and
+covariance statistics across records.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from transformer_lens import HookedTransformer
+
+from attndrift import checks, covariance, memit, rome
+from attndrift.data import EditRequest
+from attndrift.edit import Edit
+from attndrift.sadr import SadrConfig
+
+EDITORS = ("rome", "memit")
+
+
+def _opt(help: str, **kwargs):
+    return field(default=kwargs.pop("default", None), metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An editor and its overrides of the model's preset (``None`` / ``False``: the preset's)."""
+
+    editor: str = field(default="rome", metadata={"help": f"editor: {', '.join(EDITORS)}"})
+    sadr_gamma: float = field(default=0.0, metadata={"help": "SADR weight γ (0 = no SADR)"})
+    all_heads: bool = field(default=False, metadata={"help": "SADR restrains every head"})
+    layer: int | None = _opt("ROME layer")
+    layers: tuple[int, ...] | None = _opt("MEMIT layers, e.g. 4,5,6,7,8")
+    steps: int | None = _opt("optimisation steps, with or without SADR (preset: its own budget)")
+    lr: float | None = _opt("Adam learning rate of δ")
+    weight_decay: float | None = _opt("weight of ‖δ‖ / ‖v_0‖² in the loss")
+    clamp: float | None = _opt("‖δ‖ ≤ clamp · ‖v_0‖ (clamp_norm_factor)")
+    kl_factor: float | None = _opt("weight of the essence KL term")
+    early_stop: float | None = _opt("stop once the watched loss is below this")
+    early_stop_on: str | None = _opt("what early stopping watches: loss or nll")
+    mom2_weight: float | None = _opt("MEMIT λ in (λ C + K Kᵀ)")
+    cov_tokens: int | None = _opt("tokens of the covariance corpus")
+    identity_cov: bool = field(default=False, metadata={"help": "no C⁻¹ (quick and crude)"})
+    r_rome: bool = field(default=False, metadata={"help": "r-ROME denominator (the mean key)"})
+
+    def __post_init__(self) -> None:
+        checks.choice("editor", self.editor, EDITORS)
+        checks.number("sadr_gamma", self.sadr_gamma, low=0)
+        if self.all_heads and self.sadr_gamma == 0:
+            raise ValueError("all_heads needs sadr_gamma > 0")
+        if self.r_rome and self.editor != "rome":
+            raise ValueError("r_rome applies to the rome editor only")
+        if self.layer is not None and self.editor != "rome":
+            raise ValueError("layer applies to the rome editor (MEMIT takes layers)")
+        if self.layers is not None and self.editor != "memit":
+            raise ValueError("layers applies to the memit editor (ROME takes layer)")
+        if self.mom2_weight is not None and self.editor != "memit":
+            raise ValueError("mom2_weight applies to the memit editor only")
+        bounds = {
+            "layer": {"low": 0, "integer": True},
+            "steps": {"low": 1, "integer": True},
+            "lr": {"low": 0, "above": True},
+            "weight_decay": {"low": 0},
+            "clamp": {"low": 0, "above": True},
+            "kl_factor": {"low": 0},
+            "early_stop": {"low": 0},
+            "mom2_weight": {"low": 0, "above": True},
+            "cov_tokens": {"low": 1, "integer": True},
+        }
+        for name, kwargs in bounds.items():
+            if getattr(self, name) is not None:
+                checks.number(name, getattr(self, name), **kwargs)
+        if self.layers is not None:
+            for layer in self.layers:
+                checks.number("layers", layer, low=0, integer=True)
+        if self.early_stop_on is not None:
+            checks.choice("early_stop_on", self.early_stop_on, ("loss", "nll"))
+        if self.identity_cov and self.cov_tokens is not None:
+            raise ValueError("identity_cov and cov_tokens exclude each other")
+
+    @property
+    def key(self) -> str:
+        """Stable identifier, e.g. ``rome|g=0.01|all|steps=80`` (defaults left out)."""
+        parts = [self.editor, f"g={self.sadr_gamma:g}"]
+        if self.all_heads:
+            parts.append("all")
+        for f in dataclasses.fields(self):
+            if f.name in ("editor", "sadr_gamma", "all_heads"):
+                continue
+            v = getattr(self, f.name)
+            if v is None or v is False:
+                continue
+            if v is True:
+                parts.append(f.name if f.name != "r_rome" else "r-rome")
+            elif isinstance(v, tuple):
+                parts.append(f"{f.name}={','.join(map(str, v))}")
+            elif isinstance(v, float):
+                parts.append(f"{f.name}={v:g}")
+            else:
+                parts.append(f"{f.name}={v}")
+        return "|".join(parts)
+
+    def sadr(self) -> SadrConfig | None:
+        """SADR's config, or None when γ = 0."""
+        return SadrConfig(self.sadr_gamma, self.all_heads) if self.sadr_gamma > 0 else None
+
+    def config(self, model: HookedTransformer | str) -> "rome.RomeConfig | memit.MemitConfig":
+        """The editor's config: the model's preset with this setting's overrides."""
+        base = rome.preset(model) if self.editor == "rome" else memit.preset(model)
+        value_changes = {
+            name: getattr(self, attr)
+            for name, attr in (
+                ("lr", "lr"),
+                ("weight_decay", "weight_decay"),
+                ("clamp_norm_factor", "clamp"),
+                ("kl_factor", "kl_factor"),
+                ("early_stop_loss", "early_stop"),
+                ("early_stop_on", "early_stop_on"),
+            )
+            if getattr(self, attr) is not None
+        }
+        changes: dict = {}
+        if self.steps is not None:  # whichever of value.steps / sadr_steps applies
+            value_changes["steps"] = self.steps
+            changes["sadr_steps"] = None
+        if value_changes:
+            changes["value"] = dataclasses.replace(base.value, **value_changes)
+        if self.layer is not None:
+            changes["layer"] = self.layer
+        if self.layers is not None:
+            changes["layers"] = self.layers
+        if self.r_rome:
+            changes["denominator"] = "mean_key"
+        if self.mom2_weight is not None:
+            changes["mom2_update_weight"] = self.mom2_weight
+        if self.identity_cov:
+            changes["covariance"] = None
+        elif self.cov_tokens is not None and base.covariance is not None:
+            changes["covariance"] = dataclasses.replace(base.covariance, n_tokens=self.cov_tokens)
+        return dataclasses.replace(base, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Setting":
+        """The setting stored in a results line (``dataclasses.asdict`` of one)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown setting fields {sorted(unknown)}")
+        v = dict(values)
+        if v.get("layers") is not None:
+            v["layers"] = tuple(v["layers"])
+        return cls(**v)
+
+
+def grid(**options: Sequence) -> list[Setting]:
+    """Every combination of the given field values, e.g. ``grid(sadr_gamma=[0, 0.2],
+    steps=[20, 80])``; a field given one value applies to all. Settings that are invalid for
+    their editor (e.g. ``layer`` with MEMIT) leave that field to the editor that takes it."""
+    names = list(options)
+    combos: list[dict] = [{}]
+    for name in names:
+        combos = [c | {name: v} for c in combos for v in options[name]]
+    out: list[Setting] = []
+    for c in combos:
+        editor = c.get("editor", "rome")
+        if editor != "rome":
+            c = {k: v for k, v in c.items() if k not in ("layer", "r_rome")}
+        if editor != "memit":
+            c = {k: v for k, v in c.items() if k not in ("layers", "mom2_weight")}
+        if c.get("all_heads") and not c.get("sadr_gamma"):
+            continue  # the all-heads ablation only exists with SADR on
+        s = Setting(**c)
+        if s not in out:
+            out.append(s)
+    return out
+
+
+class Editor:
+    """Makes edits for settings on one model, reusing context templates and covariances."""
+
+    def __init__(self, model: HookedTransformer, progress: bool = False):
+        self.model, self.progress = model, progress
+        self._templates: dict = {}
+        self._covs: dict = {}
+
+    def templates(self, cfg) -> tuple[str, ...]:
+        if cfg.templates not in self._templates:
+            self._templates[cfg.templates] = rome.context_templates(self.model, cfg.templates)
+        return self._templates[cfg.templates]
+
+    def covariance(self, cfg, layer: int):
+        """C of ``layer`` under ``cfg.covariance`` (None: the identity), cached."""
+        if cfg.covariance is None:
+            return None
+        key = (layer, cfg.covariance)
+        if key not in self._covs:
+            self._covs[key] = covariance.layer_covariance(
+                self.model, layer, cfg.covariance, progress=self.progress
+            )
+        return self._covs[key]
+
+    def __call__(self, setting: Setting, requests: Sequence[EditRequest]) -> Edit:
+        cfg = setting.config(self.model)
+        templates = self.templates(cfg)
+        if setting.editor == "rome":
+            if len(requests) != 1:
+                raise ValueError("ROME edits one request at a time")
+            return rome.edit(
+                self.model,
+                requests[0],
+                cfg,
+                sadr=setting.sadr(),
+                cov=self.covariance(cfg, cfg.layer),
+                templates=templates,
+                progress=self.progress,
+            )
+        covs = {layer: self.covariance(cfg, layer) for layer in cfg.layers}
+        return memit.edit(
+            self.model,
+            requests,
+            cfg,
+            sadr=setting.sadr(),
+            covs={k: v for k, v in covs.items() if v is not None},
+            templates=templates,
+            progress=self.progress,
+        )
