@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Calibration of the SmolLM2-135M ROME and MEMIT presets on the tuning slice (docs/RESULTS.md,
+# "Calibrated presets"): every setting of each grid on dev records 1000-1099 (ROME) and
+# 1000-1059 (MEMIT). Resumable; raw lines go to runs/, gzipped copies to results/.
+#   scripts/calibrate.sh DATA [rome|memit|both]        (NPROC=2 torchrun ranks by default)
+set -euo pipefail
+data=${1:?usage: $0 path/to/merged_counterfact_dev.json [rome|memit|both]}
+what=${2:-both}
+nproc=${NPROC:-2}
+run() { OMP_NUM_THREADS=1 torchrun --nproc_per_node "$nproc" --master_port 29541 \
+          -m attndrift.cli sweep --data "$data" "$@"; }
+# covariances first, in one process (the ranks would otherwise compute them concurrently)
+python - <<'PY'
+from attndrift import covariance, memit, models, rome
+model = models.load_model("smollm2-135m")
+r, m = rome.preset(model), memit.preset(model)
+covariance.layer_covariance(model, r.layer, r.covariance)
+for layer in range(2, 9):
+    covariance.layer_covariance(model, layer, m.covariance)
+PY
+if [[ $what == rome || $what == both ]]; then
+  # GPT-J's preset as it was (20 steps, weight decay 0.5, ROME's stop rule) ...
+  run --records 1000-1099 --steps 20 --out runs/calibration_rome.jsonl
+  # ... and the grid: weight decay x what early stopping watches, 25 steps at most
+  run --records 1000-1099 --steps 25 --weight-decay 0.5,0.05,0.001 --early-stop-on loss,nll \
+    --out runs/calibration_rome.jsonl
+fi
+if [[ $what == memit || $what == both ]]; then
+  run --records 1000-1059 --editor memit --mom2-weight 15000,2000,250,30 \
+    --layers '4,5,6,7,8;2,3,4,5,6' --early-stop-on nll --out runs/calibration_memit.jsonl
+fi
