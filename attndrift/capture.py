@@ -140,69 +140,60 @@ def check_compatible(a: HookedTransformer, b: HookedTransformer) -> None:
         raise ValueError("mismatched models: the tokenizers differ")
 
 
-class Recorder:
-    """Forward hooks that gather a :class:`Capture` during any forward pass of ``model``.
+@dataclass(frozen=True)
+class Select:
+    """Positions to keep of an activation: ``positions[b]`` along ``axis`` of row ``b``."""
 
-    ``hooks`` go after the model's own hooks (a variant's edit hooks first, so that the edited
-    MLP output is what gets recorded); :meth:`result` assembles the capture afterwards.
+    axis: int  # position axis of the activation (batch is axis 0), e.g. 2: a pattern's query
+    positions: Int[Tensor, "batch _n"]
+
+
+class Recorder:
+    """Forward hooks that keep chosen positions of any activations, gathered inside the hooks.
+
+    The one capture primitive of attndrift (as TransformerLens' ``run_with_cache(names_filter=
+    …)``, but keeping only the selected positions): ``selections`` maps hook names to a
+    :class:`Select` (those positions) or ``None`` (the whole activation). Add :attr:`hooks` to
+    any forward pass (after a variant's own hooks, so that an edited value is what gets
+    kept), then read :meth:`values`. With ``detach=False`` the kept values carry gradients.
     """
 
-    def __init__(
-        self,
-        model: HookedTransformer,
-        batch: Batch,
-        *,
-        layers: Sequence[int] | None = None,
-        queries: Positions | None = "last",
-        mlp_positions: Positions | None = None,
-    ) -> None:
-        if queries is None and mlp_positions is None:
-            raise ValueError("nothing to capture: give queries and/or mlp_positions")
-        self.batch = batch
-        self.layers = check_layers(model, layers)
-        self.queries = None if queries is None else resolve_positions(batch, queries)
-        self.positions = None if mlp_positions is None else resolve_positions(batch, mlp_positions)
-        self._pattern: dict[int, Tensor] = {}
-        self._mlp: dict[int, Tensor] = {}
-        self.hooks: list = []
-        for layer in self.layers:
-            if self.queries is not None:
-                self.hooks.append((models.pattern_hook(layer), self._keep_pattern))
-            if self.positions is not None:
-                self.hooks.append((models.mlp_out_hook(layer), self._keep_mlp))
+    def __init__(self, selections: dict[str, Select | None], *, detach: bool = True) -> None:
+        self.selections, self.detach = dict(selections), detach
+        self._kept: dict[str, Tensor] = {}
+        self.hooks = [(name, self._keep) for name in self.selections]
 
-    @property
-    def stop_at_layer(self) -> int:
-        """First layer whose output is not needed."""
-        return max(self.layers) + 1
+    def _keep(self, x: Tensor, hook) -> None:
+        x = x.detach() if self.detach else x
+        sel = self.selections[hook.name]
+        if sel is not None:
+            view = x.movedim(sel.axis, 1)  # [batch, pos, ...]
+            p = sel.positions.to(x.device)
+            rows = torch.arange(view.shape[0], device=x.device)[:, None]
+            x = view[rows, p].movedim(1, sel.axis)  # [batch, ..., n, ...]
+        self._kept[hook.name] = x
 
-    def _keep_pattern(self, pattern: Tensor, hook) -> None:
-        q = self.queries
-        b, h, _, k = pattern.shape  # [batch, head_index, query_pos, key_pos]
-        idx = q[:, None, :, None].expand(b, h, q.shape[1], k)
-        self._pattern[hook.layer()] = pattern.detach().gather(2, idx)
-
-    def _keep_mlp(self, out: Tensor, hook) -> None:
-        p = self.positions
-        idx = p[:, :, None].expand(-1, -1, out.shape[-1])
-        self._mlp[hook.layer()] = out.detach().gather(1, idx)
-
-    def result(self) -> Capture:
-        """The capture of the last forward pass run with :attr:`hooks`."""
-        missing = [
-            layer
-            for layer in self.layers
-            if (self.queries is not None and layer not in self._pattern)
-            or (self.positions is not None and layer not in self._mlp)
-        ]
+    def values(self) -> dict[str, Tensor]:
+        """The kept activations of the last forward pass, by hook name."""
+        missing = [name for name in self.selections if name not in self._kept]
         if missing:
-            raise RuntimeError(f"no activations recorded for layers {missing}: run a forward")
-        pattern = mlp = None
-        if self.queries is not None:
-            pattern = torch.stack([self._pattern[layer] for layer in self.layers], dim=1)
-        if self.positions is not None:
-            mlp = torch.stack([self._mlp[layer] for layer in self.layers], dim=1)
-        return Capture(self.batch, self.layers, self.queries, pattern, self.positions, mlp)
+            raise RuntimeError(f"no activations recorded for {missing}: run a forward pass")
+        return dict(self._kept)
+
+
+def record(
+    model: HookedTransformer | models.Variant,
+    tokens: Int[Tensor, "batch pos"],
+    selections: dict[str, Select | None],
+    *,
+    stop_at_layer: int | None = None,
+) -> dict[str, Tensor]:
+    """One forward pass (no gradients) keeping ``selections`` (see :class:`Recorder`)."""
+    v = models.as_variant(model)
+    rec = Recorder(selections)
+    with torch.no_grad(), v.model.hooks(fwd_hooks=[*v.hooks, *rec.hooks]):
+        v.model(tokens, stop_at_layer=stop_at_layer, return_type=None)
+    return rec.values()
 
 
 @torch.no_grad()
@@ -224,10 +215,24 @@ def run(
         mlp_positions: positions of the MLP outputs to keep (``None``: no MLP outputs).
     """
     v = models.as_variant(model)
-    rec = Recorder(v.model, batch, layers=layers, queries=queries, mlp_positions=mlp_positions)
-    with v.model.hooks(fwd_hooks=[*v.hooks, *rec.hooks]):
-        v.model(batch.tokens, stop_at_layer=rec.stop_at_layer)
-    return rec.result()
+    if queries is None and mlp_positions is None:
+        raise ValueError("nothing to capture: give queries and/or mlp_positions")
+    layers = check_layers(v.model, layers)
+    q = None if queries is None else resolve_positions(batch, queries)
+    p = None if mlp_positions is None else resolve_positions(batch, mlp_positions)
+    selections: dict[str, Select | None] = {}
+    for layer in layers:
+        if q is not None:
+            selections[models.pattern_hook(layer)] = Select(2, q)
+        if p is not None:
+            selections[models.mlp_out_hook(layer)] = Select(1, p)
+    kept = record(v, batch.tokens, selections, stop_at_layer=max(layers) + 1)
+    pattern = mlp = None
+    if q is not None:
+        pattern = torch.stack([kept[models.pattern_hook(layer)] for layer in layers], dim=1)
+    if p is not None:
+        mlp = torch.stack([kept[models.mlp_out_hook(layer)] for layer in layers], dim=1)
+    return Capture(batch, layers, q, pattern, p, mlp)
 
 
 def pair(

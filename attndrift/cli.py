@@ -552,7 +552,9 @@ def patch_command(args) -> int:
     p.add_argument("--kind", default="DNS", help="probe kind (default: %(default)s)")
     p.add_argument("--probe", type=int, default=0, help="which probe of that kind (default: 0)")
     p.add_argument("--window", type=int, default=1, help="layers per cell (default: 1)")
-    p.add_argument("--components", default="attn,mlp", help="attn and/or mlp (default: both)")
+    p.add_argument(
+        "--components", default="attn,mlp", help="attn, mlp, attn_out, resid (default: attn,mlp)"
+    )
     p.add_argument("--directions", default="restore,contaminate", help="restore and/or contaminate")
     p.add_argument(
         "--positions", default=None, help="comma-separated prompt positions (default: all)"
@@ -567,20 +569,23 @@ def patch_command(args) -> int:
     probe = probes[a.probe]
     true, new = drift.answers(probe)
     t0 = time.perf_counter()
-    results = patching.sweep(
-        model,
-        edited,
-        probe.prompt,
-        true,
-        new,
-        components=[c.strip() for c in a.components.split(",")],
-        directions=[d.strip() for d in a.directions.split(",")],
-        window=a.window,
-        positions=[int(x) for x in a.positions.split(",")] if a.positions else None,
-        full_answer=a.full_answer,
-        max_batch_tokens=a.batch_tokens,
-        progress=True,
-    )
+    results = [
+        patching.patch(
+            model,
+            edited,
+            probe.prompt,
+            true,
+            new,
+            direction=d.strip(),
+            components=[c.strip() for c in a.components.split(",")],
+            window=a.window,
+            positions=[int(x) for x in a.positions.split(",")] if a.positions else None,
+            full_answer=a.full_answer,
+            max_batch_tokens=a.batch_tokens,
+            progress=True,
+        )
+        for d in a.directions.split(",")
+    ]
     n_cells = sum(r.p_true.numel() for r in results)
     print(f"{n_cells} cells patched in {time.perf_counter() - t0:.1f} s")
     a.out.mkdir(parents=True, exist_ok=True)
@@ -596,19 +601,15 @@ def patch_command(args) -> int:
             f"{r.direction}: unpatched P(o_true) {t.p_true:.4f} P(o_new) {t.p_new:.4f}; "
             f"other model P(o_true) {s.p_true:.4f} P(o_new) {s.p_new:.4f}"
         )
-        for c, component in enumerate(r.components):
-            # restoring looks for the cell that brings o_true back, contaminating for the one
-            # that carries o_new into the vanilla model
-            if r.direction == "restore":
-                grid, what, base = r.p_true[c], "P(o_true)", t.p_true
-            else:
-                grid, what, base = r.p_new[c], "P(o_new)", t.p_new
-            layer, i = divmod(int(grid.argmax()), len(r.positions))
+        for component in r.components:
+            layer, pos, value = r.best(component)
+            what, base = (
+                ("P(o_true)", t.p_true) if r.direction == "restore" else ("P(o_new)", t.p_new)
+            )
             print(
-                f"  {component:<4} largest {what} {float(grid[layer, i]):.4f} "
-                f"(unpatched {base:.4f}) at layers "
+                f"  {component:<8} largest {what} {value:.4f} (unpatched {base:.4f}) at layers "
                 f"{layer}-{min(layer + r.window, model.cfg.n_layers) - 1}, "
-                f"token {r.tokens[r.positions[i]]!r} (position {r.positions[i]})"
+                f"token {r.tokens[pos]!r} (position {pos})"
             )
     print(f"wrote {a.out / 'patching.html'}, {a.out / 'patching.csv'}")
     return 0

@@ -124,14 +124,15 @@ def run(
     dns = record.probes(["DNS"]) or record.probes(["RS"])
     patch_probe = dns[0]
     rome_variant = dict(_variants(model, edits))["ROME"]
-    patches = patching.sweep(
-        model,
-        rome_variant,
-        patch_probe.prompt,
-        *drift.answers(patch_probe),
-        directions=("restore",),
-        window=cfg.window,
-        progress=progress,
+    patches = (
+        patching.restore(
+            model,
+            rome_variant,
+            patch_probe.prompt,
+            *drift.answers(patch_probe),
+            window=cfg.window,
+            progress=progress,
+        ),
     )
     seconds["patching"] = time.perf_counter() - t
 

@@ -81,6 +81,16 @@ def mlp_out_hook(layer: int) -> str:
     return f"blocks.{layer}.hook_mlp_out"
 
 
+def resid_pre_hook(layer: int) -> str:
+    """Residual stream entering block ``layer``, ``[batch, pos, d_model]``."""
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def attn_out_hook(layer: int) -> str:
+    """Attention output of ``layer`` (all heads, ``W_O`` applied), ``[batch, pos, d_model]``."""
+    return f"blocks.{layer}.hook_attn_out"
+
+
 def resid_post_hook(layer: int) -> str:
     """Residual stream after block ``layer``, ``[batch, pos, d_model]`` (MEMIT's z)."""
     return f"blocks.{layer}.hook_resid_post"
@@ -204,6 +214,36 @@ def resid_after_prefix(
         return model(
             tokens, attention_mask=attention_mask, past_kv_cache=cache, stop_at_layer=stop_at_layer
         )
+
+
+def final_hidden_and_cache(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    fwd_hooks: list | tuple = (),
+):
+    """:func:`final_hidden` of ``tokens``, and the key-value cache of every layer it filled
+    (reusable with :func:`cache_prefix` by runs that share a prefix of ``tokens``)."""
+    cache = kv_cache(model, tokens.shape[0])
+    hidden = final_hidden(model, tokens, fwd_hooks, past_kv_cache=cache)
+    return hidden, cache
+
+
+def cache_prefix(cache, stop: int, repeats: int):
+    """A frozen cache of the first ``stop`` positions of ``cache``, its rows tiled ``repeats``
+    times (row ``i * batch + r`` continues row ``r``)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    entries = [
+        TransformerLensKeyValueCacheEntry(
+            e.past_keys[:, :stop].repeat(repeats, 1, 1, 1),
+            e.past_values[:, :stop].repeat(repeats, 1, 1, 1),
+            frozen=True,
+        )
+        for e in cache.entries
+    ]
+    mask = cache.previous_attention_mask[:, :stop].repeat(repeats, 1)
+    return TransformerLensKeyValueCache(entries, mask, frozen=True)
 
 
 def kv_cache(model: HookedTransformer, batch: int):

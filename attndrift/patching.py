@@ -4,8 +4,11 @@ Two runs of one prompt, vanilla G and edited G*. A *cell* is ``(component, layer
 position p)`` with a window ``w``: the component of layers ``[l, l + w)`` (clipped at the last
 layer) at prompt position ``p`` is replaced by the other run's value.
 
-* components: ``"attn"`` = the attention pattern rows of all heads at query position ``p``
-  (``hook_pattern[:, :, p, :]``); ``"mlp"`` = the MLP output at ``p`` (``hook_mlp_out[:, p]``);
+* components (:class:`Component`: a hook per layer and the axis of its token positions):
+  ``"attn"`` = the attention pattern rows of all heads at query position ``p``
+  (``hook_pattern[:, :, p, :]``), ``"mlp"`` = the MLP output at ``p`` (``hook_mlp_out[:, p]``),
+  ``"attn_out"`` = the attention output at ``p``, ``"resid"`` = the residual stream entering the
+  block at ``p``. A new component is one more :class:`Component`; the engine does not change.
 * directions: ``"restore"`` runs G* with G's values patched in (paper Fig. 5);
   ``"contaminate"`` runs G with G*'s values patched in (paper Fig. 3).
 
@@ -19,23 +22,27 @@ Metrics of each patched run, at the last prompt token ("first" = the answer's fi
   of the total drop reproduced); NaN when the two unpatched runs agree;
 * ``gain_pct = 100 (p_true − p_true[target]) / p_true[target]``: the relative change in % (the
   paper's "relative gain");
-* with ``full_answer``: ``p_true_full``, ``p_new_full`` = exp(−mean NLL) of every answer token.
+* with ``full_answer``: ``p_true_full``, ``p_new_full`` = exp(−mean NLL) of every answer token;
+* with ``metric``: any function of the last position's logits (``custom``).
 
-The engine is batched: each forward pass carries many cells (the prompt repeated once per
-cell; inside each layer's hook only the rows whose window covers that layer are patched, at
-their position, with index tensors built once per chunk), chunked by a token budget. Nothing
-changes before a cell's first patched layer, so cells are ordered layer-major and each pass
-starts at its chunk's first window start from the clean target run's residual stream (about
-half the compute of running every layer). It gives the numbers of TransformerLens'
-one-forward-per-cell ``generic_activation_patch`` (tested).
+The engine computes only what a cell can change. A cell patches layer ``l`` onwards at position
+``p``: nothing below ``l`` and nothing before ``p`` changes, so each patched pass starts at its
+cells' first layer from the clean target run's residual stream, runs only the positions from
+its cells' first position on, and reads the earlier positions' keys and values from the clean
+run's key-value cache. Cells are grouped into tiles of nearby layers and positions (many cells
+per forward pass, little recomputation). A cell whose source values equal the target's at
+every patched layer changes nothing and is not run (its result is the clean target run's,
+e.g. every layer below an edited one). The numbers are those of TransformerLens'
+one-forward-per-cell ``generic_activation_patch`` (tested to 1e-5).
 
 Axes: ``component`` (:attr:`Patching.components` order), ``layer`` (window start, every
 layer), ``pos`` (:attr:`Patching.positions`).
 """
 
+import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,13 +58,53 @@ from attndrift import capture, encoding, models
 
 log = logging.getLogger(__name__)
 
-Component = Literal["attn", "mlp"]
 Direction = Literal["restore", "contaminate"]
-COMPONENTS: tuple[Component, ...] = ("attn", "mlp")
 DIRECTIONS: tuple[Direction, ...] = ("restore", "contaminate")
 DEFAULT_BATCH_TOKENS = 4096
 #: metrics of every cell, in :meth:`Patching.frame` column order
-METRICS = ("p_true", "p_new", "logit_diff", "recovery", "gain_pct", "p_true_full", "p_new_full")
+CELL_METRICS = (
+    "p_true",
+    "p_new",
+    "logit_diff",
+    "recovery",
+    "gain_pct",
+    "p_true_full",
+    "p_new_full",
+    "custom",
+)
+#: a tile of cells spans this many layers (window starts) and positions
+_TILE_LAYERS, _TILE_POSITIONS = 4, 3
+
+
+@dataclass(frozen=True)
+class Component:
+    """A patchable activation: its hook in each layer and the axis of its token positions.
+
+    The value of a cell at position ``p`` is the hook's tensor at index ``p`` of ``axis``
+    (batch is axis 0), e.g. a query row of an attention pattern (axis 2) or one position of
+    an MLP output (axis 1).
+    """
+
+    name: str
+    hook: Callable[[int], str]  # layer -> hook name
+    axis: int  # position axis of the hook's tensor
+
+    def patch(self, x: Tensor, rows: Tensor, pos: Tensor, values: Tensor) -> Tensor:
+        """``x`` with ``x[rows[i], …, pos[i], …] = values[i]`` (position on ``axis``)."""
+        view = x.movedim(self.axis, 1)  # [batch, pos, ...], a view of x
+        view[rows, pos] = values.to(x.dtype)
+        return x
+
+
+COMPONENTS: dict[str, Component] = {
+    c.name: c
+    for c in (
+        Component("attn", models.pattern_hook, 2),
+        Component("mlp", models.mlp_out_hook, 1),
+        Component("attn_out", models.attn_out_hook, 1),
+        Component("resid", models.resid_pre_hook, 1),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -69,6 +116,7 @@ class Outcome:
     logit_diff: float
     p_true_full: float = math.nan
     p_new_full: float = math.nan
+    custom: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -81,12 +129,14 @@ class Patching:
         prompt, target_true, target_new: the prompt and the two answers.
         tokens: token string of every prompt position.
         target, source: unpatched outcomes of the model that runs and of the other one.
-        p_true, p_new, logit_diff, recovery, gain_pct, p_true_full, p_new_full: see the module
-            docstring (``*_full`` are NaN unless ``full_answer``).
+        p_true, p_new, logit_diff, recovery, gain_pct, p_true_full, p_new_full, custom: see
+            the module docstring (``*_full`` NaN unless ``full_answer``, ``custom`` unless
+            ``metric``).
+        skipped: cells not run because the patch changes nothing (result: the target's).
     """
 
     direction: Direction
-    components: tuple[Component, ...]
+    components: tuple[str, ...]
     window: int
     positions: tuple[int, ...]
     prompt: str
@@ -102,12 +152,28 @@ class Patching:
     gain_pct: Float[Tensor, "component layer pos"]
     p_true_full: Float[Tensor, "component layer pos"]
     p_new_full: Float[Tensor, "component layer pos"]
+    custom: Float[Tensor, "component layer pos"]
+    skipped: int = 0
 
     def metric(self, name: str) -> Float[Tensor, "component layer pos"]:
-        """The tensor of one metric by name (one of :data:`METRICS`)."""
-        if name not in METRICS:
-            raise ValueError(f"unknown metric {name!r}: expected one of {METRICS}")
+        """The tensor of one metric by name (one of :data:`CELL_METRICS`)."""
+        if name not in CELL_METRICS:
+            raise ValueError(f"unknown metric {name!r}: expected one of {CELL_METRICS}")
         return getattr(self, name)
+
+    def best(self, component: str) -> tuple[int, int, float]:
+        """The cell that moves furthest the patch's way: ``(layer, position, value)``.
+
+        Restoring looks for the largest P(o_true) (the vanilla answer back), contaminating for
+        the largest P(o_new) (the edited answer carried into the vanilla model).
+        """
+        if component not in self.components:
+            raise ValueError(f"component {component!r} was not patched ({self.components})")
+        grid = (self.p_true if self.direction == "restore" else self.p_new)[
+            self.components.index(component)
+        ]
+        layer, i = divmod(int(grid.argmax()), len(self.positions))
+        return layer, self.positions[i], float(grid[layer, i])
 
     def frame(self) -> pd.DataFrame:
         """Tidy table: one row per cell."""
@@ -122,7 +188,7 @@ class Patching:
             "position": pos,
             "token": np.asarray(self.tokens, dtype=object)[pos],
         }
-        for name in METRICS:
+        for name in CELL_METRICS:
             table[name] = getattr(self, name).flatten().numpy()
         return pd.DataFrame(table)
 
@@ -162,25 +228,8 @@ def _base(model: HookedTransformer, prompt: str, true: str, new: str, full: bool
     return _Base(encoding.pad(model, seqs), len(ids) - 1, true_ids, new_ids, full)
 
 
-@dataclass(frozen=True)
-class _Scores:
-    """Metrics of many runs (one per cell), as tensors."""
-
-    p_true: Float[Tensor, " cell"]
-    p_new: Float[Tensor, " cell"]
-    logit_diff: Float[Tensor, " cell"]
-    p_true_full: Float[Tensor, " cell"]
-    p_new_full: Float[Tensor, " cell"]
-
-    def outcome(self, i: int = 0) -> Outcome:
-        return Outcome(*(float(getattr(self, f)[i]) for f in Outcome.__dataclass_fields__))
-
-
 def _answer_nll(
-    model: HookedTransformer,
-    hidden: Float[Tensor, "cell pos d_model"],
-    start: int,
-    ids: tuple[int, ...],
+    model: HookedTransformer, hidden: Float[Tensor, "cell pos d_model"], start: int, ids
 ) -> Float[Tensor, " cell"]:
     """Mean NLL of answer ``ids`` predicted at positions ``start, start+1, …``."""
     logits = models.unembed(model, hidden[:, start : start + len(ids)]).float()
@@ -189,77 +238,87 @@ def _answer_nll(
 
 
 def _scores(
-    model: HookedTransformer, hidden: Float[Tensor, "row pos d_model"], base: _Base
-) -> _Scores:
-    """Metrics of runs whose rows repeat ``base`` (row ``i * base.rows + r``)."""
-    r = base.rows
-    first = hidden[0::r, base.last]  # [cell, d_model]
-    logits = models.unembed(model, first).float()
+    model: HookedTransformer,
+    hidden: Float[Tensor, "row pos d_model"],
+    base: _Base,
+    offset: int,
+    metric: Callable | None,
+) -> dict[str, Tensor]:
+    """Metrics of runs whose rows repeat ``base`` (row ``i * base.rows + r``), from hidden
+    states of positions ``offset`` onwards."""
+    r, last = base.rows, base.last - offset
+    logits = models.unembed(model, hidden[0::r, last]).float()  # [cell, d_vocab]
     logp = logits.log_softmax(-1)
     t, n = base.true_ids[0], base.new_ids[0]
-    nan = torch.full((len(first),), math.nan, device=hidden.device)
-    full_true = full_new = nan
+    nan = torch.full((len(logits),), math.nan, device=hidden.device)
+    out = {
+        "p_true": logp[:, t].exp(),
+        "p_new": logp[:, n].exp(),
+        "logit_diff": logits[:, n] - logits[:, t],
+        "p_true_full": nan,
+        "p_new_full": nan,
+        "custom": nan if metric is None else metric(logits).float(),
+    }
     if base.full:
-        full_true = torch.exp(-_answer_nll(model, hidden[0::r], base.last, base.true_ids))
-        full_new = torch.exp(-_answer_nll(model, hidden[1::r], base.last, base.new_ids))
-    return _Scores(
-        p_true=logp[:, t].exp(),
-        p_new=logp[:, n].exp(),
-        logit_diff=logits[:, n] - logits[:, t],
-        p_true_full=full_true,
-        p_new_full=full_new,
-    )
+        out["p_true_full"] = torch.exp(-_answer_nll(model, hidden[0::r], last, base.true_ids))
+        out["p_new_full"] = torch.exp(-_answer_nll(model, hidden[1::r], last, base.new_ids))
+    return out
 
 
 @dataclass(frozen=True)
 class _Clean:
-    """An unpatched run: its metrics, every pattern row and MLP output (the patch source), and
-    the residual stream after every layer (where patched runs of later cells start)."""
+    """An unpatched run: its metrics, every value of every component (the patch source), the
+    residual stream entering every block, and the key-value cache of every layer."""
 
-    capture: capture.Capture
-    scores: _Scores
-    resid_post: Float[Tensor, "seq layer pos d_model"]
+    scores: dict[str, Tensor]
+    values: dict[str, Tensor]  # hook name -> [seq, ...] the full activation
+    resid_pre: Float[Tensor, "seq layer pos d_model"]
+    cache: object
+
+    def outcome(self) -> Outcome:
+        return Outcome(**{k: float(v[0]) for k, v in self.scores.items()})
 
 
 @torch.no_grad()
-def _clean(variant: models.Variant, base: _Base) -> _Clean:
-    device = base.tokens.device
-    batch = encoding.Batch(
-        tokens=base.tokens,
-        lengths=torch.full((base.rows,), base.tokens.shape[1], device=device),
-        last=torch.full((base.rows,), base.last, device=device),
-        subject_first=torch.full((base.rows,), -1, device=device),
-        subject_last=torch.full((base.rows,), -1, device=device),
-    )
+def _clean(variant: models.Variant, base: _Base, components: Sequence[Component], metric) -> _Clean:
     model = variant.model
-    rec = capture.Recorder(model, batch, queries="all", mlp_positions="all")
-    resid: dict[int, Tensor] = {}
-
-    def keep(x: Tensor, hook) -> None:
-        resid[hook.layer()] = x.detach().clone()
-
     layers = range(model.cfg.n_layers)
-    keep_hooks = [(models.resid_post_hook(layer), keep) for layer in layers]
-    hidden = models.final_hidden(model, base.tokens, [*variant.hooks, *rec.hooks, *keep_hooks])
-    return _Clean(
-        rec.result(),
-        _scores(model, hidden, base),
-        torch.stack([resid[layer] for layer in layers], dim=1),
-    )
+    names = [c.hook(layer) for c in components for layer in layers]
+    names += [models.resid_pre_hook(layer) for layer in layers]
+    rec = capture.Recorder({name: None for name in dict.fromkeys(names)})
+    hidden, cache = models.final_hidden_and_cache(model, base.tokens, [*variant.hooks, *rec.hooks])
+    values = rec.values()
+    resid = torch.stack([values[models.resid_pre_hook(layer)] for layer in layers], dim=1)
+    return _Clean(_scores(model, hidden, base, 0, metric), values, resid, cache)
+
+
+def _tiles(cells: Tensor, window: int, n_layers: int) -> list[Tensor]:
+    """Cells grouped by tiles of nearby window starts and positions (each tile's cells share
+    a late first layer and a late first position)."""
+    key = (cells[:, 1] // _TILE_LAYERS) * 100_000 + (cells[:, 2] // _TILE_POSITIONS)
+    return [cells[key == k] for k in torch.unique(key)]
+
+
+def _chunks(tile: Tensor, base: _Base, budget: int, max_cells: int | None) -> list[Tensor]:
+    """A tile cut into forward passes of at most ``budget`` padded tokens."""
+    width = base.tokens.shape[1] - int(tile[:, 2].min())
+    per_pass = max(1, budget // (base.rows * width))
+    per_pass = min(per_pass, max_cells or per_pass)
+    return [tile[i : i + per_pass] for i in range(0, len(tile), per_pass)]
 
 
 def _patch_hooks(
     model: HookedTransformer,
     cells: Int[Tensor, "cell 3"],
-    components: tuple[Component, ...],
+    components: Sequence[Component],
     window: int,
-    source: capture.Capture,
+    source: _Clean,
     rows_per_cell: int,
+    offset: int,
 ) -> list:
-    """Hooks that patch every cell of a chunk in one pass (cells: component, layer, position).
-
-    Row ``i * rows_per_cell + r`` belongs to cell ``i`` and repeats base sequence ``r``.
-    """
+    """Hooks that patch every cell of a pass (cells: component, layer, position); the pass
+    runs positions ``offset`` onwards. Row ``i * rows_per_cell + r`` is cell ``i``'s copy of
+    base sequence ``r``."""
     device = cells.device
     r = torch.arange(rows_per_cell, device=device)
     hooks = []
@@ -272,164 +331,51 @@ def _patch_hooks(
                 continue
             rows = (idx[:, None] * rows_per_cell + r).flatten()  # batch rows to patch
             seq = r.repeat(len(idx))  # their base sequence (source row)
-            pos = cells[idx, 2].repeat_interleave(rows_per_cell)
-            li = source.layers.index(layer)
-            if component == "attn":
-                src = source.pattern[:, li]  # [seq, head_index, query_pos, key_pos]
+            pos = cells[idx, 2].repeat_interleave(rows_per_cell)  # prompt positions
+            src = source.values[component.hook(layer)].movedim(component.axis, 1)[seq, pos]
 
-                def patch_attn(x: Tensor, hook, rows=rows, seq=seq, pos=pos, src=src) -> Tensor:
-                    x[rows, :, pos, :] = src[seq, :, pos, :].to(x.dtype)
-                    return x
+            def patch(x, hook, c=component, rows=rows, pos=pos - offset, src=src) -> Tensor:
+                return c.patch(x, rows, pos, src)
 
-                hooks.append((models.pattern_hook(layer), patch_attn))
-            else:
-                src = source.mlp_out[:, li]  # [seq, pos, d_model]
-
-                def patch_mlp(x: Tensor, hook, rows=rows, seq=seq, pos=pos, src=src) -> Tensor:
-                    x[rows, pos] = src[seq, pos].to(x.dtype)
-                    return x
-
-                hooks.append((models.mlp_out_hook(layer), patch_mlp))
+            hooks.append((component.hook(layer), patch))
     return hooks
 
 
-def _check(
-    components: Sequence[str], directions: Sequence[str], window: int
-) -> tuple[tuple[Component, ...], tuple[Direction, ...]]:
-    components, directions = tuple(components), tuple(directions)
-    for c in components:
+def _unchanged(
+    cells: Tensor, components: Sequence[Component], window: int, target: _Clean, source: _Clean
+) -> Tensor:
+    """[cell] whether the source equals the target at every patched (layer, position)."""
+    n_layers = target.resid_pre.shape[1]
+    same = {}
+    for component in components:
+        # [layer, pos]: the two runs' values agree exactly at this (layer, position)
+        rows = []
+        for layer in range(n_layers):
+            a = target.values[component.hook(layer)].movedim(component.axis, 1)
+            b = source.values[component.hook(layer)].movedim(component.axis, 1)
+            rows.append((a == b).flatten(2).all(-1).all(0))
+        same[component.name] = torch.stack(rows)
+    out = torch.zeros(len(cells), dtype=torch.bool, device=cells.device)
+    for i, (c, layer, pos) in enumerate(cells.tolist()):
+        stop = min(layer + window, n_layers)
+        out[i] = bool(same[components[c].name][layer:stop, pos].all())
+    return out
+
+
+def _check(components: Sequence[str], direction: str, window: int) -> tuple[Component, ...]:
+    names = tuple(components)
+    for c in names:
         if c not in COMPONENTS:
-            raise ValueError(f"unknown component {c!r}: expected one of {COMPONENTS}")
-    for d in directions:
-        if d not in DIRECTIONS:
-            raise ValueError(f"unknown direction {d!r}: expected one of {DIRECTIONS}")
-    if not components or not directions:
-        raise ValueError("need at least one component and one direction")
-    if len(set(components)) != len(components) or len(set(directions)) != len(directions):
-        raise ValueError("repeated components or directions")
-    if window < 1:
-        raise ValueError(f"window must be >= 1 layer, got {window}")
-    return components, directions
-
-
-def sweep(
-    vanilla: HookedTransformer | models.Variant,
-    edited: HookedTransformer | models.Variant,
-    prompt: str,
-    target_true: str,
-    target_new: str,
-    *,
-    directions: Sequence[str] = DIRECTIONS,
-    components: Sequence[str] = COMPONENTS,
-    window: int = 1,
-    positions: Sequence[int] | None = None,
-    full_answer: bool = False,
-    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
-    max_cells: int | None = None,
-    progress: bool = False,
-) -> tuple[Patching, ...]:
-    """Patch every (component, layer window, position) cell, batched; one result per direction.
-
-    Args:
-        vanilla, edited: models or :class:`~attndrift.models.Variant` (e.g. an edit as hooks);
-            same architecture and tokenizer.
-        prompt: the prompt (its last token predicts the answer).
-        target_true, target_new: o_true and o_new.
-        directions: ``"restore"`` and/or ``"contaminate"``.
-        components: ``"attn"`` and/or ``"mlp"``.
-        window: layers per cell, ``[l, l + window)`` clipped at the last layer.
-        positions: prompt positions to patch (default: every position, BOS included).
-        full_answer: also score every answer token (``p_true_full``, ``p_new_full``).
-        max_batch_tokens: padded tokens per patched forward pass (cells are chunked to fit).
-        max_cells: optional cap on cells per forward pass (``1`` = one forward per cell).
-        progress: show a progress bar over chunks.
-    """
-    components, directions = _check(components, directions, window)
-    if max_batch_tokens < 1 or (max_cells is not None and max_cells < 1):
-        raise ValueError(
-            f"max_batch_tokens and max_cells must be positive, got {max_batch_tokens}, {max_cells}"
-        )
-    v, e = models.as_variant(vanilla), models.as_variant(edited)
-    capture.check_compatible(v.model, e.model)
-    model = v.model
-    base = _base(model, prompt, target_true, target_new, full_answer)
-    n_prompt = base.last + 1
-    positions = tuple(range(n_prompt)) if positions is None else tuple(int(p) for p in positions)
-    bad = [p for p in positions if not 0 <= p < n_prompt]
-    if bad or not positions:
-        raise ValueError(f"position out of range: {bad or 'none'} (the prompt has {n_prompt})")
-    clean = {"vanilla": _clean(v, base), "edited": _clean(e, base)}
-    tokens = tuple(encoding.token_strings(model, base.tokens[0, :n_prompt].tolist()))
-    n_layers = model.cfg.n_layers
-    # cells in layer-major order, so that each chunk starts as late as its first cell allows
-    order = torch.cartesian_prod(
-        torch.arange(n_layers), torch.arange(len(components)), torch.arange(len(positions))
-    )  # [cell, 3]: layer (window start), component, index into positions
-    cells = order[:, [1, 0, 2]].clone()  # component, layer, position
-    cells[:, 2] = torch.tensor(positions)[order[:, 2]]
-    cells = cells.to(base.tokens.device)
-    per_pass = max(1, max_batch_tokens // (base.rows * base.tokens.shape[1]))
-    per_pass = min(per_pass, max_cells or per_pass)
-    out = []
-    for direction in directions:
-        target, t_name, s_name = (
-            (e, "edited", "vanilla") if direction == "restore" else (v, "vanilla", "edited")
-        )
-        t_clean, s_clean = clean[t_name], clean[s_name]
-        parts = []
-        chunks = range(0, len(cells), per_pass)
-        for i in tqdm(chunks, desc=f"patching ({direction})", disable=not progress):
-            chunk = cells[i : i + per_pass]
-            hooks = [
-                *target.hooks,
-                *_patch_hooks(model, chunk, components, window, s_clean.capture, base.rows),
-            ]
-            # nothing changes before the chunk's first patched layer: start from the clean
-            # target run's residual stream there
-            start = int(chunk[:, 1].min())
-            with torch.no_grad():
-                if start == 0:
-                    hidden = models.final_hidden(
-                        target.model, base.tokens.repeat(len(chunk), 1), hooks
-                    )
-                else:
-                    resid = t_clean.resid_post[:, start - 1].repeat(len(chunk), 1, 1)
-                    hidden = models.final_hidden_from(target.model, resid, start, hooks)
-                parts.append(_scores(target.model, hidden, base))
-
-        def grid_of(name: str, parts=parts) -> Tensor:
-            flat = torch.cat([getattr(p, name) for p in parts]).cpu()
-            return (
-                flat.reshape(n_layers, len(components), len(positions)).transpose(0, 1).contiguous()
-            )
-
-        p_true = grid_of("p_true")
-        t_out, s_out = t_clean.scores.outcome(), s_clean.scores.outcome()
-        span = s_out.p_true - t_out.p_true
-        out.append(
-            Patching(
-                direction=direction,
-                components=components,
-                window=window,
-                positions=positions,
-                prompt=prompt,
-                target_true=target_true,
-                target_new=target_new,
-                tokens=tokens,
-                target=t_out,
-                source=s_out,
-                p_true=p_true,
-                p_new=grid_of("p_new"),
-                logit_diff=grid_of("logit_diff"),
-                recovery=(p_true - t_out.p_true) / span if abs(span) > 1e-12 else p_true * math.nan,
-                gain_pct=100 * (p_true - t_out.p_true) / t_out.p_true
-                if t_out.p_true > 0
-                else p_true * math.nan,
-                p_true_full=grid_of("p_true_full"),
-                p_new_full=grid_of("p_new_full"),
-            )
-        )
-    return tuple(out)
+            raise ValueError(f"unknown component {c!r}: expected one of {tuple(COMPONENTS)}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}: expected one of {DIRECTIONS}")
+    if not names:
+        raise ValueError("need at least one component")
+    if len(set(names)) != len(names):
+        raise ValueError(f"repeated components in {names}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 layer, got {window!r}")
+    return tuple(COMPONENTS[c] for c in names)
 
 
 def patch(
@@ -440,24 +386,112 @@ def patch(
     target_new: str,
     *,
     direction: str,
-    **kwargs,
+    components: Sequence[str] = ("attn", "mlp"),
+    window: int = 1,
+    positions: Sequence[int] | None = None,
+    full_answer: bool = False,
+    metric: Callable[[Tensor], Tensor] | None = None,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    max_cells: int | None = None,
+    progress: bool = False,
 ) -> Patching:
-    """:func:`sweep` of one direction (``kwargs``: the other options of :func:`sweep`)."""
-    (result,) = sweep(
-        vanilla, edited, prompt, target_true, target_new, directions=(direction,), **kwargs
+    """Patch every (component, layer window, position) cell in one direction, batched.
+
+    Args:
+        vanilla, edited: models or :class:`~attndrift.models.Variant` (e.g. an edit as hooks);
+            same architecture and tokenizer.
+        prompt: the prompt (its last token predicts the answer).
+        target_true, target_new: o_true and o_new.
+        direction: ``"restore"`` or ``"contaminate"``.
+        components: names in :data:`COMPONENTS` (default: attention rows and MLP outputs).
+        window: layers per cell, ``[l, l + window)`` clipped at the last layer.
+        positions: prompt positions to patch (default: every position, BOS included).
+        full_answer: also score every answer token (``p_true_full``, ``p_new_full``).
+        metric: optional ``logits [cell, d_vocab] -> [cell]`` of the last prompt position.
+        max_batch_tokens: padded tokens per patched forward pass (cells are chunked to fit).
+        max_cells: optional cap on cells per forward pass (``1`` = one forward per cell).
+        progress: show a progress bar over passes.
+    """
+    parts = _check(components, direction, window)
+    if max_batch_tokens < 1 or (max_cells is not None and max_cells < 1):
+        raise ValueError(
+            f"max_batch_tokens and max_cells must be positive, got {max_batch_tokens}, {max_cells}"
+        )
+    v, e = models.as_variant(vanilla), models.as_variant(edited)
+    capture.check_compatible(v.model, e.model)
+    model = v.model
+    base = _base(model, prompt, target_true, target_new, full_answer)
+    n_prompt, n_layers = base.last + 1, model.cfg.n_layers
+    positions = tuple(range(n_prompt)) if positions is None else tuple(int(p) for p in positions)
+    bad = [p for p in positions if not 0 <= p < n_prompt]
+    if bad or not positions:
+        raise ValueError(f"position out of range: {bad or 'none'} (the prompt has {n_prompt})")
+    target, source = (e, v) if direction == "restore" else (v, e)
+    t_clean, s_clean = _clean(target, base, parts, metric), _clean(source, base, parts, metric)
+    # cells: [component, window start, position], in result order
+    grid = torch.cartesian_prod(
+        torch.arange(len(parts)), torch.arange(n_layers), torch.tensor(positions)
+    ).to(base.tokens.device)
+    unchanged = _unchanged(grid, parts, window, t_clean, s_clean)
+    flat = {k: v[0].expand(len(grid)).clone() for k, v in t_clean.scores.items()}
+    todo = grid[~unchanged]
+    index = {tuple(c): i for i, c in enumerate(grid.tolist())}
+    passes = [
+        chunk
+        for tile in _tiles(todo, window, n_layers)
+        for chunk in _chunks(tile, base, max_batch_tokens, max_cells)
+    ]
+    for chunk in tqdm(passes, desc=f"patching ({direction})", disable=not progress):
+        start, offset = int(chunk[:, 1].min()), int(chunk[:, 2].min())
+        n = len(chunk)
+        hooks = _patch_hooks(model, chunk, parts, window, s_clean, base.rows, offset)
+        with torch.no_grad():
+            resid = t_clean.resid_pre[:, start, offset:].repeat(n, 1, 1)
+            cache = models.cache_prefix(t_clean.cache, offset, n)
+            mask = torch.ones(resid.shape[0], base.tokens.shape[1], device=resid.device)
+            hidden = models.final_hidden_from(
+                target.model, resid, start, [*target.hooks, *hooks], cache, mask.long()
+            )
+            scores = _scores(target.model, hidden, base, offset, metric)
+        at = torch.tensor([index[tuple(c)] for c in chunk.tolist()], device=grid.device)
+        for k, v in scores.items():
+            flat[k][at] = v
+    return _result(flat, len(parts), n_layers, len(positions), t_clean, s_clean, direction,
+                   parts, window, positions, prompt, target_true, target_new, model, base,
+                   int(unchanged.sum()))  # fmt: skip
+
+
+def _result(flat, n_c, n_l, n_p, t_clean, s_clean, direction, parts, window, positions,
+            prompt, true, new, model, base, skipped) -> Patching:  # fmt: skip
+    grids = {k: v.cpu().reshape(n_c, n_l, n_p) for k, v in flat.items()}
+    t_out, s_out = t_clean.outcome(), s_clean.outcome()
+    p_true = grids["p_true"]
+    span = s_out.p_true - t_out.p_true
+    n_prompt = base.last + 1
+    return Patching(
+        direction=direction,
+        components=tuple(c.name for c in parts),
+        window=window,
+        positions=positions,
+        prompt=prompt,
+        target_true=true,
+        target_new=new,
+        tokens=tuple(encoding.token_strings(model, base.tokens[0, :n_prompt].tolist())),
+        target=t_out,
+        source=s_out,
+        recovery=(p_true - t_out.p_true) / span if abs(span) > 1e-12 else p_true * math.nan,
+        gain_pct=100 * (p_true - t_out.p_true) / t_out.p_true
+        if t_out.p_true > 0
+        else p_true * math.nan,
+        skipped=skipped,
+        **grids,
     )
-    return result
 
 
-def restore(vanilla, edited, prompt: str, target_true: str, target_new: str, **kwargs) -> Patching:
-    """Run the edited model with the vanilla model's values patched in (paper Fig. 5)."""
-    return patch(vanilla, edited, prompt, target_true, target_new, direction="restore", **kwargs)
-
-
-def contaminate(
-    vanilla, edited, prompt: str, target_true: str, target_new: str, **kwargs
-) -> Patching:
-    """Run the vanilla model with the edited model's values patched in (paper Fig. 3)."""
-    return patch(
-        vanilla, edited, prompt, target_true, target_new, direction="contaminate", **kwargs
-    )
+#: named partials, as TransformerLens' ``get_act_patch_*``: one direction, one component
+restore = functools.partial(patch, direction="restore")
+contaminate = functools.partial(patch, direction="contaminate")
+restore_attn = functools.partial(patch, direction="restore", components=("attn",))
+restore_mlp = functools.partial(patch, direction="restore", components=("mlp",))
+contaminate_attn = functools.partial(patch, direction="contaminate", components=("attn",))
+contaminate_mlp = functools.partial(patch, direction="contaminate", components=("mlp",))

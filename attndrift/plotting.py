@@ -29,7 +29,7 @@ from plotly.subplots import make_subplots
 from attndrift.capture import Pair
 from attndrift.drift import METRICS as DRIFT_METRICS
 from attndrift.drift import Drift, FailureAnalysis
-from attndrift.patching import METRICS, Patching
+from attndrift.patching import CELL_METRICS, Patching
 
 DIVERGING = "RdBu_r"
 SEQUENTIAL = "Viridis"
@@ -106,13 +106,13 @@ def patching_heatmap(results: Patching | Sequence[Patching], metric: str = "p_tr
 
     Args:
         results: one or several sweeps (e.g. restore and contaminate) of one prompt.
-        metric: one of :data:`attndrift.patching.METRICS`.
+        metric: one of :data:`attndrift.patching.CELL_METRICS`.
     """
     results = [results] if isinstance(results, Patching) else list(results)
     if not results:
         raise ValueError("no patching results to plot")
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}: expected one of {METRICS}")
+    if metric not in CELL_METRICS:
+        raise ValueError(f"unknown metric {metric!r}: expected one of {CELL_METRICS}")
     components = results[0].components
     titles = [f"{r.direction} · {c} (window {r.window})" for r in results for c in components]
     fig = make_subplots(

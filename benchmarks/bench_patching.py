@@ -4,7 +4,7 @@ On the embedded SmolLM2 and one DNS prompt of the embedded dataset, with a quick
 (identity covariance, few value steps: a crude edit, enough to make the two runs differ):
 
 1. a full layer x position restore sweep of both components (attention pattern rows, MLP
-   outputs; window 1) with :func:`attndrift.patching.sweep`, then the same cells with
+   outputs; window 1) with :func:`attndrift.patching.restore`, then the same cells with
    ``transformer_lens.patching.generic_activation_patch`` (one forward per cell, the other
    model's full cache); prints both times, their ratio and the largest |ΔP(o_true)|;
 2. peak memory (torch profiler allocation events, CPU) of a drift capture (last-token
@@ -107,7 +107,7 @@ def main() -> None:
     print(f"sweep: restore, attn + mlp, window 1: {n_cells} cells")
 
     t = time.perf_counter()
-    (ours,) = patching.sweep(model, edited, probe.prompt, true, new, directions=("restore",))
+    ours = patching.restore(model, edited, probe.prompt, true, new)
     t_ours = time.perf_counter() - t
     t = time.perf_counter()
     ref = tl_sweep(model, edited, model, probe.prompt, true, new)

@@ -126,7 +126,10 @@ def test_patching_changes_what_the_edit_changed(tiny_llama):
 
 def test_own_cache_changes_nothing(tiny):
     for model in (tiny, edited(tiny)):
-        for r in patching.sweep(model, model, PROMPT, TRUE, NEW, window=2):
+        for r in [
+            patching.patch(model, model, PROMPT, TRUE, NEW, direction=d, window=2)
+            for d in patching.DIRECTIONS
+        ]:
             assert r.target.p_true == r.source.p_true and r.target.p_new == r.source.p_new
             for name in ("p_true", "p_new", "logit_diff"):
                 want = getattr(r.target, name)
@@ -214,7 +217,7 @@ def test_hooks_are_removed_also_after_an_exception(tiny):
             raise RuntimeError("boom")
         return x
 
-    bad = models.Variant(tiny, ((models.mlp_out_hook(3), boom),))
+    bad = models.Variant(tiny, (*edited(tiny).hooks, (models.mlp_out_hook(3), boom)))
     with pytest.raises(RuntimeError, match="boom"):
         patching.patch(tiny, bad, PROMPT, TRUE, NEW, direction="restore")
     assert hook_free(tiny)
@@ -223,7 +226,7 @@ def test_hooks_are_removed_also_after_an_exception(tiny):
 def test_bad_input_is_a_clear_error(tiny):
     edit = edited(tiny)
     with pytest.raises(ValueError, match="unknown component"):
-        patching.patch(tiny, edit, PROMPT, TRUE, NEW, direction="restore", components=["resid"])
+        patching.patch(tiny, edit, PROMPT, TRUE, NEW, direction="restore", components=["mixer"])
     with pytest.raises(ValueError, match="unknown direction"):
         patching.patch(tiny, edit, PROMPT, TRUE, NEW, direction="sideways")
     with pytest.raises(ValueError, match="window must be"):
@@ -235,7 +238,7 @@ def test_bad_input_is_a_clear_error(tiny):
             "loss"
         )
     with pytest.raises(ValueError, match="mismatched models"):
-        patching.sweep(models.tiny_model("gpt2"), models.tiny_model("llama"), PROMPT, TRUE, NEW)
+        patching.restore(models.tiny_model("gpt2"), models.tiny_model("llama"), PROMPT, TRUE, NEW)
 
 
 @pytest.mark.slow
@@ -248,7 +251,10 @@ def test_smollm_cells_equal_transformer_lens(smollm):
     positions = [enc.subject_last, enc.last]
     edited_layer = rome.preset(smollm).layer  # quick_rome edits the preset layer
     layers = [0, edited_layer - 1, edited_layer, 22, 29]
-    results = patching.sweep(smollm, edit, probe.prompt, true, new, positions=positions)
+    results = [
+        patching.patch(smollm, edit, probe.prompt, true, new, direction=d, positions=positions)
+        for d in patching.DIRECTIONS
+    ]
     tokens = torch.tensor([enc.ids])
     t_id = encoding.encode_answer(smollm, true)[0]
     cells = pd.DataFrame(

@@ -21,7 +21,8 @@ def d(model):
 
 @pytest.fixture(scope="module")
 def sweep(model):
-    return patching.sweep(model, edited(model), PROMPT, TRUE, NEW)
+    e = edited(model)
+    return [patching.patch(model, e, PROMPT, TRUE, NEW, direction=d) for d in patching.DIRECTIONS]
 
 
 def test_unique_labels():
