@@ -139,15 +139,22 @@ def final_hidden(
     tokens: Int[Tensor, "batch pos"],
     fwd_hooks: list | tuple = (),
     past_kv_cache=None,
+    attention_mask: Int[Tensor, "batch key_pos"] | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """Normalised final residual stream (input of the unembedding), under optional hooks.
 
     With ``past_kv_cache`` (see :func:`kv_cache`), ``tokens`` continue the cached rows.
+    ``attention_mask`` (1 = real token; without a cache ``[batch, pos]``, with a frozen cache
+    ``[batch, cached + pos]``) marks padding; positions follow it.
     """
     kwargs = {}
-    if past_kv_cache is not None:
-        # explicit all-ones mask: TransformerLens would otherwise mask tokens equal to the pad id
-        kwargs = {"past_kv_cache": past_kv_cache, "attention_mask": torch.ones_like(tokens)}
+    if past_kv_cache is not None or attention_mask is not None:
+        # explicit mask: TransformerLens would otherwise mask tokens equal to the pad id
+        mask = attention_mask if attention_mask is not None else torch.ones_like(tokens)
+        if past_kv_cache is not None and past_kv_cache.frozen:
+            # TransformerLens appends the new positions' mask to the cache's own
+            mask = mask[:, -tokens.shape[1] :]
+        kwargs = {"past_kv_cache": past_kv_cache, "attention_mask": mask}
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         # all blocks, then the final norm *with* its gain (ln_final.hook_normalized is pre-gain)
         resid = model(tokens, stop_at_layer=model.cfg.n_layers, **kwargs)
@@ -220,12 +227,31 @@ def final_hidden_and_cache(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
     fwd_hooks: list | tuple = (),
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
 ):
     """:func:`final_hidden` of ``tokens``, and the key-value cache of every layer it filled
-    (reusable with :func:`cache_prefix` by runs that share a prefix of ``tokens``)."""
+    (reusable with :func:`cache_prefix` / :func:`cache_rows` by runs that continue ``tokens``).
+    """
     cache = kv_cache(model, tokens.shape[0])
-    hidden = final_hidden(model, tokens, fwd_hooks, past_kv_cache=cache)
+    hidden = final_hidden(model, tokens, fwd_hooks, cache, attention_mask)
     return hidden, cache
+
+
+def cache_rows(cache, rows: Int[Tensor, " n"]):
+    """A frozen cache whose row ``i`` is row ``rows[i]`` of ``cache`` (every position)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    entries = [
+        TransformerLensKeyValueCacheEntry(
+            e.past_keys[rows.to(e.past_keys.device)],
+            e.past_values[rows.to(e.past_values.device)],
+            frozen=True,
+        )
+        for e in cache.entries
+    ]
+    mask = cache.previous_attention_mask[rows.to(cache.previous_attention_mask.device)]
+    return TransformerLensKeyValueCache(entries, mask, frozen=True)
 
 
 def cache_prefix(cache, stop: int, repeats: int):

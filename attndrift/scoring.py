@@ -3,15 +3,18 @@
 The score of an answer (SPEC §5) is the mean per-token negative log-likelihood of its tokens,
 teacher-forced after ``prompt + " " + answer``; ``P = exp(-NLL)``. The scorer
 
-* encodes every distinct prompt and answer once (:mod:`attndrift.encoding` conventions),
-* runs one sequence per prompt and distinct answer *prefix* (``prompt + answer[:-1]``), so the
-  right and wrong single-token answers of a probe share one forward row,
-* sorts sequences by length and packs them into right-padded batches under a token budget
-  (``max_batch_tokens``; on CUDA out-of-memory the budget is halved and the batch retried),
-* runs the model once per batch up to the final norm and unembeds *only* the positions that
-  predict answer tokens (not the whole ``[batch, pos, d_vocab]`` logits),
+* encodes every distinct prompt and answer once (:mod:`attndrift.encoding` conventions);
+* runs every distinct prompt once: prompts sorted by length (little padding), left-padded into
+  batches under a token budget (``max_batch_tokens``), keeping each batch's key-value cache.
+  The last prompt position predicts every answer's first token, so the right and wrong
+  single-token answers of a probe cost nothing more;
+* runs the rest of each multi-token answer (its tokens but the last) as a short continuation
+  of its prompt's cached keys and values, so a prompt is never run twice; an answer whose
+  inputs are a prefix of another's (``" New York"`` of ``" New York City"``) rides on it;
+* unembeds *only* the positions that predict answer tokens (not the whole
+  ``[batch, pos, d_vocab]`` logits); on CUDA out-of-memory the budget is halved and retried,
 
-and gives the same numbers as one forward per pair (tested to 1e-5).
+and gives the numbers of one forward per pair (tested to 1e-5).
 """
 
 import logging
@@ -34,54 +37,62 @@ DEFAULT_BATCH_TOKENS = 4096
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """Sequences to run, and where each pair's answer tokens are predicted in them."""
+class Plan:
+    """What the scorer runs: every distinct prompt once, and every distinct continuation.
 
-    sequences: list[tuple[int, ...]]
-    owner: list[int]  # pair -> sequence index
-    start: list[int]  # pair -> position of its first answer token
+    ``continuations[c] = (prompt index, tokens)``: a multi-token answer's inputs after its
+    prompt (its tokens but the last). Pair ``i`` reads its first answer token at its prompt's
+    last position and token ``j >= 1`` at position ``j - 1`` of continuation ``pair_cont[i]``.
+    """
+
+    prompts: list[tuple[int, ...]]
+    continuations: list[tuple[int, tuple[int, ...]]]
+    pair_prompt: list[int]  # pair -> prompt index
+    pair_cont: list[int]  # pair -> continuation index (-1: a one-token answer)
     answer: list[tuple[int, ...]]  # pair -> answer token ids
 
 
-def _plan(model: HookedTransformer, pairs: Sequence[tuple[str, str]]) -> _Plan:
-    """Share forward passes between answers of one prompt.
-
-    An answer ``t`` after prompt ``p`` is predicted by the positions of ``p + t[:-1]`` (its last
-    token is never an input). Any sequence that *starts with* ``p + t[:-1]`` serves: with causal
-    attention later tokens change nothing before them. So both single-token answers of a probe
-    share one run of the bare prompt, and ``" New York"`` rides on ``" New York City"``.
-    """
-    prompts: dict[str, tuple[int, ...]] = {}
+def plan(model: HookedTransformer, pairs: Sequence[tuple[str, str]]) -> Plan:
+    """The prompts and continuations that score ``pairs`` (see :class:`Plan`)."""
+    prompt_index: dict[str, int] = {}  # prompt text -> index of its (distinct) token ids
+    by_ids: dict[tuple[int, ...], int] = {}
+    prompts: list[tuple[int, ...]] = []
     answers: dict[str, tuple[int, ...]] = {}
     for prompt, answer in pairs:
-        if prompt not in prompts:
-            prompts[prompt] = encoding.encode_prompt(model, prompt).ids
+        if prompt not in prompt_index:
+            ids = encoding.encode_prompt(model, prompt).ids
+            if ids not in by_ids:
+                by_ids[ids] = len(prompts)
+                prompts.append(ids)
+            prompt_index[prompt] = by_ids[ids]
         if answer not in answers:
             answers[answer] = encoding.encode_answer(model, answer)
-    sequences: list[tuple[int, ...]] = []
-    by_prompt: dict[str, list[int]] = {}
-    owner = [0] * len(pairs)
-    # longest answers first, so that shorter ones can reuse their sequences
+    continuations: list[tuple[int, tuple[int, ...]]] = []
+    by_prompt: dict[int, list[int]] = {}
+    pair_cont = [-1] * len(pairs)
+    # longest answers first, so that shorter ones can ride on their continuations
     for i in sorted(range(len(pairs)), key=lambda i: -len(answers[pairs[i][1]])):
-        prompt, answer = pairs[i]
-        needed = prompts[prompt] + answers[answer][:-1]
-        for s in by_prompt.setdefault(prompt, []):
-            if sequences[s][: len(needed)] == needed:
-                owner[i] = s
+        p, inputs = prompt_index[pairs[i][0]], answers[pairs[i][1]][:-1]
+        if not inputs:
+            continue
+        for c in by_prompt.setdefault(p, []):
+            if continuations[c][1][: len(inputs)] == inputs:
+                pair_cont[i] = c
                 break
         else:
-            owner[i] = len(sequences)
-            by_prompt[prompt].append(len(sequences))
-            sequences.append(needed)
-    return _Plan(
-        sequences,
-        owner,
-        [len(prompts[p]) for p, _ in pairs],
+            pair_cont[i] = len(continuations)
+            by_prompt[p].append(len(continuations))
+            continuations.append((p, inputs))
+    return Plan(
+        prompts,
+        continuations,
+        [prompt_index[p] for p, _ in pairs],
+        pair_cont,
         [answers[a] for _, a in pairs],
     )
 
 
-def _batches(lengths: list[int], max_tokens: int, max_size: int | None) -> list[list[int]]:
+def _batches(lengths: list[int], max_tokens: int, max_size: int | None = None) -> list[list[int]]:
     """Group indices (longest first) so that rows x longest row <= max_tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
@@ -112,7 +123,8 @@ def answer_nll(
         model: the model (its current weights and hooks are used).
         pairs: ``(prompt, answer)`` pairs; the answer is scored after ``prompt + " "``.
         max_batch_tokens: padded tokens per forward pass (rows x longest row).
-        max_batch_size: optional cap on rows per forward pass (``1`` = one pair per forward).
+        max_batch_size: optional cap on prompts per forward pass; ``1`` is the reference:
+            one forward per pair over its prompt and answer, nothing shared.
         fwd_hooks: extra TransformerLens forward hooks for every pass (e.g. an edit as a hook).
         progress: show a progress bar.
 
@@ -121,35 +133,29 @@ def answer_nll(
     """
     if max_batch_tokens < 1:
         raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
-    plan = _plan(model, pairs)
-    if max_batch_size == 1:  # the one-forward-per-pair reference: no sharing either
-        plan = _Plan(
-            [plan.sequences[o] for o in plan.owner],
-            list(range(len(pairs))),
-            plan.start,
-            plan.answer,
-        )
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
     out = torch.empty(len(pairs), dtype=torch.float32)
     if not pairs:
         return out
-    pairs_of: dict[int, list[int]] = {}
-    for i, s in enumerate(plan.owner):
-        pairs_of.setdefault(s, []).append(i)
+    if max_batch_size == 1:
+        return _one_per_pair(model, pairs, fwd_hooks, progress)
+    the_plan = plan(model, pairs)
     budget = max_batch_tokens
-    pending = _batches([len(s) for s in plan.sequences], budget, max_batch_size)
+    pending = _batches([len(p) for p in the_plan.prompts], budget, max_batch_size)
     bar = tqdm(total=len(pairs), desc="scoring", unit="answer", disable=not progress)
     while pending:
         group = pending.pop(0)
         try:
-            done = _score_group(model, plan, group, pairs_of, fwd_hooks)
+            done = _score_prompts(model, the_plan, group, budget, fwd_hooks)
         except torch.cuda.OutOfMemoryError:
-            if len(group) == 1:
+            if len(group) == 1 and budget == 1:
                 raise
             budget = max(1, budget // 2)
             log.warning("out of memory: halving the scoring batch budget to %d tokens", budget)
             torch.cuda.empty_cache()
-            lengths = [len(plan.sequences[s]) for s in group]
-            pending = [[group[j] for j in g] for g in _batches(lengths, budget, None)] + pending
+            lengths = [len(the_plan.prompts[p]) for p in group]
+            pending = [[group[j] for j in g] for g in _batches(lengths, budget)] + pending
             continue
         for i, nll in done.items():
             out[i] = nll
@@ -159,36 +165,72 @@ def answer_nll(
 
 
 @torch.no_grad()
-def _score_group(
-    model: HookedTransformer,
-    plan: _Plan,
-    group: list[int],
-    pairs_of: dict[int, list[int]],
-    fwd_hooks,
+def _score_prompts(
+    model: HookedTransformer, the_plan: Plan, group: list[int], budget: int, fwd_hooks
 ) -> dict[int, float]:
-    tokens = encoding.pad(model, [plan.sequences[s] for s in group])
-    hidden = models.final_hidden(model, tokens, fwd_hooks=list(fwd_hooks))
-    # (row, position) that predicts each answer token, the token, and the pair it belongs to
-    rows, pos, target, owner = [], [], [], []
-    members = [i for s in group for i in pairs_of[s]]
-    for row, s in enumerate(group):
-        for i in pairs_of[s]:
-            for j, tok in enumerate(plan.answer[i]):
-                rows.append(row)
-                pos.append(plan.start[i] + j - 1)
-                target.append(tok)
-                owner.append(members.index(i))
-    device = hidden.device
-    picked = hidden[torch.tensor(rows, device=device), torch.tensor(pos, device=device)]
-    logp = torch.log_softmax(models.unembed(model, picked).float(), dim=-1)  # [tokens, d_vocab]
-    token_logp = logp.gather(1, torch.tensor(target, device=device)[:, None])[:, 0]
-    owner_t = torch.tensor(owner, device=device)
-    total = torch.zeros(len(members), device=device).index_add_(0, owner_t, token_logp)
-    count = torch.zeros(len(members), device=device).index_add_(
+    """NLL of every pair whose prompt is in ``group`` (prompt indices)."""
+    pad = models.pad_id(model)
+    width = max(len(the_plan.prompts[p]) for p in group)
+    rows = [[pad] * (width - len(the_plan.prompts[p])) + list(the_plan.prompts[p]) for p in group]
+    mask = [
+        [0] * (width - len(the_plan.prompts[p])) + [1] * len(the_plan.prompts[p]) for p in group
+    ]
+    device = models.model_device(model)
+    tokens = torch.tensor(rows, device=device)
+    mask_t = torch.tensor(mask, device=device)
+    hidden, cache = models.final_hidden_and_cache(model, tokens, fwd_hooks, attention_mask=mask_t)
+    row_of = {p: r for r, p in enumerate(group)}
+    last = hidden[:, -1]  # [prompt, d_model]: predicts every answer's first token
+    # continuations of these prompts, in batches that continue the prompts' cached rows
+    conts = [c for c, (p, _) in enumerate(the_plan.continuations) if p in row_of]
+    cont_hidden: dict[int, Tensor] = {}
+    # (a continuation row attends to its prompt's cached width too)
+    lengths = [width + len(the_plan.continuations[c][1]) for c in conts]
+    for chunk in _batches(lengths, budget):
+        ids = [conts[j] for j in chunk]
+        n = max(len(the_plan.continuations[c][1]) for c in ids)
+        seqs = [list(the_plan.continuations[c][1]) for c in ids]
+        cont_tokens = torch.tensor([s + [pad] * (n - len(s)) for s in seqs], device=device)
+        src = torch.tensor([row_of[the_plan.continuations[c][0]] for c in ids], device=device)
+        cont_mask = torch.cat([mask_t[src], torch.ones_like(cont_tokens)], dim=1)
+        h = models.final_hidden(
+            model, cont_tokens, fwd_hooks, models.cache_rows(cache, src), cont_mask
+        )
+        cont_hidden.update({c: h[k] for k, c in enumerate(ids)})
+    # every answer token's predicting hidden state, unembedded together
+    members = [i for i, p in enumerate(the_plan.pair_prompt) if p in row_of]
+    picked, target, owner = [], [], []
+    for k, i in enumerate(members):
+        answer = the_plan.answer[i]
+        picked.append(last[row_of[the_plan.pair_prompt[i]]])
+        if len(answer) > 1:
+            picked.extend(cont_hidden[the_plan.pair_cont[i]][: len(answer) - 1])
+        target.extend(answer)
+        owner.extend([k] * len(answer))
+    h = torch.stack(picked)  # [answer tokens, d_model]
+    logp = torch.log_softmax(models.unembed(model, h).float(), dim=-1)
+    token_logp = logp.gather(1, torch.tensor(target, device=h.device)[:, None])[:, 0]
+    owner_t = torch.tensor(owner, device=h.device)
+    total = torch.zeros(len(members), device=h.device).index_add_(0, owner_t, token_logp)
+    count = torch.zeros(len(members), device=h.device).index_add_(
         0, owner_t, torch.ones_like(token_logp)
     )
-    nll = (-total / count).cpu().tolist()
-    return dict(zip(members, nll, strict=True))
+    return dict(zip(members, (-total / count).cpu().tolist(), strict=True))
+
+
+@torch.no_grad()
+def _one_per_pair(model, pairs, fwd_hooks, progress) -> Tensor:
+    """The reference: one forward per pair over ``prompt + answer[:-1]``, nothing shared."""
+    out = torch.empty(len(pairs), dtype=torch.float32)
+    device = models.model_device(model)
+    for i, (prompt, answer) in enumerate(tqdm(pairs, desc="scoring", disable=not progress)):
+        p = encoding.encode_prompt(model, prompt).ids
+        a = encoding.encode_answer(model, answer)
+        tokens = torch.tensor([p + a[:-1]], device=device)
+        hidden = models.final_hidden(model, tokens, fwd_hooks)[0, len(p) - 1 :]
+        logp = torch.log_softmax(models.unembed(model, hidden).float(), -1)
+        out[i] = -logp.gather(1, torch.tensor(a, device=device)[:, None]).mean().item()
+    return out
 
 
 def score_probes(

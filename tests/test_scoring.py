@@ -40,27 +40,38 @@ def test_batched_equals_one_at_a_time_under_every_padding(tiny):
 
 
 def test_answer_span_is_exactly_the_answer(tiny):
-    plan = scoring._plan(tiny, PAIRS)
+    plan = scoring.plan(tiny, PAIRS)
     for i, (prompt, answer) in enumerate(PAIRS):
-        seq = plan.sequences[plan.owner[i]]
         p = encoding.encode_prompt(tiny, prompt).ids
         a = encoding.encode_answer(tiny, answer)
-        assert plan.start[i] == len(p) and plan.answer[i] == a
-        assert seq[: len(p)] == p
-        # teacher-forced inputs are the answer's tokens but its last
-        assert seq[len(p) : len(p) + len(a) - 1] == a[:-1]
+        assert plan.prompts[plan.pair_prompt[i]] == p and plan.answer[i] == a
+        if len(a) > 1:
+            # teacher-forced inputs after the prompt are the answer's tokens but its last
+            owner, inputs = plan.continuations[plan.pair_cont[i]]
+            assert owner == plan.pair_prompt[i] and inputs[: len(a) - 1] == a[:-1]
+        else:
+            assert plan.pair_cont[i] == -1
         assert tiny.tokenizer.decode(list(a)) == " " + answer
-    # "Paris" and "Rome" after the same prompt share one forward row
-    assert plan.owner[0] == plan.owner[1]
+    # one prompt is run once for all its answers
+    assert plan.pair_prompt[0] == plan.pair_prompt[1] == plan.pair_prompt[2]
+    assert len(plan.prompts) == len({p for p, _ in PAIRS}) - 1  # trailing space: same prompt
 
 
-def test_sharing_needs_a_true_prefix(tiny):
+def test_continuations_share_only_true_prefixes(tiny):
     pairs = [
         ("The capital of France is", "Paris France"),
         ("The capital of France is", "Rome Italy"),
+        ("The capital of France is", "Paris France Europe"),
     ]
-    plan = scoring._plan(tiny, pairs)
-    assert plan.owner[0] != plan.owner[1]
+    plan = scoring.plan(tiny, pairs)
+    assert plan.pair_cont[0] != plan.pair_cont[1]
+    if (
+        encoding.encode_answer(tiny, "Paris France")[:-1]
+        == encoding.encode_answer(tiny, "Paris France Europe")[
+            : len(encoding.encode_answer(tiny, "Paris France")) - 1
+        ]
+    ):
+        assert plan.pair_cont[0] == plan.pair_cont[2]
 
 
 def test_hooks_change_scores(tiny):
