@@ -747,20 +747,28 @@ def tiny_config(arch: str, d_vocab: int) -> dict:
     raise ValueError(f"unknown tiny architecture {arch!r}: expected one of {TINY_ARCHS}")
 
 
+#: GPT-2 small's sizes, for timing a real-sized random model (``tiny_model(..., **GPT2_SMALL)``)
+GPT2_SMALL = {"n_layers": 12, "d_model": 768, "n_heads": 12, "d_head": 64, "d_mlp": 3072,
+              "n_ctx": 1024, "d_vocab": 50257, "initializer_range": 0.02}  # fmt: skip
+
+
 def tiny_model(
     arch: str = "llama",
     seed: int = 0,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    **sizes: int | float,
 ) -> HookedTransformer:
     """A small random :class:`HookedTransformer` (4 layers, d_model 64) for tests.
 
     Deterministic in ``seed``; the global RNG state is left untouched. Biases and norm gains
-    are random too (not 0 and 1), so that tests exercise them.
+    are random too (not 0 and 1), so that tests exercise them. ``sizes`` override config
+    fields (e.g. :data:`GPT2_SMALL` for a GPT-2-sized random model to time; its vocabulary
+    keeps the tiny tokenizer's ids, which is all a timing needs).
     """
     tokenizer = tiny_tokenizer()
-    fields = tiny_config(arch, d_vocab=len(tokenizer))
-    fields["model_name"] = f"{fields['model_name']}-s{seed}"
+    fields = tiny_config(arch, d_vocab=len(tokenizer)) | sizes
+    fields["model_name"] = f"{fields['model_name']}-s{seed}" + ("-sized" if sizes else "")
     cfg = HookedTransformerConfig(**fields, device=str(device or "cpu"), dtype=dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -165,10 +165,16 @@ def answer_nll(
 
 
 @torch.no_grad()
-def _score_prompts(
-    model: HookedTransformer, the_plan: Plan, group: list[int], budget: int, fwd_hooks
-) -> dict[int, float]:
-    """NLL of every pair whose prompt is in ``group`` (prompt indices)."""
+def hidden_states(
+    model: HookedTransformer, the_plan: Plan, group: list[int], budget: int, fwd_hooks=()
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """The forward passes of one batch of prompts (``group``: prompt indices), nothing else.
+
+    Returns the last prompt position's hidden state of each prompt (``[len(group), d_model]``,
+    it predicts every answer's first token) and, by continuation index, the hidden states of
+    the continuations of these prompts (``[n, d_model]``, position ``j`` predicts answer token
+    ``j + 1``).
+    """
     pad = models.pad_id(model)
     width = max(len(the_plan.prompts[p]) for p in group)
     rows = [[pad] * (width - len(the_plan.prompts[p])) + list(the_plan.prompts[p]) for p in group]
@@ -180,7 +186,6 @@ def _score_prompts(
     mask_t = torch.tensor(mask, device=device)
     hidden, cache = models.final_hidden_and_cache(model, tokens, fwd_hooks, attention_mask=mask_t)
     row_of = {p: r for r, p in enumerate(group)}
-    last = hidden[:, -1]  # [prompt, d_model]: predicts every answer's first token
     # continuations of these prompts, in batches that continue the prompts' cached rows
     conts = [c for c, (p, _) in enumerate(the_plan.continuations) if p in row_of]
     cont_hidden: dict[int, Tensor] = {}
@@ -197,6 +202,16 @@ def _score_prompts(
             model, cont_tokens, fwd_hooks, models.cache_rows(cache, src), cont_mask
         )
         cont_hidden.update({c: h[k] for k, c in enumerate(ids)})
+    return hidden[:, -1], cont_hidden
+
+
+@torch.no_grad()
+def _score_prompts(
+    model: HookedTransformer, the_plan: Plan, group: list[int], budget: int, fwd_hooks
+) -> dict[int, float]:
+    """NLL of every pair whose prompt is in ``group`` (prompt indices)."""
+    last, cont_hidden = hidden_states(model, the_plan, group, budget, fwd_hooks)
+    row_of = {p: r for r, p in enumerate(group)}
     # every answer token's predicting hidden state, unembedded together
     members = [i for i, p in enumerate(the_plan.pair_prompt) if p in row_of]
     picked, target, owner = [], [], []

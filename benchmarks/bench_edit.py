@@ -1,99 +1,185 @@
-"""Benchmark: a ROME edit with and without SADR, and the covariance computation.
+"""Benchmark: editing speed, the prefix-cached value optimisation against the full forward.
 
-Edits the same request of the embedded dataset on the embedded SmolLM2 with plain ROME and
-with ROME+SADR (γ = 0.01), the same number of optimisation steps each (early stopping off),
-side by side in one process, and prints the wall time per edit and per step and their ratio.
-Then computes C = E[kkᵀ] at the edit layer from a fresh corpus in a subprocess and prints its
-time and peak memory (against a subprocess that only loads the model).
+Everything runs side by side in one process, on the same request, weights, templates and
+covariance; the printed ratios are what the targets refer to:
 
-    python benchmarks/bench_edit.py [--steps 20] [--record 0] [--cov-tokens 20000]
+1. **value step** (forward + backward of L(δ)): only the δ-dependent positions from layer L+1
+   with a prefix key-value cache (new) vs every position from layer L (the full forward, the
+   reference): ``new / full``; and ``ROME+SADR / ROME`` per step (new path); peak memory of a
+   step (torch allocations);
+2. **whole edit** (templates and C cached, as in a sweep): ROME and ROME+SADR at the preset,
+   full forward (old) vs prefix cache (new);
+3. **a sweep record**: one record under ROME and ROME+SADR, edit + every probe before and after
+   + drift: the old loop (full-forward edits, the unedited scores and the vanilla attention
+   recomputed for every setting) vs :func:`attndrift.sweep.run`;
+4. **steps run** under each preset (ROME, ROME+SADR, MEMIT, MEMIT+SADR) on a few records:
+   how often early stopping triggers.
+
+    python benchmarks/bench_edit.py [--data merged_counterfact_dev.json --record 1]
+        [--model smollm2-135m | gpt2-random] [--device cuda] [--reps 5] [--steps-records 3]
 """
 
 import argparse
 import dataclasses
-import json
-import os
-import subprocess
-import sys
+import statistics
 import tempfile
 import time
+from pathlib import Path
 
-from attndrift import data, models, rome, sadr, value
+import torch
+from _common import peak_bytes
 
-CHILD = r"""
-import json, resource, sys, time
-from attndrift import covariance, models
-model = models.load_model("smollm2-135m")
-out = {"load_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-if sys.argv[1] != "load-only":
-    cfg = covariance.CovarianceConfig(n_tokens=int(sys.argv[2]))
-    t = time.perf_counter()
-    texts = covariance.corpus_texts(model, cfg)
-    out["corpus_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    c, used = covariance.second_moment(model, int(sys.argv[1]), texts, n_tokens=cfg.n_tokens)
-    out["moment_s"] = time.perf_counter() - t
-    out["tokens"] = used
-out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps(out))
-"""
+from attndrift import data, drift, evaluation, models, results, rome, sadr, setting, sweep, value
+from attndrift.version import __version__, git_revision
+
+GAMMA = 0.2
 
 
-def _child(*args: str, cache: str) -> dict:
-    env = dict(os.environ, ATTNDRIFT_CACHE=cache)
-    # the converted model is shared; corpora and statistics are fresh
-    res = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True,
-                         text=True, check=True)  # fmt: skip
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def _step(objective: value.ValueObjective) -> float:
+    """Seconds of one forward + backward of L(δ) at a fixed non-zero δ."""
+    g = torch.Generator().manual_seed(0)
+    delta = (torch.randn(objective.init.shape, generator=g) * 0.1).to(objective.init.device)
+    delta.requires_grad_(True)
+    with value.frozen(objective.model):
+        t = time.perf_counter()
+        objective(delta).total.backward()
+        if delta.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+
+def step_ratios(model, req, cfg, templates, reps: int) -> None:
+    layer, hook = cfg.layer, models.mlp_out_hook(cfg.layer)
+
+    def objective(cached: bool, s) -> value.ValueObjective:
+        vcfg = dataclasses.replace(cfg.value, prefix_cache=cached)
+        return value.ValueObjective(model, req, hook, layer, templates, vcfg, s)
+
+    objs = {
+        "full": objective(False, None),
+        "new": objective(True, None),
+        "new+SADR": objective(True, sadr.SadrConfig(GAMMA)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in objs}
+    for obj in objs.values():  # warm-up
+        _step(obj)
+    for _ in range(reps):  # interleaved, so that a slow moment hits every variant
+        for name, obj in objs.items():
+            times[name].append(_step(obj))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"value step ({objs['full'].step_shape[0]} rows; positions per row run each step: "
+          f"full {objs['full'].step_shape[1]} from layer {layer}, new "
+          f"{objs['new'].step_shape[1]} from layer {layer + 1}), median of {reps}:")  # fmt: skip
+    for k, v in med.items():
+        print(f"  {k:<9} {v * 1e3:7.0f} ms")
+    print(f"  ratio new / full:      {med['new'] / med['full']:.2f}x   (target <= 0.4x)")
+    print(f"  ratio ROME+SADR / ROME: {med['new+SADR'] / med['new']:.2f}x   (target <= 1.1x)")
+    peaks = {k: peak_bytes(lambda o=o: _step(o))[0] for k, o in objs.items()}
+    print(
+        "  peak memory of a step: "
+        + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in peaks.items())
+    )
+
+
+def whole_edits(model, req, cfg, templates, cov) -> None:
+    print("whole edit at the preset (templates and C cached):")
+    for name, s in (("ROME", None), ("ROME+SADR", sadr.SadrConfig(GAMMA))):
+        t = {}
+        for label, cached in (("old", False), ("new", True)):
+            c = dataclasses.replace(cfg, value=dataclasses.replace(cfg.value, prefix_cache=cached))
+            t0 = time.perf_counter()
+            e = rome.edit(model, req, c, sadr=s, cov=cov, templates=templates)
+            t[label] = time.perf_counter() - t0
+            steps = e.info["steps_run"]
+        print(f"  {name:<9} old {t['old']:6.1f} s, new {t['new']:6.1f} s ({steps} steps): "
+              f"old / new {t['old'] / t['new']:.2f}x")  # fmt: skip
+
+
+def _old_record(model, record, settings) -> float:
+    """The sweep loop before this change, for one record (returns seconds)."""
+    editor = setting.Editor(model)
+    t0 = time.perf_counter()
+    for s in settings:
+        evaluation.evaluate(model, [record])  # the unedited scores, again for every setting
+        cfg = s.config(model)
+        cfg = dataclasses.replace(cfg, value=dataclasses.replace(cfg.value, prefix_cache=False))
+        cov = editor.covariance(cfg, cfg.layer)
+        e = rome.edit(model, record.request, cfg, sadr=s.sadr(), cov=cov,
+                      templates=editor.templates(cfg))  # fmt: skip
+        edited = models.Variant(model, e.hooks(model))
+        evaluation.evaluate(edited, [record])
+        probes = [p for p in record.probes(sweep.DRIFT_KINDS) if p.subject in p.prompt]
+        if probes:  # the vanilla attention, again for every setting
+            drift.measure(model, edited, [p.prompt for p in probes], [p.subject for p in probes])
+    return time.perf_counter() - t0
+
+
+def sweep_record(model, record) -> None:
+    settings = [setting.Setting(), setting.Setting(sadr_gamma=GAMMA)]
+    old = _old_record(model, record, settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        sweep.run(model, [record], settings, Path(tmp) / "r.jsonl", progress=False)
+        new = time.perf_counter() - t0
+        (line,) = [x for x in results.read(Path(tmp) / "r.jsonl") if x.setting.sadr_gamma]
+    print(f"sweep record {record.id} (ROME and ROME+SADR, every probe, drift): old {old:.1f} s, "
+          f"new {new:.1f} s: old / new {old / new:.2f}x")  # fmt: skip
+    print("  where a ROME+SADR line's time goes: " + ", ".join(
+        f"{k} {v:.2f} s" for k, v in line.seconds.items()))  # fmt: skip
+
+
+def steps_per_preset(model, records) -> None:
+    editor = setting.Editor(model)
+    rows = {
+        "ROME": setting.Setting(),
+        f"ROME+SADR γ={GAMMA}": setting.Setting(sadr_gamma=GAMMA),
+        "MEMIT": setting.Setting("memit"),
+        f"MEMIT+SADR γ={GAMMA / 2:g}": setting.Setting("memit", GAMMA / 2),
+    }
+    print(f"steps run under each preset ({len(records)} records; early stopping = fewer than "
+          "the budget):")  # fmt: skip
+    for name, s in rows.items():
+        cfg = s.config(model)
+        budget = cfg.value.steps if not s.sadr_gamma or cfg.sadr_steps is None else cfg.sadr_steps
+        steps = [editor(s, [r.request]).info["steps_run"] for r in records]
+        stopped = sum(n < budget for n in steps)
+        rule = f"{cfg.value.early_stop_on} < {cfg.value.early_stop_loss:g}"
+        print(f"  {name:<18} budget {budget:3d}, stop on {rule}: steps {steps}, "
+              f"stopped early {stopped}/{len(steps)}")  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--record", type=int, default=0)
-    p.add_argument("--cov-tokens", type=int, default=20_000)
-    p.add_argument("--no-cov", action="store_true", help="skip the covariance measurement")
+    p.add_argument("--data", type=Path, default=None, help="default: the embedded dataset")
+    p.add_argument("--record", type=int, default=None, help="default: the first record")
+    p.add_argument("--model", default=models.EMBEDDED_MODEL, help="or gpt2-random (timing only)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--reps", type=int, default=5, help="value steps per variant (median)")
+    p.add_argument("--steps-records", type=int, default=3, help="records of part 4 (0: skip)")
+    p.add_argument("--skip", default="", help="parts to skip, e.g. 3,4")
     a = p.parse_args()
-    model = models.load_model("smollm2-135m")
-    req = data.load_embedded().by_id(a.record).request
+    skip = {int(x) for x in a.skip.split(",") if x}
+    if a.model == "gpt2-random":
+        model = models.tiny_model("gpt2", device=a.device, **models.GPT2_SMALL)
+    else:
+        model = models.load_model(a.model, device=a.device)
+    ds = data.load_dataset(a.data) if a.data else data.load_embedded()
+    record = ds.by_id(a.record) if a.record is not None else ds[0]
     cfg = rome.preset(model)
-    cfg = dataclasses.replace(
-        cfg,
-        covariance=None,  # timed separately below
-        value=dataclasses.replace(cfg.value, steps=a.steps, early_stop_loss=0.0),
-        sadr_steps=None,  # same number of steps with and without SADR
-    )
-    templates = rome.context_templates(model, cfg.templates)
-    print(
-        f"ROME at layer {cfg.layer} of SmolLM2-135M on {req.subject!r}, {a.steps} steps, "
-        f"{len(templates)} templates, {models.model_device(model)}"
-    )
-    times = {}
-    for name, s in (("ROME", None), ("ROME+SADR", sadr.SadrConfig(gamma=0.01))):
-        rome.edit(model, req, dataclasses.replace(cfg, value=value.ValueConfig(steps=2)),
-                  templates=templates, sadr=s)  # fmt: skip
-        t = time.perf_counter()
-        e = rome.edit(model, req, cfg, templates=templates, sadr=s)
-        times[name] = time.perf_counter() - t
-        print(
-            f"{name:<10} {times[name]:6.1f} s per edit, {times[name] / a.steps:5.2f} s per step, "
-            f"final P(o_new) {e.info['final']['p_new']:.3f}"
-        )
-    print(f"ratio ROME+SADR / ROME: {times['ROME+SADR'] / times['ROME']:.2f}x")
-
-    if a.no_cov:
-        return
-    base = models.cache_dir()
-    with tempfile.TemporaryDirectory() as tmp:
-        os.symlink(base / "models", os.path.join(tmp, "models"))
-        idle = _child("load-only", cache=tmp)
-        cov = _child(str(cfg.layer), str(a.cov_tokens), cache=tmp)
-    print(
-        f"covariance at layer {cfg.layer} from {cov['tokens']} self-sampled tokens: sampling "
-        f"{cov['corpus_s']:.0f} s, E[kkᵀ] {cov['moment_s']:.1f} s; peak RSS {cov['peak_mb']:.0f} "
-        f"MB vs {idle['peak_mb']:.0f} MB for loading the model alone "
-        f"(+{cov['peak_mb'] - idle['peak_mb']:.0f} MB)"
-    )
+    editor = setting.Editor(model)
+    templates = editor.templates(cfg)
+    cov = editor.covariance(cfg, cfg.layer)
+    print(f"attndrift {__version__} ({git_revision()}), {model.cfg.model_name} on "
+          f"{models.model_device(model)}, {torch.get_num_threads()} threads; record {record.id}: "
+          f"{record.request.subject!r} -> {record.request.target_new!r}")  # fmt: skip
+    if 1 not in skip:
+        step_ratios(model, record.request, cfg, templates, a.reps)
+    if 2 not in skip:
+        whole_edits(model, record.request, cfg, templates, cov)
+    if 3 not in skip:
+        sweep_record(model, record)
+    if 4 not in skip and a.steps_records:
+        steps_per_preset(model, list(ds.records[: a.steps_records]))
 
 
 if __name__ == "__main__":

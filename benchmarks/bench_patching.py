@@ -16,28 +16,15 @@ On the embedded SmolLM2 and one DNS prompt of the embedded dataset, with a quick
 import argparse
 import dataclasses
 import time
-from collections.abc import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from _common import peak_bytes
 from transformer_lens.patching import generic_activation_patch
 
 from attndrift import capture, data, drift, encoding, models, patching, rome
 from attndrift.version import __version__, git_revision
 
 TL_NAME = {"attn": "pattern", "mlp": "mlp_out"}  # TransformerLens' short activation names
-
-
-def peak_bytes(fn: Callable[[], object]) -> tuple[int, object]:
-    """Peak of live CPU tensor memory allocated while ``fn`` runs (and its result)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak, result
 
 
 def tl_sweep(model, edited, vanilla, prompt, true, new):
