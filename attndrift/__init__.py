@@ -8,6 +8,8 @@ from attndrift import (
     covariance,
     data,
     drift,
+    editors,
+    edits,
     encoding,
     evaluation,
     generation,
@@ -28,7 +30,7 @@ from attndrift import (
 )
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import Dataset, EditRequest, Probe, Record, load_dataset, load_embedded
-from attndrift.edit import Edit, applied
+from attndrift.edits import Edit, applied
 from attndrift.evaluation import Evaluation, evaluate
 from attndrift.memit import MemitConfig
 from attndrift.models import EMBEDDED_MODEL, Variant, load_model, tiny_model
@@ -57,6 +59,8 @@ __all__ = [
     "covariance",
     "data",
     "drift",
+    "editors",
+    "edits",
     "encoding",
     "evaluate",
     "evaluation",

@@ -191,7 +191,7 @@ def record(
     """One forward pass (no gradients) keeping ``selections`` (see :class:`Recorder`)."""
     v = models.as_variant(model)
     rec = Recorder(selections)
-    with torch.no_grad(), v.model.hooks(fwd_hooks=[*v.hooks, *rec.hooks]):
+    with torch.no_grad(), models.hooked(v.model, [*v.hooks, *rec.hooks]):
         v.model(tokens, stop_at_layer=stop_at_layer, return_type=None)
     return rec.values()
 
@@ -264,6 +264,6 @@ def full(
     Memory grows with ``layers x heads x pos²``: for reference checks and benchmarks only.
     """
     v = models.as_variant(model)
-    with v.model.hooks(fwd_hooks=list(v.hooks)):
+    with models.hooked(v.model, v.hooks):
         _, cache = v.model.run_with_cache(tokens)
     return cache

@@ -295,8 +295,10 @@ def demo_command(args) -> int:
     print(demo._drift_table(result).to_string(float_format=lambda x: f"{x:.3f}"))
     print("\nbest restoring patch per component (ROME edit):")
     print(demo._best_patches(result.patches).to_string(float_format=lambda x: f"{x:.3f}"))
-    print("\nsmall sweep:")
-    print(demo._sweep_table(result.sweep_lines).to_string())
+    print(f"\nsmall sweep (% of probes right [95 % Wilson interval], † under {demo.SMALL_N}):")
+    small = demo._sweep_small_n(result.sweep_lines)
+    sweep_table = demo._sweep_table(result.sweep_lines).where(~small, lambda t: t + " †")
+    print(sweep_table.T.rename_axis("metric").to_string())  # metrics as rows: cells are wide
     footer = (
         f"attndrift {__version__} ({git_revision()}), model {model.cfg.model_name} on "
         f"{models.model_device(model)}, {time.perf_counter() - t0:.0f} s"
@@ -386,7 +388,7 @@ def edit_command(args) -> int:
     """Edit a fact given on the command line or as a record of a data file, print probe
     probabilities before and after, and optionally save the edit."""
     from attndrift import data, scoring
-    from attndrift.edit import applied
+    from attndrift.edits import applied
 
     p = argparse.ArgumentParser(prog="attndrift edit", description=edit_command.__doc__)
     _model_args(p)
@@ -404,7 +406,9 @@ def edit_command(args) -> int:
         ds = data.load_dataset(a.data) if a.data else data.load_embedded()
         record = ds.by_id(a.record)
     elif a.subject and a.prompt and a.new and a.true:
-        request = data.EditRequest(a.subject, a.prompt, a.new, a.true)
+        request = data.EditRequest(
+            subject=a.subject, prompt=a.prompt, target_true=a.true, target_new=a.new
+        )
         record = data.Record(0, request, neighborhood=tuple((n, a.true) for n in a.neighbor))
     else:
         p.error("give --record ID, or all of --subject --prompt --new --true")
@@ -420,7 +424,7 @@ def edit_command(args) -> int:
     r = record.request
     print(
         f"\nedit: {r.subject!r}: {r.target_true!r} -> {r.target_new!r} with {e.editor} "
-        f"(layers {list(e.layers)}, {e.info['seconds']:.1f} s)"
+        f"(layers {list(e.layers)}, {e.run.seconds:.1f} s)"
     )
     print(f"{'probe':<5} {'P(right) before -> after':>26} {'P(wrong) before -> after':>26}  prompt")
     for i, probe in enumerate(probes):
@@ -447,7 +451,7 @@ def _analysis_edit_args(p: argparse.ArgumentParser) -> None:
 def _analysis_setup(a):
     """(record, model, edit, edited variant) for the drift and patch commands."""
     from attndrift import models
-    from attndrift.edit import Edit
+    from attndrift.edits import Edit
 
     if a.edit is not None:
         changed = [f.name for f, _ in _setting_fields() if getattr(a, f.name) not in (None, False)]
@@ -469,11 +473,11 @@ def _analysis_setup(a):
         e = make_edit(model, [record.request], settings_from_args(a)[0])
         a.out.mkdir(parents=True, exist_ok=True)
         e.save(a.out / "edit.safetensors")
-        cov = e.hparams.get("covariance")
-        cov_text = "identity covariance" if cov is None else f"C from {cov['n_tokens']} tokens"
+        cov = e.run.config.covariance
+        cov_text = "identity covariance" if cov is None else f"C from {cov.n_tokens} tokens"
         print(
             f"{e.editor} edit at layers {list(e.layers)} ({cov_text}) in "
-            f"{e.info['seconds']:.1f} s; saved to {a.out / 'edit.safetensors'}"
+            f"{e.run.seconds:.1f} s; saved to {a.out / 'edit.safetensors'}"
         )
     r = record.request
     print(f"record {record.id}: {r.subject!r}: {r.target_true!r} -> {r.target_new!r}")

@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from attndrift import encoding, generation, models
+from attndrift import capture, encoding, generation, models
 
 log = logging.getLogger(__name__)
 
@@ -164,18 +164,9 @@ def second_moment(
             break
         chunk = rows[start : start + per_batch]
         tokens = encoding.pad(model, chunk)
-        store: dict[str, Tensor] = {}
-
-        def keep(k: Tensor, hook, store=store) -> None:
-            store["k"] = k
-
-        model.run_with_hooks(
-            tokens,
-            return_type=None,
-            stop_at_layer=layer + 1,
-            fwd_hooks=[(models.mlp_key_hook(layer), keep)],
-        )
-        keys = torch.cat([store["k"][i, n_bos : len(r)] for i, r in enumerate(chunk)])
+        name = models.mlp_key_hook(layer)
+        k = capture.record(model, tokens, {name: None}, stop_at_layer=layer + 1)[name]
+        keys = torch.cat([k[i, n_bos : len(r)] for i, r in enumerate(chunk)])  # [tokens, d_mlp]
         keys = keys[: n_tokens - used].float()
         total += (keys.T @ keys).double()
         used += keys.shape[0]

@@ -49,17 +49,20 @@ class DataError(ValueError):
         super().__init__(f"record {record}: field {field_name!r}: {problem}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EditRequest:
     """Rewrite ``subject``'s object in ``prompt`` from ``target_true`` to ``target_new``.
 
     ``prompt`` contains the subject, e.g. ``"The Eiffel Tower is located in the city of"``.
+    Fields are keyword-only: ``EditRequest(subject=…, prompt=…, target_true=…,
+    target_new=…)``, so that the two objects cannot be swapped by position (everywhere in
+    attndrift the true object comes before the new one).
     """
 
     subject: str
     prompt: str
-    target_new: str
     target_true: str
+    target_new: str
     relation_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -282,7 +285,9 @@ def _request(rid, subject: str, prompt: str, new: str, true: str, relation) -> E
         raise DataError(rid, "requested_rewrite.prompt", f"does not contain subject {subject!r}")
     if new.strip() == true.strip():
         raise DataError(rid, "requested_rewrite.target_new", "equals target_true")
-    return EditRequest(subject, prompt, new, true, relation)
+    return EditRequest(
+        subject=subject, prompt=prompt, target_true=true, target_new=new, relation_id=relation
+    )
 
 
 def _prompt_list(item: dict, key: str, rid) -> tuple[str, ...] | None:

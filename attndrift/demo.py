@@ -10,12 +10,14 @@
 5. A small resumable sweep over a few more embedded records (ROME vs ROME+SADR).
 
 :func:`run` computes (and writes only the sweep's own results file); :func:`sections` turns the
-result into report sections; :func:`to_json` into a JSON-able dict. The CLI saves both.
+result into report sections, led by one headline figure (P(o_true) and P(o_new) on the
+distracting-neighbour prompts per model); :func:`to_json` into a JSON-able dict. The CLI saves
+both.
 """
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -38,7 +40,7 @@ from attndrift import (
     summary,
     sweep,
 )
-from attndrift.edit import Edit
+from attndrift.edits import Edit
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class DemoResult:
     sweep_lines: list[results.Line]
     sweep_path: Path
     seconds: dict[str, float] = field(default_factory=dict)
+    #: per edit, the prompt of its largest drift factor (the one of its ``attention`` figure)
+    attention_prompts: dict[str, str] = field(default_factory=dict)
 
 
 def run(
@@ -91,7 +95,7 @@ def run(
     edits = {name: editor(s, [record.request]) for name, s in settings.items()}
     seconds["edits"] = time.perf_counter() - t
     for name, e in edits.items():
-        seconds[f"edit {name}"] = e.info["seconds"]
+        seconds[f"edit {name}"] = e.run.seconds
 
     t = time.perf_counter()
     probes = [p for k in SHOWN_KINDS for p in record.probes([k])]
@@ -106,7 +110,7 @@ def run(
     t = time.perf_counter()
     drift_probes = [p for p in record.probes(("RS", "DNS")) if p.subject in p.prompt]
     prompts, subjects = [p.prompt for p in drift_probes], [p.subject for p in drift_probes]
-    drifts, attention = {}, {}
+    drifts, attention, attention_prompts = {}, {}, {}
     for name, variant in _variants(model, edits):
         d = drift.measure(model, variant, prompts, subjects)
         drifts[name] = d
@@ -118,6 +122,7 @@ def run(
         fig = plotting.attention_rows(pair, tokens, heads)
         fig.update_layout(title=f"{name}: most drifting heads on {prompts[worst]!r}")
         attention[name] = fig
+        attention_prompts[name] = prompts[worst]
     seconds["drift"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -142,7 +147,17 @@ def run(
     lines = results.load([path])
     seconds["sweep"] = time.perf_counter() - t
     return DemoResult(
-        record, edits, table, drifts, attention, patches, patch_probe.prompt, lines, path, seconds
+        record,
+        edits,
+        table,
+        drifts,
+        attention,
+        patches,
+        patch_probe.prompt,
+        lines,
+        path,
+        seconds,
+        attention_prompts,
     )
 
 
@@ -150,11 +165,105 @@ def _variants(model, edits):
     return [(name, models.Variant(model, e.hooks(model), name=name)) for name, e in edits.items()]
 
 
+#: metrics resting on fewer probes are marked as too few to read
+SMALL_N = 20
+#: the models of the probe table and the headline figure, in order
+MODELS = ("unedited", "ROME", "ROME+SADR")
+
+
+def _setting_label(key: str, lines: list[results.Line]) -> str:
+    """``"ROME"``, ``"ROME+SADR γ=0.2"``, with the remaining options of the key in brackets."""
+    if key == "none":
+        return "unedited"
+    s = next(x.setting for x in lines if x.setting.key == key)
+    name = s.editor.upper() if s.sadr_gamma == 0 else f"{s.editor.upper()}+SADR γ={s.sadr_gamma:g}"
+    rest = [p for p in key.split("|")[2:] if p]
+    return f"{name} ({', '.join(rest)})" if rest else name
+
+
+def _sweep_summaries(lines: list[results.Line]) -> dict[str, metrics.Summary]:
+    return {_setting_label(k, lines): v for k, v in summary.by_setting(lines).items()}
+
+
 def _sweep_table(lines: list[results.Line]) -> pd.DataFrame:
-    summaries = summary.by_setting(lines)
-    names = {"none": "unedited", "rome|g=0": "ROME"}
-    rows = {names.get(k, k.replace("rome|g=", "ROME+SADR γ=")): v for k, v in summaries.items()}
-    return metrics.table(rows)
+    """The small sweep's metrics per setting, with 95 % Wilson intervals and probe counts."""
+    return metrics.table(_sweep_summaries(lines), interval="wilson")
+
+
+def _sweep_small_n(lines: list[results.Line]) -> pd.DataFrame:
+    """True where a cell of :func:`_sweep_table` rests on some but fewer than :data:`SMALL_N`
+    probes (the Score: where any of its metrics does)."""
+    frame = _sweep_table(lines)
+    small = pd.DataFrame(False, index=frame.index, columns=frame.columns)
+    for name, s in _sweep_summaries(lines).items():
+        for k in frame.columns:
+            if k in s.metrics:
+                small.loc[name, k] = 0 < s.metrics[k].n < SMALL_N
+        if "Score" in frame.columns:
+            small.loc[name, "Score"] = any(s.metrics[k].n < SMALL_N for k in s.score_kinds)
+    return small
+
+
+def _probe_table(probes: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The probe table as shown (full prompts, ``P(right) / P(wrong)`` per model) and the
+    mask of its failed cells (P(right) ≤ P(wrong))."""
+    names = [m for m in MODELS if f"P(right) {m}" in probes.columns]
+    group = "P(right) / P(wrong)"
+    shown = pd.DataFrame(
+        {
+            ("", "probe"): probes["kind"].to_numpy(),
+            ("", "prompt"): probes["prompt"].to_numpy(),
+            ("", "right"): probes["right"].to_numpy(),
+            ("", "wrong"): probes["wrong"].to_numpy(),
+        }
+    )
+    fails = {}
+    for m in names:
+        shown[(group, m)] = [
+            f"{r:.3f} / {w:.3f}"
+            for r, w in zip(probes[f"P(right) {m}"], probes[f"P(wrong) {m}"], strict=True)
+        ]
+        fails[(group, m)] = ~probes[f"ok {m}"].to_numpy(bool)
+    shown.columns = pd.MultiIndex.from_tuples(shown.columns)
+    failed = pd.DataFrame(fails, index=shown.index)
+    failed.columns = pd.MultiIndex.from_tuples(failed.columns)
+    return shown, failed
+
+
+def _headline(result: DemoResult) -> report.Figure:
+    """P(o_true) and P(o_new) on the record's distracting-neighbour probes, per model."""
+    probes = result.probes
+    kind = "DNS" if (probes["kind"] == "DNS").any() else "RS"
+    part = probes[probes["kind"] == kind]
+    names = [m for m in MODELS if f"P(right) {m}" in probes.columns]
+    # DNS and RS probes: right = o_true, wrong = o_new
+    p_true = {m: part[f"P(right) {m}"].to_numpy(float) for m in names}
+    p_new = {m: part[f"P(wrong) {m}"].to_numpy(float) for m in names}
+    fig = plotting.headline(p_true, p_new, prompts=list(part["prompt"]))
+    r = result.record.request
+    means = ", ".join(f"{p_new[m].mean():.3f} {m}" for m in names)
+    if kind == "DNS":
+        what = (
+            f"P(o_true = {r.target_true!r}, blue) and P(o_new = {r.target_new!r}, red) on the "
+            f"{len(part)} distracting-neighbour prompts of record {result.record.id} (a "
+            f"question about another subject, whose answer stays {r.target_true!r}, asked "
+            f"right after the edited fact stated with {r.target_new!r})"
+        )
+    else:  # a record without neighbours: its relation prompts (right: the relation's answer)
+        what = (
+            f"P(right answer, blue) and P(o_new = {r.target_new!r}, red) on the {len(part)} "
+            f"relation prompts of record {result.record.id} (other questions about "
+            f"{r.subject!r}, whose answers the edit should keep)"
+        )
+    caption = (
+        f"{what}, per model: dots are single prompts, dashes their means; mean P(o_new): {means}."
+    )
+    return report.Figure(_paper(fig), caption)
+
+
+def _paper(fig: go.Figure) -> go.Figure:
+    """The report's figure style: white background, readable font."""
+    return fig.update_layout(template="plotly_white", font={"size": 13})
 
 
 def _drift_table(result: DemoResult) -> pd.DataFrame:
@@ -178,28 +287,97 @@ def sections(result: DemoResult) -> list[report.Section]:
     """Report sections of a demo result."""
     r = result.record.request
     e_rome, e_sadr = result.edits["ROME"], result.edits["ROME+SADR"]
-    probes = result.probes.copy()
-    probes["prompt"] = probes["prompt"].str.slice(-80)
+    probes, failed = _probe_table(result.probes)
+    sweep_table, small = _sweep_table(result.sweep_lines), _sweep_small_n(result.sweep_lines)
+    n_records = len({x.record for x in result.sweep_lines})
+    n_drift = len(next(iter(result.drifts.values())).prompts) if result.drifts else 0
+    zmax = plotting.common_zmax(list(result.drifts.values())) if result.drifts else None
+    attention = []
+    for name, fig in result.attention.items():
+        heads = len(fig.layout.annotations)  # one subplot title per head
+        prompt = result.attention_prompts.get(name)
+        on = f"{prompt!r} (the prompt with the largest drift factor)" if prompt else "a prompt"
+        attention.append(
+            report.Figure(
+                _paper(go.Figure(fig)).update_layout(
+                    title_text="", height=130 * max(heads, 1) + 100, margin={"t": 50}
+                ),
+                f"{name}: attention of the last token over the tokens of {on}, vanilla (blue) "
+                "vs edited (red), in the heads whose attention to the subject's last token "
+                "grew most.",
+            )
+        )
+    sweep_paragraphs = [
+        f"{n_records} more record{'s' if n_records != 1 else ''} of the embedded dataset, "
+        f"ROME vs ROME+SADR; results in {result.sweep_path}."
+    ]
+    counts = [
+        m.n for x in _sweep_summaries(result.sweep_lines).values() for m in x.metrics.values()
+    ]
+    if max(counts, default=0) < SMALL_N:
+        sweep_paragraphs.append(
+            f"Too few probes to read: every number here rests on fewer than {SMALL_N} probes "
+            f"({n_records} record{'s' if n_records != 1 else ''}), so this table shows that "
+            "the sweep runs, not how the editors compare; attndrift sweep on more records "
+            "gives numbers to compare."
+        )
+    sweep_notes = [
+        "Each cell: % of probes with P(right) > P(wrong) [95 % Wilson score interval] "
+        "(n = number of probes). Score: harmonic mean of ES, PS, NS, RS and DNS.",
+        f"† fewer than {SMALL_N} probes: too few to read (the interval is tens of points wide).",
+    ]
+    drift_figures = []
+    if result.drifts:
+        drift_figures.append(
+            report.Figure(
+                _paper(plotting.drift_heatmaps(result.drifts, zmax=zmax)).update_layout(
+                    title_text="", margin={"t": 40}, height=420
+                ),
+                f"Δ attention (edited − vanilla) from the last token to the subject's last "
+                f"token, per layer and head, mean over {n_drift} prompts, for each edit on one "
+                f"colour scale (±{zmax:.3f}): red = more attention to the subject after the "
+                "edit.",
+            )
+        )
+    patch_figure = report.Figure(
+        _paper(plotting.patching_heatmap(result.patches, "p_true")).update_layout(
+            title_text="", margin={"t": 50}
+        ),
+        "P(o_true) of the ROME-edited model with the attention output (left) or the MLP "
+        "output (right) of one layer window at one token restored to its vanilla value; "
+        "bright cells restore the true answer.",
+    )
+    covariance = (
+        "identity covariance (quick and crude: no C⁻¹ adjustment)"
+        if e_rome.run.config.covariance is None
+        else "covariance from the preset's corpus"
+    )
     out = [
+        report.Section("At a glance", figures=[_headline(result)]),
         report.Section(
             "1. The edit",
             [
                 f"Record {result.record.id} of the embedded dataset: {r.subject!r}, "
                 f"{r.prompt!r}: {r.target_true!r} → {r.target_new!r}.",
-                f"ROME at layer {e_rome.layers[0]} ({e_rome.info['steps_run']} steps, "
-                f"{e_rome.info['seconds']:.0f} s) and ROME+SADR "
-                f"(γ = {e_sadr.info['sadr']['gamma']}, {e_sadr.info['steps_run']} steps, "
-                f"{e_sadr.info['seconds']:.0f} s); covariance from the preset's corpus.",
+                f"ROME at layer {e_rome.layers[0]} ({e_rome.run.steps_run} steps, "
+                f"{e_rome.run.seconds:.0f} s) and ROME+SADR "
+                f"(γ = {e_sadr.run.sadr.gamma}, {e_sadr.run.steps_run} steps, "
+                f"{e_sadr.run.seconds:.0f} s); {covariance}.",
             ],
         ),
         report.Section(
             "2. Specificity failure",
             [
-                "P(right) and P(wrong) of each probe (a probe succeeds when P(right) > "
-                "P(wrong)). Efficacy (ES) should flip to the new object; neighbour (NS), "
-                "relation (RS) and distracted probes (DNS, RS_D) should keep their answers."
+                "P(right) and P(wrong) of each probe under each model; a probe succeeds when "
+                "P(right) > P(wrong). Efficacy (ES) and paraphrase (PS) probes should flip to "
+                "the new object; neighbour (NS), relation (RS) and distracted probes (DNS, "
+                "RS_D: the same prompts after the edited fact) should keep their answers."
             ],
-            tables=[probes],
+            tables=[report.table(probes, failed, wrap=[("", "prompt")], group=("", "probe"))],
+            notes=[
+                "✗ on red: the probe fails under that model (P(right) ≤ P(wrong)). The "
+                "unedited model fails ES and PS by design: it does not know the new fact yet."
+            ],
         ),
         report.Section(
             "3. Attention drift",
@@ -209,14 +387,8 @@ def sections(result: DemoResult) -> list[report.Section]:
                 "and distracting-neighbour prompts. The drift factor of a prompt is the "
                 "largest such change over heads and layers."
             ],
-            tables=[_drift_table(result)],
-            figures=[
-                *(
-                    plotting.drift_heatmap(d, "delta").update_layout(title=f"{n}: Δ attention")
-                    for n, d in result.drifts.items()
-                ),
-                *result.attention.values(),
-            ],
+            tables=[report.table(_drift_table(result))],
+            figures=[*drift_figures, *attention],
         ),
         report.Section(
             "4. Restoring patches (ROME edit)",
@@ -225,17 +397,15 @@ def sections(result: DemoResult) -> list[report.Section]:
                 "component replaced by the vanilla model's value at one layer window and "
                 "position. P(o_true) after patching (higher = restored)."
             ],
-            tables=[_best_patches(result.patches)],
-            figures=[plotting.patching_heatmap(result.patches, "p_true")],
+            tables=[report.table(_best_patches(result.patches))],
+            figures=[patch_figure],
         ),
         report.Section(
             "5. Small sweep",
-            [
-                f"{len({x.record for x in result.sweep_lines})} more records of the embedded "
-                f"dataset, ROME vs ROME+SADR; results in {result.sweep_path}."
-            ],
-            tables=[_sweep_table(result.sweep_lines)],
-            notes=["% of probes with P(right) > P(wrong), ± 95 % normal interval."],
+            sweep_paragraphs,
+            # metrics as rows: the Wilson cells are wide
+            tables=[report.table(sweep_table.T.rename_axis("metric"), uncertain=small.T)],
+            notes=sweep_notes,
         ),
     ]
     return out
@@ -258,9 +428,9 @@ def to_json(result: DemoResult) -> dict:
             n: {
                 "editor": e.editor,
                 "layers": list(e.layers),
-                "seconds": e.info["seconds"],
-                "steps_run": e.info["steps_run"],
-                "final": e.info["final"],
+                "seconds": e.run.seconds,
+                "steps_run": e.run.steps_run,
+                "final": asdict(e.run.final),
             }
             for n, e in result.edits.items()
         },

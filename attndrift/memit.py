@@ -13,51 +13,41 @@ For a batch of requests:
    * R ``[n, d_model]``: (z_i − current residual at L_last) / (number of layers left);
    * ``ΔW = (λ C + K Kᵀ)⁻¹ K R`` in the ``[d_mlp, d_model]`` layout (λ = mom2_update_weight).
 
-:func:`edit` returns an :class:`attndrift.edit.Edit` with one factor pair per layer
+:func:`edit` returns an :class:`attndrift.edits.Edit` with one factor pair per layer
 (``left = (λC + KKᵀ)⁻¹K``, ``right = R``); the model is unchanged on return.
 """
 
-import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from transformer_lens import HookedTransformer
 
-from attndrift import covariance, models, rome, value
-from attndrift import edit as edit_module
+from attndrift import covariance, editors, models, value
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
-from attndrift.edit import Edit
-from attndrift.rome import TemplateConfig
+from attndrift.editors import EditorConfig, TemplateConfig
+from attndrift.edits import Edit, restored
 from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class MemitConfig:
+@dataclass(frozen=True, kw_only=True)
+class MemitConfig(EditorConfig):
     """MEMIT hyper-parameters (defaults: MEMIT's released GPT-J values but the layers).
 
-    Attributes:
-        layers: the edited MLP layers, ascending; z is optimised after the last one.
-        value: the z optimisation (MEMIT clamps δ to 0.75 ‖z⁰‖ on GPT-J).
-        templates: context templates (for z and for the averaged keys).
-        covariance: where C comes from; ``None`` uses the identity.
-        mom2_update_weight: λ in ``(λ C + K Kᵀ)``.
-        sadr_steps: z steps when SADR is on (γ > 0); ``None`` keeps ``value.steps``.
+    With the fields of :class:`attndrift.editors.EditorConfig`; MEMIT clamps δ to
+    0.75 ‖z⁰‖ on GPT-J.
     """
 
-    layers: tuple[int, ...]
+    layers: tuple[int, ...]  # the edited MLP layers, ascending; z is optimised after the last
     value: ValueConfig = field(
         default_factory=lambda: ValueConfig(steps=25, clamp_norm_factor=0.75)
-    )
-    templates: TemplateConfig = field(default_factory=TemplateConfig)
-    covariance: CovarianceConfig | None = field(default_factory=CovarianceConfig)
-    mom2_update_weight: float = 15000.0
-    sadr_steps: int | None = None
+    )  # MEMIT's z optimisation
+    mom2_update_weight: float = 15000.0  # λ in (λ C + K Kᵀ)
 
     def __post_init__(self) -> None:
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
@@ -111,10 +101,10 @@ def _mean_keys(model, requests, layer, templates) -> torch.Tensor:
     """[n, d_mlp]: each request's key at s_last averaged over the templates."""
     prompts, subjects = [], []
     for r in requests:
-        prompts += [value.fill(t, r.prompt) for t in templates]
+        prompts += editors.filled(templates, r.prompt)
         subjects += [r.subject] * len(templates)
     name = models.mlp_key_hook(layer)
-    keys = rome.read_at_subject(model, prompts, subjects, [name], layer + 1)[name]
+    keys = editors.keys_at_subject(model, prompts, subjects, [name], layer + 1)[name]
     return keys.view(len(requests), len(templates), -1).mean(1)
 
 
@@ -154,66 +144,37 @@ def edit(
         raise ValueError("MEMIT needs at least one request")
     for layer in cfg.layers:
         models.check_layer(model, layer)
-    clock = rome._Clock()
+    clock = editors.Clock()
     if templates is None:
-        templates = rome.context_templates(model, cfg.templates)
+        templates = editors.context_templates(model, cfg.templates)
     clock.lap("templates")
     z_layer = cfg.layers[-1]
     z_name = models.resid_post_hook(z_layer)
-
-    value_cfg = cfg.value
-    if sadr is not None and sadr.gamma > 0 and cfg.sadr_steps is not None:
-        value_cfg = dataclasses.replace(value_cfg, steps=cfg.sadr_steps)
-    targets, traces = [], []
+    value_cfg = editors.value_config(cfg, sadr)
+    results = []
     for i, r in enumerate(requests):
         objective = value.ValueObjective(model, r, z_name, z_layer, templates, value_cfg, sadr)
-        result = value.optimise_value(objective, progress=progress, desc=f"MEMIT z {i}")
-        targets.append(result.target)
-        traces.append([asdict(s) for s in result.trace])
-    z = torch.stack(targets)  # [n, d_model]
+        results.append(value.optimise_value(objective, progress=progress, desc=f"MEMIT z {i}"))
+    z = torch.stack([x.target for x in results])  # [n, d_model]
     clock.lap("value_steps")
-
     # every C from the unedited weights, before the loop below changes the lower layers (also
     # keeps the on-disk cache key, which hashes the weights, the same for every layer)
     cov_of = {layer: _layer_cov(model, layer, cfg, covs, progress) for layer in cfg.layers}
     clock.lap("covariance")
-    lefts, rights = [], []
-    with edit_module.restored(model, cfg.layers):
+    factors = []
+    with restored(model, cfg.layers):
         for i, layer in enumerate(cfg.layers):
             keys = _mean_keys(model, requests, layer, templates).double().T  # [d_mlp, n]
-            current = rome.read_at_subject(
-                model,
-                [r.prompt for r in requests],
-                [r.subject for r in requests],
-                [z_name],
-                z_layer + 1,
-            )[z_name]  # [n, d_model]
-            resid = (z - current).double() / (len(cfg.layers) - i)  # [n, d_model]
-            cov = cov_of[layer]
-            left = torch.linalg.solve(cfg.mom2_update_weight * cov + keys @ keys.T, keys)
-            dtype = model.cfg.dtype
-            lefts.append(left.to(dtype))
-            rights.append(resid.to(dtype))
+            prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
+            current = editors.keys_at_subject(model, prompts, subjects, [z_name], z_layer + 1)
+            resid = (z - current[z_name]).double() / (len(cfg.layers) - i)  # [n, d_model]
+            lhs = cfg.mom2_update_weight * cov_of[layer] + keys @ keys.T  # [d_mlp, d_mlp]
+            left = torch.linalg.solve(lhs, keys)  # [d_mlp, n]
+            factors.append((left.to(model.cfg.dtype), resid.to(model.cfg.dtype)))
             w = models.mlp_out_weight(model, layer)
             with torch.no_grad():
                 w.add_((left @ resid).to(w.dtype))
     clock.lap("keys_and_solve")
-    info = {
-        "steps_run": len(traces[0]),
-        "final": traces[0][-1],
-        "z_traces": traces,
-        "seconds": clock.total(),
-        "timings": clock.laps,
-        "sadr": None if sadr is None else asdict(sadr),
-        "n_templates": len(templates),
-    }
-    return Edit(
-        layers=tuple(cfg.layers),
-        left=tuple(lefts),
-        right=tuple(rights),
-        requests=tuple(requests),
-        editor="memit" + ("+sadr" if sadr is not None and sadr.gamma > 0 else ""),
-        hparams=rome._jsonable(asdict(cfg)),
-        model_name=model.cfg.model_name,
-        info=info,
+    return editors.finish(
+        model, "memit", cfg, sadr, requests, cfg.layers, factors, results, clock, len(templates)
     )

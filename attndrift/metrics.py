@@ -4,6 +4,9 @@
 * Each metric (ES, PS, NS, RS, DNS, RS_D, AS) is the fraction of successful probes of its
   kind over *all* probes of that kind (micro-average), with a 95 % normal interval
   ``mean ± 1.96 · SEM`` (SEM = sample standard deviation / √n).
+  For small samples, :func:`wilson` gives the Wilson score interval instead (never outside
+  [0, 1], not degenerate at 0 % or 100 %): :meth:`MetricValue.wilson`, ``table(...,
+  interval="wilson")``. The normal interval stays the default of every table.
 * Score = harmonic mean of ES, PS, NS, RS and DNS (those that have probes; the table says
   which were missing).
 * Fluency (FL): bi- and tri-gram entropy of generated text, weights 2/3 and 4/3, averaged
@@ -21,10 +24,44 @@ import pandas as pd
 
 from attndrift.data import PROBE_KINDS, SCORE_KINDS
 
+#: the intervals :meth:`MetricValue.format` and :func:`table` can show
+INTERVALS = ("normal", "wilson")
+
+
+def wilson(successes: int | float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``successes / n``.
+
+    ``(c ± h) / (1 + z²/n)`` with ``c = p + z²/(2n)`` and ``h = z √(p(1 − p)/n + z²/(4n²))``;
+    it stays inside [0, 1] and is not degenerate at 0 or n successes (0 of 2 gives
+    (0, 0.658)), unlike the normal interval.
+
+    Args:
+        successes: the number of successes (0 ≤ successes ≤ n).
+        n: the number of trials.
+        z: the standard normal quantile (1.96: 95 %).
+
+    Returns:
+        ``(low, high)``, as fractions; ``(nan, nan)`` when ``n == 0``.
+    """
+    if n < 0 or not 0 <= successes <= max(n, 0):
+        raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return math.nan, math.nan
+    p = successes / n
+    z2 = z * z
+    denominator = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
+    # exact at the ends (no rounding slightly inside or outside [0, 1])
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
+
 
 @dataclass(frozen=True)
 class MetricValue:
-    """A proportion with its 95 % normal interval."""
+    """A proportion with its 95 % normal interval (``low``, ``high``); :meth:`wilson` gives
+    its Wilson score interval and :meth:`format` prints either."""
 
     name: str
     mean: float
@@ -40,6 +77,25 @@ class MetricValue:
         if self.n == 0:
             return "—"
         return f"{100 * self.mean:.1f} ± {100 * self.half_width:.1f}"
+
+    @property
+    def successes(self) -> int:
+        """The number of successful probes (``mean · n``; 0 when there are none)."""
+        return 0 if self.n == 0 else round(self.mean * self.n)
+
+    def wilson(self, z: float = 1.96) -> tuple[float, float]:
+        """The Wilson score interval of this proportion (see :func:`wilson`)."""
+        return wilson(self.successes, self.n, z)
+
+    def format(self, interval: str = "normal") -> str:
+        """In %: ``"50.0 ± 4.9"`` (normal, as ``str``) or ``"50.0 [9.5, 90.5] (n = 2)"``
+        (Wilson, with the number of probes); ``"—"`` when there are none."""
+        if interval not in INTERVALS:
+            raise ValueError(f"unknown interval {interval!r}: expected one of {INTERVALS}")
+        if interval == "normal" or self.n == 0:
+            return str(self)
+        low, high = self.wilson()
+        return f"{100 * self.mean:.1f} [{100 * low:.1f}, {100 * high:.1f}] (n = {self.n})"
 
 
 def proportion(name: str, successes: Sequence[bool] | np.ndarray) -> MetricValue:
@@ -100,13 +156,27 @@ def aggregate(probe_table: pd.DataFrame, fluency: float | None = None) -> Summar
     return Summary(metrics, score, kinds, fluency)
 
 
-def table(rows: dict[str, Summary], kinds: Sequence[str] = (*SCORE_KINDS, "RS_D")) -> pd.DataFrame:
-    """Paper-style table: one row per setting, ``mean ± half-width`` in %, plus Score and FL."""
+def table(
+    rows: dict[str, Summary],
+    kinds: Sequence[str] = (*SCORE_KINDS, "RS_D"),
+    interval: str = "normal",
+) -> pd.DataFrame:
+    """Paper-style table: one row per setting, each metric in % with its interval, plus Score
+    and FL.
+
+    Args:
+        rows: the summaries, by setting name (the table's row labels).
+        kinds: the metric columns.
+        interval: ``"normal"`` (``mean ± half-width``) or ``"wilson"`` (``mean [low, high]
+            (n = probes)``); see :meth:`MetricValue.format`.
+    """
+    if interval not in INTERVALS:
+        raise ValueError(f"unknown interval {interval!r}: expected one of {INTERVALS}")
     out = []
     for name, s in rows.items():
         row: dict[str, str] = {"": name}
         for k in kinds:
-            row[k] = str(s.metrics[k])
+            row[k] = s.metrics[k].format(interval)
         row["Score"] = "—" if math.isnan(s.score) else f"{100 * s.score:.1f}"
         if any(r.fluency is not None for r in rows.values()):
             row["FL"] = "—" if s.fluency is None else f"{s.fluency:.1f}"

@@ -3,8 +3,11 @@
 Figures present numbers computed elsewhere (:mod:`attndrift.drift`, :mod:`attndrift.patching`,
 :mod:`attndrift.capture`); nothing here runs a model or calls ``.show()``.
 
+* :func:`headline`: P(o_true) and P(o_new) per model: each prompt a dot, the mean a labelled dash;
 * :func:`drift_heatmap`: layer x head (diverging scale centred on 0 for differences,
-  sequential for KL and attention);
+  sequential for KL and attention), optionally on a fixed range (``zmax``);
+* :func:`drift_heatmaps`: several drifts side by side on one shared colour scale (figures that
+  are compared share one scale: :func:`common_zmax`);
 * :func:`patching_heatmap`: layer x token for each direction (rows) and component (columns);
 * :func:`attention_rows`: vanilla vs edited attention of chosen (layer, head)s over the tokens;
 * :func:`drift_scatter`: drift factor vs P(o_new) with a least-squares line and ρ in the title;
@@ -19,12 +22,14 @@ equal categories on an axis.
 import html
 import importlib.util
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
+from jaxtyping import Float
 from plotly.subplots import make_subplots
+from torch import Tensor
 
 from attndrift.capture import Pair
 from attndrift.drift import METRICS as DRIFT_METRICS
@@ -33,6 +38,8 @@ from attndrift.patching import CELL_METRICS, Patching
 
 DIVERGING = "RdBu_r"
 SEQUENTIAL = "Viridis"
+#: colours of the true and the new object in every figure
+O_TRUE, O_NEW = "#2166ac", "#b2182b"
 #: metrics that are differences (diverging colour scale centred on 0)
 _DIFFERENCES = frozenset({"delta", "mass_delta", "logit_diff", "recovery", "gain_pct"})
 _TITLES = {
@@ -67,7 +74,52 @@ def _colours(metric: str) -> dict:
     return {"colorscale": SEQUENTIAL}
 
 
-def drift_heatmap(d: Drift, metric: str = "delta", prompt: int | None = None) -> go.Figure:
+def _drift_values(
+    d: Drift, metric: str, prompt: int | None
+) -> tuple[Float[Tensor, "layer head_index"], str]:
+    """The layer x head values a drift heatmap shows, and which prompts they cover."""
+    if metric not in DRIFT_METRICS:
+        raise ValueError(f"unknown drift metric {metric!r}: expected one of {DRIFT_METRICS}")
+    values = getattr(d, metric).detach().float().cpu()
+    if prompt is None:
+        return values.mean(0), f"mean over {values.shape[0]} prompts"
+    if not 0 <= prompt < values.shape[0]:
+        raise ValueError(f"prompt {prompt} out of range: {values.shape[0]} prompts")
+    return values[prompt], f"prompt {prompt}: {d.prompts[prompt]!r}"
+
+
+def common_zmax(drifts: Sequence[Drift], metric: str = "delta", prompt: int | None = None) -> float:
+    """One colour range for several drift heatmaps: the largest ``|value|`` any of them shows.
+
+    Pass it as ``zmax`` to :func:`drift_heatmap` so that heatmaps that are compared share one
+    scale (an edit that drifts less then looks paler, not equally drifted).
+
+    Args:
+        drifts: the drifts to be compared.
+        metric: the metric shown (see :func:`drift_heatmap`).
+        prompt: index of the prompt (default: mean over prompts).
+
+    Returns:
+        The largest absolute value shown (a tiny positive number if every value is 0).
+    """
+    if not drifts:
+        raise ValueError("no drifts to compare")
+    largest = max(float(_drift_values(d, metric, prompt)[0].abs().max()) for d in drifts)
+    return max(largest, 1e-12)
+
+
+def _range(metric: str, zmax: int | float | None) -> tuple[float, float] | None:
+    """``(zmin, zmax)`` of a fixed colour range: symmetric for differences, from 0 otherwise."""
+    if zmax is None:
+        return None
+    if not zmax > 0:
+        raise ValueError(f"zmax must be positive, got {zmax}")
+    return (-float(zmax) if metric in _DIFFERENCES else 0.0), float(zmax)
+
+
+def drift_heatmap(
+    d: Drift, metric: str = "delta", prompt: int | None = None, zmax: int | float | None = None
+) -> go.Figure:
     """Layer x head heatmap of a drift metric, for one prompt or averaged over prompts.
 
     Args:
@@ -75,16 +127,15 @@ def drift_heatmap(d: Drift, metric: str = "delta", prompt: int | None = None) ->
         metric: ``kl``, ``a_vanilla``, ``a_edited``, ``delta``, ``mass_vanilla``,
             ``mass_edited`` or ``mass_delta``.
         prompt: index of the prompt (default: mean over prompts).
+        zmax: a fixed colour range: ``[-zmax, zmax]`` for differences (``delta``,
+            ``mass_delta``), ``[0, zmax]`` otherwise (default: the plotly autoscale). Use
+            :func:`common_zmax` to give heatmaps that are compared one range.
     """
-    if metric not in DRIFT_METRICS:
-        raise ValueError(f"unknown drift metric {metric!r}: expected one of {DRIFT_METRICS}")
-    values = getattr(d, metric).detach().float().cpu()
-    if prompt is None:
-        z, which = values.mean(0), f"mean over {values.shape[0]} prompts"
-    else:
-        if not 0 <= prompt < values.shape[0]:
-            raise ValueError(f"prompt {prompt} out of range: {values.shape[0]} prompts")
-        z, which = values[prompt], f"prompt {prompt}: {d.prompts[prompt]!r}"
+    z, which = _drift_values(d, metric, prompt)
+    fixed = _range(metric, zmax)
+    colours = _colours(metric)
+    if fixed is not None:
+        colours = {"colorscale": colours["colorscale"], "zmin": fixed[0], "zmax": fixed[1]}
     fig = go.Figure(
         go.Heatmap(
             z=z.numpy(),
@@ -92,12 +143,180 @@ def drift_heatmap(d: Drift, metric: str = "delta", prompt: int | None = None) ->
             y=list(d.layers),
             colorbar={"title": metric},
             hovertemplate="layer %{y}, head %{x}: %{z:.4f}<extra></extra>",
-            **_colours(metric),
+            **colours,
         )
     )
     fig.update_layout(title=f"{_TITLES[metric]}<br><sub>{html.escape(which)}</sub>")
     fig.update_xaxes(title_text="head", dtick=1)
     fig.update_yaxes(title_text="layer")
+    return fig
+
+
+def drift_heatmaps(
+    drifts: Mapping[str, Drift],
+    metric: str = "delta",
+    prompt: int | None = None,
+    zmax: int | float | None = None,
+) -> go.Figure:
+    """Layer x head heatmaps of several drifts side by side, on one shared colour scale.
+
+    Args:
+        drifts: the drifts by name (panel titles, in this order).
+        metric: the metric shown (see :func:`drift_heatmap`).
+        prompt: index of the prompt (default: mean over prompts).
+        zmax: the shared range (default: :func:`common_zmax` of these drifts).
+    """
+    if not drifts:
+        raise ValueError("no drifts to plot")
+    names = list(drifts)
+    if zmax is None:
+        zmax = common_zmax(list(drifts.values()), metric, prompt)
+    low, high = _range(metric, zmax)
+    fig = make_subplots(
+        rows=1,
+        cols=len(names),
+        subplot_titles=names,
+        shared_yaxes=True,
+        horizontal_spacing=0.06,
+    )
+    whiches = []
+    for j, name in enumerate(names):
+        d = drifts[name]
+        z, which = _drift_values(d, metric, prompt)
+        whiches.append(which)
+        fig.add_trace(
+            go.Heatmap(
+                z=z.numpy(),
+                x=list(range(z.shape[1])),
+                y=list(d.layers),
+                coloraxis="coloraxis",
+                name=name,
+                hovertemplate=f"{html.escape(name)}: layer %{{y}}, head %{{x}}: "
+                "%{z:.4f}<extra></extra>",
+            ),
+            row=1,
+            col=j + 1,
+        )
+        fig.update_xaxes(title_text="head", dtick=1, row=1, col=j + 1)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    which = whiches[0] if len(set(whiches)) == 1 else "; ".join(whiches)
+    fig.update_layout(
+        coloraxis={
+            "colorscale": _colours(metric)["colorscale"],
+            "cmin": low,
+            "cmax": high,
+            "colorbar": {"title": {"text": metric, "side": "right"}, "thickness": 14},
+        },
+        title=f"{_TITLES[metric]}<br><sub>{html.escape(which)}; one colour scale for all "
+        "panels</sub>",
+        height=460,
+        margin={"t": 110},
+    )
+    return fig
+
+
+#: the smallest probability :func:`headline` shows on its log axis
+P_FLOOR = 1e-6
+
+
+def headline(
+    p_true: Mapping[str, Sequence[float] | np.ndarray],
+    p_new: Mapping[str, Sequence[float] | np.ndarray],
+    prompts: Sequence[str] | None = None,
+    title: str = "",
+    log: bool = True,
+) -> go.Figure:
+    """P(o_true) and P(o_new) per model: each prompt as a dot, the mean as a labelled dash.
+
+    One group per model (in the order of ``p_true``), P(o_true) on the left, P(o_new) on the
+    right of each group.
+
+    Args:
+        p_true: per model, P(o_true) of each prompt.
+        p_new: per model, P(o_new) of the same prompts (same keys, same lengths).
+        prompts: the prompts' texts (hover labels).
+        title: the figure title (default: none; a report caption says what it shows).
+        log: a log probability axis (default), on which small probabilities such as an
+            unedited model's P(o_new) stay visible; probabilities below :data:`P_FLOOR` are
+            shown at it.
+    """
+    names = list(p_true)
+    if not names:
+        raise ValueError("no models to plot")
+    if list(p_new) != names:
+        raise ValueError(f"p_true and p_new need the same models: {names} vs {list(p_new)}")
+    n = len(p_true[names[0]])
+    for name in names:
+        if not len(p_true[name]) == len(p_new[name]) == n:
+            raise ValueError(f"{name}: every model needs P(o_true) and P(o_new) of {n} prompts")
+    if n == 0:
+        raise ValueError("no prompts to plot")
+    hover = [html.escape(p) for p in prompts] if prompts is not None else [""] * n
+    if len(hover) != n:
+        raise ValueError(f"{len(hover)} prompts for {n} values")
+    # a deterministic spread of the dots around their group's position
+    spread = np.linspace(-0.07, 0.07, n) if n > 1 else np.zeros(1)
+    fig = go.Figure()
+    lowest = 1.0
+    for offset, label, values, colour in (
+        (-0.18, "P(o_true)", p_true, O_TRUE),
+        (0.18, "P(o_new)", p_new, O_NEW),
+    ):
+        arrays = [np.asarray(values[m], dtype=float) for m in names]
+        means = [float(a.mean()) for a in arrays]
+        shown = np.clip(np.concatenate(arrays), P_FLOOR, 1.0) if log else np.concatenate(arrays)
+        lowest = min(lowest, float(shown.min()), max(min(means), P_FLOOR))
+        x = np.arange(len(names)) + offset
+        fig.add_trace(
+            go.Scatter(
+                x=np.concatenate([i + offset + spread for i in range(len(names))]),
+                y=shown,
+                mode="markers",
+                name=f"{label}, each prompt",
+                marker={"color": colour, "size": 8, "opacity": 0.6},
+                text=hover * len(names),
+                hovertemplate=f"%{{text}}<br>{label} = %{{y:.4f}}<extra></extra>",
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=[max(m, P_FLOOR) for m in means] if log else means,
+                mode="markers+text",
+                name=f"{label}, mean",
+                marker={"symbol": "line-ew", "size": 34, "line": {"color": colour, "width": 4}},
+                text=[f"{m:.3f}" for m in means],
+                textposition="middle right",
+                textfont={"color": colour, "size": 14},
+                hovertemplate=f"{label}: mean %{{y:.4f}}<extra></extra>",
+            )
+        )
+    fig.update_xaxes(
+        tickvals=list(range(len(names))),
+        ticktext=[f"<b>{html.escape(m)}</b>" for m in names],
+        range=[-0.6, len(names) - 0.25],
+        showgrid=False,
+        zeroline=False,
+    )
+    if log:
+        low = int(np.floor(np.log10(lowest)))
+        ticks = [10.0**k for k in range(low, 1)]
+        fig.update_yaxes(
+            type="log",
+            range=[low, 0.08],
+            title_text="probability of the answer (log scale)",
+            tickvals=ticks,
+            ticktext=[f"{t:g}" for t in ticks],
+        )
+    else:
+        fig.update_yaxes(title_text="probability of the answer", range=[0, 1.05])
+    if title:
+        fig.update_layout(title=title)
+    fig.update_layout(
+        height=440,
+        margin={"t": 50 if not title else 90},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
+    )
     return fig
 
 

@@ -11,16 +11,13 @@ The algorithm, in ROME's three parts:
    ``ΔW = left (v* − m₀)ᵀ / (leftᵀ k₀)`` in the ``[d_mlp, d_model]`` layout, so the edited MLP
    maps k₀ to v*. ``denominator="mean_key"`` (r-ROME) uses ``leftᵀ ū`` instead.
 
-:func:`edit` returns an :class:`attndrift.edit.Edit`; the model is unchanged on return.
+:func:`edit` returns an :class:`attndrift.edits.Edit`; the model is unchanged on return.
 Context templates (SPEC §3.1) are ``"{}"`` plus prefixes sampled from the model, seeded.
 """
 
-import dataclasses
 import logging
-import re
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -28,47 +25,27 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import covariance, encoding, generation, models, value
+from attndrift import covariance, editors, models, value
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
-from attndrift.edit import Edit
+from attndrift.editors import EditorConfig, TemplateConfig
+from attndrift.edits import Edit
 from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig
 
 log = logging.getLogger(__name__)
 
-#: MEMIT's openings for sampling context templates.
-TEMPLATE_OPENINGS = ("The", "Therefore", "Because", "I", "You")
 
-
-@dataclass(frozen=True)
-class TemplateConfig:
-    """Context templates: ``count`` samples of ``length`` tokens for each (length, count)."""
-
-    lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
-    seed: int = 0
-    top_k: int = 5
-
-
-@dataclass(frozen=True)
-class RomeConfig:
+@dataclass(frozen=True, kw_only=True)
+class RomeConfig(EditorConfig):
     """ROME hyper-parameters. See :data:`PRESETS` for the documented per-model defaults.
 
-    Attributes:
-        layer: the edited layer L.
-        value: the δ optimisation (steps, lr, weight decay, clamp, KL factor).
-        templates: context templates.
-        covariance: where C comes from; ``None`` uses the identity (no C⁻¹ adjustment).
-        denominator: ``"k0"`` (ROME's code) or ``"mean_key"`` (r-ROME).
-        sadr_steps: optimisation steps when SADR is on (γ > 0): the paper used 80 instead of
-            20 on GPT-J; ``None`` keeps ``value.steps``.
+    With the fields of :class:`attndrift.editors.EditorConfig` (value, templates, covariance,
+    sadr_steps: the paper ran 80 steps with SADR instead of 20 on GPT-J).
     """
 
-    layer: int
-    value: ValueConfig = field(default_factory=ValueConfig)
-    templates: TemplateConfig = field(default_factory=TemplateConfig)
-    covariance: CovarianceConfig | None = field(default_factory=CovarianceConfig)
-    denominator: str = "k0"  # "k0" | "mean_key" (validated: a clear error for CLI input)
+    layer: int  # the edited layer L
+    denominator: str = "k0"  # "k0" (ROME's code) or "mean_key" (r-ROME)
     sadr_steps: int | None = 80
 
     def __post_init__(self) -> None:
@@ -119,49 +96,6 @@ def preset(model: HookedTransformer | str) -> RomeConfig:
     raise ValueError(f"no ROME preset for {name!r}: pass a RomeConfig (presets: {sorted(PRESETS)})")
 
 
-def context_templates(model: HookedTransformer, cfg: TemplateConfig) -> tuple[str, ...]:
-    """``"{}"`` plus ``"<sampled text>. {}"`` for each configured (length, count); seeded."""
-    texts = []
-    for i, (length, count) in enumerate(cfg.lengths):
-        openings = [TEMPLATE_OPENINGS[j % len(TEMPLATE_OPENINGS)] for j in range(count)]
-        texts += generation.sample(
-            model, openings, max_new_tokens=length, seed=cfg.seed + i, top_k=cfg.top_k
-        )
-    # braces would clash with the placeholder; newlines make odd prefixes
-    clean = [re.sub(r"\s+", " ", t.replace("{", " ").replace("}", " ")).strip() for t in texts]
-    return ("{}", *(f"{t}. {{}}" for t in clean))
-
-
-@torch.no_grad()
-def read_at_subject(
-    model: HookedTransformer,
-    prompts: Sequence[str],
-    subject: str | Sequence[str],
-    hook_names: Sequence[str],
-    stop_at_layer: int | None = None,
-    fwd_hooks: Sequence = (),
-) -> dict[str, Tensor]:
-    """Activations ``[n_prompts, d]`` of ``hook_names`` at the subject's last token.
-
-    ``subject`` is one subject for all prompts or one per prompt.
-    """
-    subjects = [subject] * len(prompts) if isinstance(subject, str) else list(subject)
-    batch = encoding.encode_batch(model, prompts, subjects)
-    rows = torch.arange(len(prompts), device=batch.tokens.device)
-    out: dict[str, Tensor] = {}
-
-    def keep(x: Tensor, hook) -> None:
-        out[hook.name] = x[rows, batch.subject_last].detach().clone()
-
-    model.run_with_hooks(
-        batch.tokens,
-        return_type=None,
-        stop_at_layer=stop_at_layer,
-        fwd_hooks=[*fwd_hooks, *[(n, keep) for n in hook_names]],
-    )
-    return out
-
-
 def rank_one(
     cov: Float[Tensor, "d_mlp d_mlp"] | None,
     mean_key: Float[Tensor, " d_mlp"],
@@ -200,7 +134,7 @@ def edit(
 
     Args:
         model: the model to edit.
-        request: subject, prompt, new and true object.
+        request: subject, prompt, true and new object.
         cfg: hyper-parameters (default: :func:`preset` of the model).
         sadr: SADR settings (``None`` = plain ROME).
         cov: precomputed C for ``cfg.layer`` (default: from ``cfg.covariance``, cached).
@@ -210,71 +144,27 @@ def edit(
     cfg = cfg or preset(model)
     layer = cfg.layer
     models.check_layer(model, layer)
-    clock = _Clock()
+    clock = editors.Clock()
     if templates is None:
-        templates = context_templates(model, cfg.templates)
+        templates = editors.context_templates(model, cfg.templates)
     clock.lap("templates")
     if cov is None and cfg.covariance is not None:
         cov = covariance.layer_covariance(model, layer, cfg.covariance, progress=progress)
     clock.lap("covariance")
-
     key_name, out_name = models.mlp_key_hook(layer), models.mlp_out_hook(layer)
-    filled = [value.fill(t, request.prompt) for t in templates]
-    acts = read_at_subject(model, filled, request.subject, [key_name, out_name], layer + 1)
-    mean_key = acts[key_name].mean(0)
+    prompts = editors.filled(templates, request.prompt)
+    acts = editors.keys_at_subject(model, prompts, request.subject, [key_name, out_name], layer + 1)
+    mean_key = acts[key_name].mean(0)  # [d_mlp]: ū
     k0, m0 = acts[key_name][0], acts[out_name][0]  # templates[0] == "{}": the bare prompt
     clock.lap("keys")
-
-    value_cfg = cfg.value
-    if sadr is not None and sadr.gamma > 0 and cfg.sadr_steps is not None:
-        value_cfg = dataclasses.replace(value_cfg, steps=cfg.sadr_steps)
+    value_cfg = editors.value_config(cfg, sadr)
     objective = value.ValueObjective(model, request, out_name, layer, templates, value_cfg, sadr)
     clock.lap("value_setup")
     result = value.optimise_value(objective, progress=progress, desc=f"ROME L{layer}")
     clock.lap("value_steps")
     left, right = rank_one(cov, mean_key, k0, m0, result.target, cfg.denominator)
     clock.lap("solve")
-    info = {
-        "steps_run": len(result.trace),
-        "final": asdict(result.trace[-1]),
-        "trace": [asdict(s) for s in result.trace],
-        "value_seconds": result.seconds,
-        "seconds": clock.total(),
-        "timings": clock.laps,
-        "sadr": None if sadr is None else asdict(sadr),
-        "n_templates": len(templates),
-    }
-    return Edit(
-        layers=(layer,),
-        left=(left,),
-        right=(right,),
-        requests=(request,),
-        editor=cfg.editor + ("+sadr" if sadr is not None and sadr.gamma > 0 else ""),
-        hparams=_jsonable(asdict(cfg)),
-        model_name=model.cfg.model_name,
-        info=info,
-    )
-
-
-class _Clock:
-    """Wall time of an edit's phases (``laps``: phase -> seconds)."""
-
-    def __init__(self) -> None:
-        self.start = self.last = time.perf_counter()
-        self.laps: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
-        self.last = now
-
-    def total(self) -> float:
-        return time.perf_counter() - self.start
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    return obj
+    return editors.finish(
+        model, cfg.editor, cfg, sadr, [request], [layer], [(left, right)], [result], clock,
+        len(templates),
+    )  # fmt: skip

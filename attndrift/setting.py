@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, memit, rome
+from attndrift import checks, covariance, editors, memit, rome
 from attndrift.data import EditRequest
-from attndrift.edit import Edit
+from attndrift.edits import Edit
 from attndrift.sadr import SadrConfig
 
 EDITORS = ("rome", "memit")
@@ -192,7 +192,7 @@ class Editor:
 
     def templates(self, cfg) -> tuple[str, ...]:
         if cfg.templates not in self._templates:
-            self._templates[cfg.templates] = rome.context_templates(self.model, cfg.templates)
+            self._templates[cfg.templates] = editors.context_templates(self.model, cfg.templates)
         return self._templates[cfg.templates]
 
     def covariance(self, cfg, layer: int):

@@ -27,7 +27,7 @@ from transformer_lens import HookedTransformer
 
 from attndrift import drift, evaluation, models, results
 from attndrift.data import Dataset, Record
-from attndrift.edit import Edit
+from attndrift.edits import Edit
 from attndrift.results import DriftScores, Line, ProbeScore, Provenance
 from attndrift.setting import Editor, Setting
 from attndrift.version import __version__, git_revision
@@ -213,13 +213,13 @@ def run(
             fluency_pre=state.pre.summary.fluency,
             fluency_post=post.summary.fluency,
             drift=drift_scores,
-            steps_run=e.info.get("steps_run"),
-            final=e.info.get("final") or {},
+            steps_run=e.run.steps_run,
+            final=dataclasses.asdict(e.run.final),
             config=configs[setting.key],
             seconds={
                 "record_setup": round(state.seconds, 3),  # once per record: unedited scores
                 "edit": round(t2 - t1, 3),
-                **{f"edit_{k}": round(v, 3) for k, v in e.info.get("timings", {}).items()},
+                **{f"edit_{k}": round(v, 3) for k, v in e.run.timings},
                 "post_eval": round(t3 - t2, 3),
                 "drift": round(t4 - t3, 3),
             },

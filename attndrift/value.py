@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from attndrift import encoding, models, sadr
+from attndrift import capture, encoding, interrupts, models, sadr
 from attndrift.data import EditRequest
 
 log = logging.getLogger(__name__)
@@ -110,15 +110,20 @@ class ValueResult:
 
 @contextmanager
 def frozen(model: HookedTransformer) -> Iterator[None]:
-    """Parameters without gradients inside the block; previous flags restored after."""
+    """Parameters without gradients inside the block; previous flags restored after (also
+    after an interrupt: :func:`attndrift.interrupts.complete`)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+
+        def restore() -> None:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+        interrupts.complete(restore)
 
 
 def fill(template: str, prompt: str) -> str:
@@ -220,15 +225,11 @@ class ValueObjective:
         # blocks before `layer` do not depend on delta: run them once, start there later
         self.start = self.model(self.tokens, stop_at_layer=self.layer)
         self.step_shape = tuple(self.tokens.shape)
-        store: dict[str, Tensor] = {}
-
-        def keep(x: Tensor, hook) -> None:
-            store["init"] = x[0, subject_last[0]].detach().clone()
-
-        self.model.run_with_hooks(
-            self.tokens, stop_at_layer=self.layer + 1, fwd_hooks=[(self.hook_name, keep)]
+        at = capture.Select(1, subject_last[:, None])
+        kept = capture.record(
+            self.model, self.tokens, {self.hook_name: at}, stop_at_layer=self.layer + 1
         )
-        self.init = store["init"].to(self.device)
+        self.init = kept[self.hook_name][0, 0].to(self.device)  # row 0 ("{}") at s_0
 
     def _start_suffix(self, rows: list, subject_last: list[int], width: int) -> None:
         """Cache each row's prefix (positions < s_j) and run the rest up to layer L."""
@@ -247,37 +248,31 @@ class ValueObjective:
         self.tokens = tokens.to(self.device)  # [row, width + n]: the layout of every step
         self.mask = torch.tensor(mask, device=self.device)  # [row, width + n]
         self.cache = models.prefix_cache(model, self.tokens[:, :width], self.mask[:, :width])
-        store: dict[str, Tensor] = {}
-
-        def keep(x: Tensor, hook) -> None:
-            store["init"] = x[0, 0].detach().clone()  # row 0 ("{}"), its s_j: v_0 / z_0
-
         # the residual after block L at s_j onwards; delta adds to it from here on
+        rec = capture.Recorder({self.hook_name: None})
         self.start = models.resid_after_prefix(
             model,
             self.tokens[:, width:],
             self.cache,
             self.mask[:, width:],
             self.layer + 1,
-            [(self.hook_name, keep)],
+            rec.hooks,
         )
+        # row 0 ("{}") at its s_j, the first position that runs: v_0 / z_0
+        self.init = rec.values()[self.hook_name][0, 0].clone().to(self.device)
         self.step_shape = tuple(self.start.shape[:2])
-        self.init = store["init"].to(self.device)
 
     def _forward(self, delta: Tensor) -> tuple[Tensor, Tensor | None]:
         """Final hidden states of the step batch at ``delta``, and SADR's attention rows."""
-        pattern_rows: dict[int, Tensor] = {}
-        prompts = torch.arange(self.n_rewrite, device=self.device)
-
-        def keep_rows(pattern: Tensor, hook) -> None:
-            # query row t_j of each rewriting prompt: [prompt, head, key]
-            d = pattern.device
-            rows = pattern[prompts.to(d), :, self.query.to(d), :]
-            pattern_rows[hook.layer()] = rows.to(self.device)  # one device (multi-GPU models)
-
-        hooks = []
-        if self.sadr_cfg is not None:
-            hooks += [(models.pattern_hook(layer), keep_rows) for layer in self.sadr_layers]
+        hooks, rec = [], None
+        if self.sadr_cfg is not None and self.sadr_layers:
+            # query row t_j of each rewriting prompt (the essence row's pick is unused)
+            query = torch.cat([self.query, self.query.new_zeros(1)])[:, None]  # [row, 1]
+            at = capture.Select(2, query)
+            rec = capture.Recorder(
+                {models.pattern_hook(layer): at for layer in self.sadr_layers}, detach=False
+            )
+            hooks = list(rec.hooks)
         if self.prefix_cached:
             resid = self.start + self.onehot[:, :, None] * delta
             hidden = models.final_hidden_from(
@@ -292,11 +287,14 @@ class ValueObjective:
             hooks.insert(0, (self.hook_name, add_delta))
             hidden = models.final_hidden_from(self.model, self.start, self.layer, hooks)
         hidden = hidden.to(self.device)
-        rows = (
-            torch.stack([pattern_rows[layer] for layer in self.sadr_layers], dim=1)
-            if self.sadr_cfg is not None and self.sadr_layers
-            else None
-        )
+        if rec is None:
+            return hidden, None
+        kept = rec.values()
+        rows = torch.stack(  # [prompt, layer, head, key]
+            [kept[models.pattern_hook(layer)][: self.n_rewrite, :, 0].to(self.device)
+             for layer in self.sadr_layers],
+            dim=1,
+        )  # fmt: skip
         return hidden, rows
 
     def _essence_logp(self, hidden: Tensor) -> Tensor:

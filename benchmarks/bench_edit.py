@@ -90,7 +90,7 @@ def whole_edits(model, req, cfg, templates, cov) -> None:
             t0 = time.perf_counter()
             e = rome.edit(model, req, c, sadr=s, cov=cov, templates=templates)
             t[label] = time.perf_counter() - t0
-            steps = e.info["steps_run"]
+            steps = e.run.steps_run
         print(f"  {name:<9} old {t['old']:6.1f} s, new {t['new']:6.1f} s ({steps} steps): "
               f"old / new {t['old'] / t['new']:.2f}x")  # fmt: skip
 
@@ -141,7 +141,7 @@ def steps_per_preset(model, records) -> None:
     for name, s in rows.items():
         cfg = s.config(model)
         budget = cfg.value.steps if not s.sadr_gamma or cfg.sadr_steps is None else cfg.sadr_steps
-        steps = [editor(s, [r.request]).info["steps_run"] for r in records]
+        steps = [editor(s, [r.request]).run.steps_run for r in records]
         stopped = sum(n < budget for n in steps)
         rule = f"{cfg.value.early_stop_on} < {cfg.value.early_stop_loss:g}"
         print(f"  {name:<18} budget {budget:3d}, stop on {rule}: steps {steps}, "

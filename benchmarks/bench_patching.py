@@ -86,7 +86,7 @@ def main() -> None:
     edited = models.Variant(model, e.hooks(model))
     print(
         f"edit: quick ROME (identity covariance, {a.steps} value steps, layer {cfg.layer}: a "
-        f"crude edit for timing) of record {record.id} in {e.info['seconds']:.1f} s"
+        f"crude edit for timing) of record {record.id} in {e.run.seconds:.1f} s"
     )
     n_pos = len(encoding.encode_prompt(model, probe.prompt).ids)
     n_cells = 2 * model.cfg.n_layers * n_pos

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from attndrift import capture, data, edit, encoding, models
+from attndrift import capture, data, edits, encoding, models
 
 # subject at the start (no leading space), in the middle, at the end, and twice
 PROMPTS = [
@@ -13,10 +13,15 @@ PROMPTS = [
 SUBJECTS = ["Eiffel Tower", "France", "Eiffel Tower", "Paris"]
 
 
-def random_edit(model, layer: int = 1, seed: int = 0) -> edit.Edit:
+def random_edit(model, layer: int = 1, seed: int = 0) -> edits.Edit:
     g = torch.Generator().manual_seed(seed)
-    req = data.EditRequest("Eiffel Tower", "The Eiffel Tower is in", "Rome", "Paris")
-    return edit.Edit(
+    req = data.EditRequest(
+        subject="Eiffel Tower",
+        prompt="The Eiffel Tower is in",
+        target_true="Paris",
+        target_new="Rome",
+    )
+    return edits.Edit(
         layers=(layer,),
         left=(torch.randn(model.cfg.d_mlp, 1, generator=g),),
         right=(torch.randn(1, model.cfg.d_model, generator=g),),

@@ -141,9 +141,16 @@ def test_select_and_by_id():
 
 def test_edit_request_validation():
     with pytest.raises(ValueError, match="must contain the subject"):
-        data.EditRequest("Colosseum", "The Eiffel Tower is in", "Rome", "Paris")
+        data.EditRequest(
+            subject="Colosseum",
+            prompt="The Eiffel Tower is in",
+            target_true="Paris",
+            target_new="Rome",
+        )
     with pytest.raises(ValueError, match="non-empty"):
-        data.EditRequest("", "The Eiffel Tower is in", "Rome", "Paris")
+        data.EditRequest(
+            subject="", prompt="The Eiffel Tower is in", target_true="Paris", target_new="Rome"
+        )
 
 
 def test_cli_record_ranges():

@@ -1,5 +1,6 @@
 """The main job (`attndrift demo`), end to end on the embedded model with quick edits."""
 
+import html
 import json
 
 import pytest
@@ -19,6 +20,15 @@ def test_demo_writes_report_and_summary(tmp_path, capsys):
     page = (out / "report.html").read_text(encoding="utf-8")
     assert len(page) > 3_000_000 and "<script src=" not in page  # plotly.js inlined: offline
     assert record.request.subject in page
+    # read like a figure from a paper: a captioned headline figure first, full prompts,
+    # failed probes marked, no raw booleans, Wilson intervals with a small-n warning
+    assert page.index("<b>Figure 1.</b> P(o_true") < page.index("<h2>1. The edit</h2>")
+    (dns, *_) = record.probes(["DNS"])
+    assert f"<td class='wrap'>{html.escape(dns.prompt)}</td>" in page
+    assert "<td class='txt failed'>" in page  # the unedited model fails ES by design
+    assert ">True<" not in page and ">False<" not in page
+    assert "Wilson score interval" in page and "Too few probes to read" in page
+    assert "(n = 1) <span class='mark'>†</span>" in page
 
     info = json.loads((out / "summary.json").read_text())
     assert info["record"] == 0

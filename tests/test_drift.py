@@ -69,17 +69,19 @@ def test_drift_follows_its_definition_on_a_full_cache(tiny):
             span = slice(enc.subject_first, enc.subject_last + 1)
             want_kl = torch.where(p > 0, p * (p / q).log(), torch.zeros_like(p)).sum(-1)
             torch.testing.assert_close(d.kl[b, layer].double(), want_kl, atol=1e-5, rtol=1e-4)
+            # float32 rows of a padded batch vs one unpadded prompt: rounding differs with
+            # the batch shape and the thread count (seen: 1.2e-6 on an attention of 0.14)
             torch.testing.assert_close(
-                d.a_vanilla[b, layer].double(), p[:, enc.subject_last], atol=1e-6, rtol=0
+                d.a_vanilla[b, layer].double(), p[:, enc.subject_last], atol=1e-6, rtol=1e-5
             )
             torch.testing.assert_close(
-                d.a_edited[b, layer].double(), q[:, enc.subject_last], atol=1e-6, rtol=0
+                d.a_edited[b, layer].double(), q[:, enc.subject_last], atol=1e-6, rtol=1e-5
             )
             torch.testing.assert_close(
-                d.mass_edited[b, layer].double(), q[:, span].sum(-1), atol=1e-6, rtol=0
+                d.mass_edited[b, layer].double(), q[:, span].sum(-1), atol=1e-6, rtol=1e-5
             )
             torch.testing.assert_close(
-                d.mass_vanilla[b, layer].double(), p[:, span].sum(-1), atol=1e-6, rtol=0
+                d.mass_vanilla[b, layer].double(), p[:, span].sum(-1), atol=1e-6, rtol=1e-5
             )
     torch.testing.assert_close(d.delta, d.a_edited - d.a_vanilla)
     torch.testing.assert_close(d.factor_per_layer(), d.delta.amax(-1))
@@ -162,7 +164,9 @@ def _records():
         out.append(
             data.Record(
                 id=i,
-                request=data.EditRequest(subject, prompt, new, true),
+                request=data.EditRequest(
+                    subject=subject, prompt=prompt, target_true=true, target_new=new
+                ),
                 neighborhood=(("The Louvre museum is in", true), ("Big Ben is in", "London")),
                 relation=(
                     (f"The {subject} is a", "tower"),

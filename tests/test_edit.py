@@ -1,12 +1,17 @@
+import dataclasses
+
 import jaxtyping
 import pytest
 import torch
 
 from attndrift import data, encoding, models
-from attndrift.edit import Edit, add_to_weights, applied, restored
+from attndrift.edits import Edit, add_to_weights, applied, restored
 
 REQ = data.EditRequest(
-    "Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome", "Paris"
+    subject="Eiffel Tower",
+    prompt="The Eiffel Tower is located in the city of",
+    target_true="Paris",
+    target_new="Rome",
 )
 
 
@@ -19,7 +24,6 @@ def random_edit(model, layers=(1, 2), rank=2, seed=0, scale=0.5) -> Edit:
         right=tuple(torch.randn(rank, d_model, generator=g) * scale for _ in layers),
         requests=(REQ,),
         editor="random",
-        hparams={"scale": scale},
         model_name=model.cfg.model_name,
     )
 
@@ -81,7 +85,7 @@ def test_save_load_round_trip(tiny, tmp_path):
     path = e.save(tmp_path / "e.safetensors")
     back = Edit.load(path)
     assert back.layers == e.layers and back.requests == e.requests and back.editor == "random"
-    assert back.hparams == e.hparams and back.version == e.version
+    assert back.run == e.run and back.version == e.version
     for a, b in zip(e.left + e.right, back.left + back.right, strict=True):
         assert torch.equal(a, b)
     assert b"pickle" not in path.read_bytes()[:8]
@@ -105,3 +109,15 @@ def test_bad_edits_are_rejected(tiny, tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="not an attndrift edit file"):
         Edit.load(tmp_path / "plain.safetensors")
+
+
+def test_save_load_keeps_how_the_edit_was_made(tiny, tmp_path):
+    from attndrift import rome, sadr
+
+    cfg = dataclasses.replace(rome.preset(tiny), covariance=None)
+    e = rome.edit(tiny, REQ, cfg, templates=("{}", "I think so. {}"), sadr=sadr.SadrConfig(0.5))
+    back = Edit.load(e.save(tmp_path / "rome.safetensors"))
+    assert back.run.config == e.run.config and back.run.sadr == e.run.sadr
+    assert back.run.traces == e.run.traces and back.run.timings == e.run.timings
+    assert all(torch.equal(a, b) for a, b in zip(back.run.targets, e.run.targets, strict=True))
+    assert back.model_fingerprint == e.model_fingerprint == models.fingerprint(tiny)

@@ -3,11 +3,21 @@ import dataclasses
 import pytest
 import torch
 
-from attndrift import covariance, data, edit, memit, models, rome, sadr, scoring, value
+from attndrift import covariance, data, editors, edits, memit, models, sadr, scoring, value
 
 REQS = [
-    data.EditRequest("Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome", "Paris"),
-    data.EditRequest("Louvre", "The Louvre is located in the city of", "London", "Paris"),
+    data.EditRequest(
+        subject="Eiffel Tower",
+        prompt="The Eiffel Tower is located in the city of",
+        target_true="Paris",
+        target_new="Rome",
+    ),
+    data.EditRequest(
+        subject="Louvre",
+        prompt="The Louvre is located in the city of",
+        target_true="Paris",
+        target_new="London",
+    ),
 ]
 TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
 
@@ -21,7 +31,7 @@ def test_memit_solves_its_normal_equations(tiny):
     e = memit.edit(tiny, REQS, cfg, templates=TEMPLATES)
     assert e.layers == (0, 1) and e.editor == "memit"
     # replay the layer loop: K and the residual targets at each layer, then check each factor
-    with edit.restored(tiny, e.layers):
+    with edits.restored(tiny, e.layers):
         for i, layer in enumerate(e.layers):
             keys = memit._mean_keys(tiny, REQS, layer, TEMPLATES).double().T
             lhs = 3.0 * torch.eye(tiny.cfg.d_mlp, dtype=torch.float64) + keys @ keys.T
@@ -30,7 +40,7 @@ def test_memit_solves_its_normal_equations(tiny):
             w = models.mlp_out_weight(tiny, layer)
             with torch.no_grad():
                 w.add_(e.delta(i))
-    assert all(len(t) > 0 for t in e.info["z_traces"])
+    assert all(len(t) > 0 for t in e.run.traces)
 
 
 def test_memit_moves_residuals_towards_z_and_restores(tiny):
@@ -47,8 +57,10 @@ def test_memit_moves_residuals_towards_z_and_restores(tiny):
         targets.append(value.optimise_value(obj).target)
     z = torch.stack(targets)
     prompts, subjects = [r.prompt for r in REQS], [r.subject for r in REQS]
-    before = rome.read_at_subject(tiny, prompts, subjects, [z_name], 2)[z_name]
-    after = rome.read_at_subject(tiny, prompts, subjects, [z_name], 2, e.hooks(tiny))[z_name]
+    before = editors.keys_at_subject(tiny, prompts, subjects, [z_name], 2)[z_name]
+    after = editors.keys_at_subject(
+        models.Variant(tiny, e.hooks(tiny)), prompts, subjects, [z_name], 2
+    )[z_name]
     assert ((after - z).norm(dim=1) < (before - z).norm(dim=1)).all()
 
 
@@ -88,7 +100,7 @@ def test_smollm_memit_edits_two_facts(smollm):
     # the preset's C (its corpus is cached by `attndrift prepare`; each layer's E[kk^T] takes
     # seconds): with the identity in place of C, λ = 15000 damps the update to nothing
     cfg = memit.preset(smollm)
-    templates = rome.context_templates(smollm, cfg.templates)
+    templates = editors.context_templates(smollm, cfg.templates)
     e = memit.edit(smollm, reqs, cfg, templates=templates)
     table = scoring.score_probes(
         smollm, [p for r in (ds[0], ds[5]) for p in r.probes(["ES"])], fwd_hooks=e.hooks(smollm)

@@ -96,7 +96,7 @@ def test_embedded_has_no_bos_and_cache_is_reused(smollm, tmp_path, monkeypatch):
     assert models.bos_prefix(smollm) == []
     ids = encoding.encode_prompt(smollm, "Paris").ids
     assert smollm.tokenizer.decode(list(ids)) == "Paris"
-    cache = models._embedded_cache()
+    cache = models.embedded._embedded_cache()
     meta = json.loads((cache / "attndrift.json").read_text())
     assert meta["source_sha256"] == models.EMBEDDED_GGUF_SHA256
     assert meta["weights_bytes"] == (cache / "model.safetensors").stat().st_size
@@ -108,9 +108,9 @@ def test_truncated_cache_is_detected(tmp_path):
     target.mkdir()
     (target / "model.safetensors").write_bytes(b"123")
     (target / "attndrift.json").write_text(json.dumps({"weights_bytes": 999}))
-    assert not models._cache_complete(target)
+    assert not models.embedded._cache_complete(target)
     (target / "attndrift.json").write_text("{not json")
-    assert not models._cache_complete(target)
+    assert not models.embedded._cache_complete(target)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

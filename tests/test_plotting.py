@@ -48,6 +48,24 @@ def test_drift_heatmap_layer_by_head(d):
         plotting.drift_heatmap(d, prompt=len(PROMPTS))
 
 
+def test_compared_drift_heatmaps_share_one_scale(d):
+    import dataclasses
+
+    half = dataclasses.replace(d, delta=d.delta / 2)  # an edit that drifts half as much
+    zmax = plotting.common_zmax([d, half])
+    assert zmax == pytest.approx(float(d.delta.mean(0).abs().max()))
+    ranges = {
+        (hm.zmin, hm.zmax)
+        for hm in (plotting.drift_heatmap(x, "delta", zmax=zmax).data[0] for x in (d, half))
+    }
+    assert ranges == {(-zmax, zmax)}
+    fig = plotting.drift_heatmaps({"full": d, "half": half})
+    assert [t.coloraxis for t in fig.data] == ["coloraxis", "coloraxis"]
+    assert fig.layout.coloraxis.cmax == pytest.approx(zmax) == -fig.layout.coloraxis.cmin
+    np.testing.assert_allclose(np.asarray(fig.data[1].z), half.delta.mean(0).numpy(), rtol=1e-6)
+    assert list(fig.data[0].y) == list(d.layers)
+
+
 def test_patching_heatmap_layer_by_token(sweep, model):
     fig = plotting.patching_heatmap(sweep, "recovery")
     heatmaps = [t for t in fig.data if t.type == "heatmap"]

@@ -3,10 +3,13 @@ import dataclasses
 import pytest
 import torch
 
-from attndrift import covariance, data, edit, encoding, models, rome, sadr, scoring, value
+from attndrift import covariance, data, editors, edits, encoding, models, rome, sadr, scoring, value
 
 REQ = data.EditRequest(
-    "Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome", "Paris"
+    subject="Eiffel Tower",
+    prompt="The Eiffel Tower is located in the city of",
+    target_true="Paris",
+    target_new="Rome",
 )
 TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
 
@@ -16,12 +19,12 @@ def _cfg(model, **changes):
 
 
 def test_templates_are_seeded_and_well_formed(tiny):
-    cfg = rome.TemplateConfig(lengths=((3, 2), (4, 3)), seed=5)
-    a = rome.context_templates(tiny, cfg)
-    assert a == rome.context_templates(tiny, cfg)
+    cfg = editors.TemplateConfig(lengths=((3, 2), (4, 3)), seed=5)
+    a = editors.context_templates(tiny, cfg)
+    assert a == editors.context_templates(tiny, cfg)
     assert a[0] == "{}" and len(a) == 6
     assert all(t.endswith(". {}") and t.count("{}") == 1 for t in a[1:])
-    assert a != rome.context_templates(tiny, dataclasses.replace(cfg, seed=6))
+    assert a != editors.context_templates(tiny, dataclasses.replace(cfg, seed=6))
 
 
 def test_update_is_rank_one_and_maps_k0_to_v_star(tiny):
@@ -33,18 +36,21 @@ def test_update_is_rank_one_and_maps_k0_to_v_star(tiny):
     s = torch.linalg.svdvals(delta)
     assert s[1] < 1e-6 * s[0]
     key, out = models.mlp_key_hook(1), models.mlp_out_hook(1)
-    before = rome.read_at_subject(tiny, [REQ.prompt], REQ.subject, [key, out], 2)
-    target = before[out][0] + torch.tensor(e.info["final"]["delta_norm"]) * 0  # shape only
-    with edit.applied(tiny, e):
-        after = rome.read_at_subject(tiny, [REQ.prompt], REQ.subject, [key, out], 2)
+    before = editors.keys_at_subject(tiny, [REQ.prompt], REQ.subject, [key, out], 2)
+    with edits.applied(tiny, e):
+        after = editors.keys_at_subject(tiny, [REQ.prompt], REQ.subject, [key, out], 2)
     torch.testing.assert_close(after[key], before[key])  # the key is upstream of W_out
-    # v* - m0 is exactly the change of the MLP output at k0
-    v_star = before[out][0] + (before[key][0] @ delta)
+    # the edited MLP maps k0 to v* = v_0 + δ, the target the value optimisation found
+    v_star = e.run.targets[0]
+    assert not torch.allclose(before[out][0], v_star, atol=1e-3)  # the edit moved it
     torch.testing.assert_close(after[out][0], v_star, atol=1e-4, rtol=1e-4)
-    assert target.shape == v_star.shape
+    # v_0 is the bare prompt's MLP output: v* - v_0 is the optimised δ (its norm in the trace)
+    assert (v_star - before[out][0]).norm().item() == pytest.approx(
+        e.run.final.delta_norm, rel=1e-4
+    )
     # left is C^-1 u (up to scale)
     filled = [value.fill(t, REQ.prompt) for t in TEMPLATES]
-    u = rome.read_at_subject(tiny, filled, REQ.subject, [key], 2)[key].mean(0)
+    u = editors.keys_at_subject(tiny, filled, REQ.subject, [key], 2)[key].mean(0)
     direction = torch.linalg.solve(cov.double(), u.double()).float()
     cos = torch.nn.functional.cosine_similarity(e.left[0][:, 0], direction, dim=0)
     assert cos.item() == pytest.approx(1.0, abs=1e-5)
@@ -54,11 +60,11 @@ def test_edit_raises_p_new_on_every_architecture(tiny):
     # tiny random models cannot be taught a fact (P stays small), but the machinery must move
     # P(o_new) the right way on GPT-2, GPT-J (parallel attention) and Llama (GQA) layouts
     e = rome.edit(tiny, REQ, _cfg(tiny), templates=TEMPLATES)
-    trace = e.info["trace"]
+    trace = [dataclasses.asdict(x) for x in e.run.traces[0]]
     assert trace[-1]["nll"] < trace[0]["nll"] and trace[-1]["p_new"] > trace[0]["p_new"]
     pairs = [(REQ.prompt, REQ.target_new)]
     before = scoring.answer_nll(tiny, pairs)
-    with edit.applied(tiny, e):
+    with edits.applied(tiny, e):
         after = scoring.answer_nll(tiny, pairs)
     assert after.item() < before.item()
 
@@ -79,20 +85,20 @@ def test_model_unchanged_and_hook_free_after_edit(tiny):
     for n, p in tiny.named_parameters():
         assert torch.equal(p, snap[n]) and p.requires_grad, n
     assert not any(hp.fwd_hooks for hp in tiny.hook_dict.values())
-    assert e.editor == "rome+sadr" and e.info["sadr"] == {"gamma": 0.01, "all_heads": False}
+    assert e.editor == "rome+sadr" and e.run.sadr == sadr.SadrConfig(gamma=0.01, all_heads=False)
 
 
 def test_value_loop_follows_rome(tiny_llama):
     cfg = _cfg(tiny_llama, value=value.ValueConfig(steps=6, clamp_norm_factor=0.05))
     e = rome.edit(tiny_llama, REQ, cfg, templates=TEMPLATES)
-    trace = e.info["trace"]
+    trace = [dataclasses.asdict(x) for x in e.run.traces[0]]
     assert len(trace) == 6 and [s["step"] for s in trace] == list(range(6))
     obj = value.ValueObjective(tiny_llama, REQ, models.mlp_out_hook(1), 1, ("{}",), cfg.value)
     bound = 0.05 * obj.init.norm().item()
     assert all(s["delta_norm"] <= bound * (1 + 1e-5) for s in trace)  # norm clamp
     assert trace[-1]["delta_norm"] == pytest.approx(bound, rel=1e-4)
     stop = _cfg(tiny_llama, value=value.ValueConfig(steps=30, early_stop_loss=1e9))
-    assert rome.edit(tiny_llama, REQ, stop, templates=TEMPLATES).info["steps_run"] == 1
+    assert rome.edit(tiny_llama, REQ, stop, templates=TEMPLATES).run.steps_run == 1
 
 
 def test_bad_requests_and_templates(tiny):
@@ -113,14 +119,14 @@ def test_smollm_rome_edit_with_and_without_sadr(smollm, dev_data_path):
     record = next(r for r in ds.records if r.neighborhood)  # a CounterFact record
     req = record.request
     cfg = dataclasses.replace(rome.preset(smollm), covariance=None, sadr_steps=None)  # 20 steps
-    templates = rome.context_templates(smollm, cfg.templates)
+    templates = editors.context_templates(smollm, cfg.templates)
     ids = torch.tensor([encoding.encode_prompt(smollm, req.prompt).ids])
     first_new = encoding.encode_answer(smollm, req.target_new)[0]
     with torch.no_grad():
         assert smollm(ids)[0, -1].argmax().item() != first_new
     for s in (None, sadr.SadrConfig(gamma=0.01)):
         e = rome.edit(smollm, req, cfg, templates=templates, sadr=s)
-        with edit.applied(smollm, e), torch.no_grad():
+        with edits.applied(smollm, e), torch.no_grad():
             assert smollm(ids)[0, -1].argmax().item() == first_new
         hooked = smollm.run_with_hooks(ids, fwd_hooks=list(e.hooks(smollm)))
         assert hooked[0, -1].argmax().item() == first_new

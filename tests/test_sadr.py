@@ -6,7 +6,10 @@ import torch
 from attndrift import data, models, rome, sadr, value
 
 REQ = data.EditRequest(
-    "Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome", "Paris"
+    subject="Eiffel Tower",
+    prompt="The Eiffel Tower is located in the city of",
+    target_true="Paris",
+    target_new="Rome",
 )
 TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
 
@@ -123,8 +126,8 @@ def test_gamma_zero_reproduces_plain_rome_exactly(tiny):
     zero = rome.edit(tiny, REQ, cfg, templates=TEMPLATES, sadr=sadr.SadrConfig(gamma=0.0))
     assert torch.equal(plain.left[0], zero.left[0]) and torch.equal(plain.right[0], zero.right[0])
     # but the drift is still measured and logged
-    assert any(s["sadr"] > 0 for s in zero.info["trace"])
-    assert all(s["sadr"] == 0 for s in plain.info["trace"])
+    assert any(s.sadr > 0 for s in zero.run.traces[0])
+    assert all(s.sadr == 0 for s in plain.run.traces[0])
     on = rome.edit(tiny, REQ, cfg, templates=TEMPLATES, sadr=sadr.SadrConfig(gamma=10.0))
     assert not torch.equal(plain.right[0], on.right[0])
 
@@ -133,8 +136,8 @@ def test_sadr_restrains_drift_in_the_trace(tiny_llama):
     cfg = dataclasses.replace(rome.preset(tiny_llama), covariance=None)
     free = rome.edit(tiny_llama, REQ, cfg, templates=TEMPLATES, sadr=sadr.SadrConfig(gamma=0.0))
     held = rome.edit(tiny_llama, REQ, cfg, templates=TEMPLATES, sadr=sadr.SadrConfig(gamma=5.0))
-    assert held.info["trace"][-1]["sadr"] < free.info["trace"][-1]["sadr"]
-    assert len(free.info["trace"][0]["heads"]) == tiny_llama.cfg.n_layers - 2
+    assert held.run.final.sadr < free.run.final.sadr
+    assert len(free.run.traces[0][0].heads) == tiny_llama.cfg.n_layers - 2
 
 
 def test_negative_gamma_is_rejected():

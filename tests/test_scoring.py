@@ -93,7 +93,12 @@ def test_empty_and_bad_budget(tiny):
 def test_score_probes_table(tiny):
     rec = data.Record(
         0,
-        data.EditRequest("Eiffel Tower", "The Eiffel Tower is in", "Rome", "Paris"),
+        data.EditRequest(
+            subject="Eiffel Tower",
+            prompt="The Eiffel Tower is in",
+            target_true="Paris",
+            target_new="Rome",
+        ),
         neighborhood=(("The Louvre is in", "Paris"),),
     )
     table = scoring.score_probes(tiny, rec.probes())

@@ -6,10 +6,13 @@ import dataclasses
 import pytest
 import torch
 
-from attndrift import data, memit, models, rome, sadr, value
+from attndrift import data, editors, memit, models, rome, sadr, value
 
 REQ = data.EditRequest(
-    "Eiffel Tower", "The Eiffel Tower is located in the city of", "New York City", "Paris"
+    subject="Eiffel Tower",
+    prompt="The Eiffel Tower is located in the city of",
+    target_true="Paris",
+    target_new="New York City",
 )
 # prefixes of different lengths, so that the cached prefixes need padding
 TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}", "The the the the the the. {}")
@@ -95,7 +98,12 @@ def test_sadr_rows_see_every_key_and_select_the_same_heads(tiny):
 
 def test_subject_at_the_first_position_needs_no_prefix(tiny_llama):
     # SmolLM2-style model (no BOS): a one-token subject opening the prompt leaves an empty prefix
-    req = data.EditRequest("Apple", "Apple was founded by", "Bill Gates", "Steve Jobs")
+    req = data.EditRequest(
+        subject="Apple",
+        prompt="Apple was founded by",
+        target_true="Steve Jobs",
+        target_new="Bill Gates",
+    )
     cfg = value.ValueConfig(steps=4)
     full, cached = _pair(
         tiny_llama, models.mlp_out_hook, cfg, sadr.SadrConfig(1.0), 1, req, ("{}",)
@@ -114,7 +122,12 @@ def test_rome_and_memit_edits_match_the_reference(tiny):
         torch.testing.assert_close(b.right[0], a.right[0], rtol=1e-4, atol=1e-5)
     mcfg = dataclasses.replace(memit.preset(tiny), covariance=None, mom2_update_weight=1.0)
     mref = dataclasses.replace(mcfg, value=dataclasses.replace(mcfg.value, prefix_cache=False))
-    reqs = [REQ, data.EditRequest("Louvre", "The Louvre is in", "London", "Paris")]
+    reqs = [
+        REQ,
+        data.EditRequest(
+            subject="Louvre", prompt="The Louvre is in", target_true="Paris", target_new="London"
+        ),
+    ]
     a = memit.edit(tiny, reqs, mref, templates=TEMPLATES, sadr=sadr.SadrConfig(1.0))
     b = memit.edit(tiny, reqs, mcfg, templates=TEMPLATES, sadr=sadr.SadrConfig(1.0))
     for x, y in zip(a.right, b.right, strict=True):
@@ -145,7 +158,7 @@ def test_early_stop_on_the_nll_term(tiny_llama):
 def test_smollm_prefix_cache_follows_the_full_forward(smollm, restrain):
     ds = data.load_embedded()
     cfg = rome.preset(smollm)
-    templates = rome.context_templates(smollm, cfg.templates)
+    templates = editors.context_templates(smollm, cfg.templates)
     value_cfg = dataclasses.replace(cfg.value, steps=6)
     for record, hook, layer in (
         (ds[0], models.mlp_out_hook, cfg.layer),

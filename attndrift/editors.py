@@ -1,0 +1,155 @@
+"""Editors: what every locate-then-edit editor shares (ROME, MEMIT, and the ones to come).
+
+A locate-then-edit editor works in three parts (ROME's split):
+
+1. **keys**: MLP keys at the subject's last token of the edit prompt, filled into context
+   templates (:func:`context_templates`, :func:`keys_at_subject`);
+2. **values**: a target activation per request, v* = v_0 + δ, with δ optimised by
+   :mod:`attndrift.value` (and SADR's term, :mod:`attndrift.sadr`), under the editor's step
+   budget (:func:`value_config`: SADR may run more steps than the plain editor);
+3. **update**: the editor's own closed-form solve for ``ΔW_out`` of its layer(s).
+
+This module holds parts 1 and 2, the config fields every editor has (:class:`EditorConfig`),
+and the assembly of the result (:func:`finish`: an :class:`attndrift.edits.Edit` with its
+:class:`~attndrift.edits.EditRun`). Each editor module (:mod:`attndrift.rome`,
+:mod:`attndrift.memit`) adds its own config fields and its solve, nothing else.
+"""
+
+import dataclasses
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from attndrift import capture, encoding, generation, models, value
+from attndrift.covariance import CovarianceConfig
+from attndrift.data import EditRequest
+from attndrift.edits import Edit, EditRun
+from attndrift.sadr import SadrConfig
+from attndrift.value import ValueConfig
+
+#: MEMIT's openings for sampling context templates.
+TEMPLATE_OPENINGS = ("The", "Therefore", "Because", "I", "You")
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    """Context templates: ``count`` samples of ``length`` tokens for each (length, count)."""
+
+    lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, how many)
+    seed: int = 0  # sampling seed
+    top_k: int = 5  # sample among the top-k tokens (ROME: 5)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditorConfig:
+    """The fields every editor's config has (each editor adds its own)."""
+
+    value: ValueConfig = field(default_factory=ValueConfig)  # the δ / z optimisation
+    templates: TemplateConfig = field(default_factory=TemplateConfig)  # context templates
+    covariance: CovarianceConfig | None = field(default_factory=CovarianceConfig)  # None: C = I
+    sadr_steps: int | None = None  # steps when SADR is on (γ > 0); None: value.steps
+
+
+def context_templates(model: HookedTransformer, cfg: TemplateConfig) -> tuple[str, ...]:
+    """``"{}"`` plus ``"<sampled text>. {}"`` for each configured (length, count); seeded."""
+    texts = []
+    for i, (length, count) in enumerate(cfg.lengths):
+        openings = [TEMPLATE_OPENINGS[j % len(TEMPLATE_OPENINGS)] for j in range(count)]
+        texts += generation.sample(
+            model, openings, max_new_tokens=length, seed=cfg.seed + i, top_k=cfg.top_k
+        )
+    # braces would clash with the placeholder; newlines make odd prefixes
+    clean = [re.sub(r"\s+", " ", t.replace("{", " ").replace("}", " ")).strip() for t in texts]
+    return ("{}", *(f"{t}. {{}}" for t in clean))
+
+
+def keys_at_subject(
+    model: HookedTransformer | models.Variant,
+    prompts: Sequence[str],
+    subject: str | Sequence[str],
+    hook_names: Sequence[str],
+    stop_at_layer: int | None = None,
+) -> dict[str, Tensor]:
+    """Activations ``[n_prompts, d]`` of ``hook_names`` at the subject's last token.
+
+    ``subject`` is one subject for all prompts or one per prompt; ``model`` may be a variant
+    (e.g. a model with edits as hooks).
+    """
+    subjects = [subject] * len(prompts) if isinstance(subject, str) else list(subject)
+    batch = encoding.encode_batch(models.as_variant(model).model, prompts, subjects)
+    at = capture.Select(1, batch.subject_last[:, None])
+    kept = capture.record(
+        model, batch.tokens, {n: at for n in hook_names}, stop_at_layer=stop_at_layer
+    )
+    return {n: kept[n][:, 0] for n in hook_names}  # [n_prompts, d]
+
+
+def filled(templates: Sequence[str], prompt: str) -> list[str]:
+    """Every template with the prompt in its ``{}``."""
+    return [value.fill(t, prompt) for t in templates]
+
+
+def value_config(cfg: EditorConfig, sadr: SadrConfig | None) -> ValueConfig:
+    """The optimisation's config: SADR's step budget when SADR is on, else the editor's."""
+    if sadr is not None and sadr.gamma > 0 and cfg.sadr_steps is not None:
+        return dataclasses.replace(cfg.value, steps=cfg.sadr_steps)
+    return cfg.value
+
+
+def editor_name(base: str, sadr: SadrConfig | None) -> str:
+    """``"rome"`` / ``"rome+sadr"``, …: the name an edit records."""
+    return base + ("+sadr" if sadr is not None and sadr.gamma > 0 else "")
+
+
+class Clock:
+    """Wall time of an edit's phases (``laps``: phase -> seconds)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def finish(
+    model: HookedTransformer,
+    name: str,
+    cfg: EditorConfig,
+    sadr: SadrConfig | None,
+    requests: Sequence[EditRequest],
+    layers: Sequence[int],
+    factors: Sequence[tuple[Tensor, Tensor]],
+    results: Sequence[value.ValueResult],
+    clock: Clock,
+    n_templates: int,
+) -> Edit:
+    """The :class:`~attndrift.edits.Edit` of an editor's factors ``(left, right)`` per layer."""
+    run = EditRun(
+        config=cfg,
+        sadr=sadr,
+        traces=tuple(r.trace for r in results),
+        targets=tuple(r.target.detach().cpu() for r in results),
+        seconds=clock.total(),
+        timings=tuple(clock.laps.items()),
+        n_templates=n_templates,
+    )
+    return Edit(
+        layers=tuple(layers),
+        left=tuple(a for a, _ in factors),
+        right=tuple(b for _, b in factors),
+        requests=tuple(requests),
+        editor=editor_name(name, sadr),
+        run=run,
+        model_name=model.cfg.model_name,
+        model_fingerprint=models.fingerprint(model),
+    )
