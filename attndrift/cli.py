@@ -145,6 +145,11 @@ def sweep_command(args) -> int:
     _setting_args(p, grid=True)
     p.add_argument("--fluency", action="store_true", help="also measure fluency (FL)")
     p.add_argument("--out", type=Path, required=True, help="results file (JSON lines)")
+    p.add_argument(
+        "--allow-new-revision",
+        action="store_true",
+        help="resume onto lines written by another git revision of this version",
+    )
     a = p.parse_args(args)
     settings = settings_from_args(a, grid=True)
     rank, world = sweep.distributed_rank()
@@ -156,7 +161,16 @@ def sweep_command(args) -> int:
     ds = _load_data(a)
     model = _load_model(a)
     print(f"{len(ds)} records x {len(settings)} settings: " + ", ".join(s.key for s in settings))
-    path = sweep.run(model, ds, settings, a.out, fluency=a.fluency, rank=rank, world=world)
+    path = sweep.run(
+        model,
+        ds,
+        settings,
+        a.out,
+        fluency=a.fluency,
+        rank=rank,
+        world=world,
+        allow_new_revision=a.allow_new_revision,
+    )
     print(f"rank {rank}/{world}: results in {path}")
     if world > 1:
         import torch.distributed as dist

@@ -94,6 +94,13 @@ class _RecordState:
         )
 
 
+def shard_of(index: int, world: int) -> int:
+    """The rank that runs the ``index``-th record: round robin, shifted by one every round,
+    so that every rank gets records of every position modulo ``world`` (data files that
+    alternate record kinds, as the merged CounterFact file does, stay balanced)."""
+    return (index + index // world) % world
+
+
 def provenance(model: HookedTransformer, dataset: Dataset, model_name: str = "") -> Provenance:
     """The provenance of lines this model and dataset produce now."""
     return Provenance(
@@ -152,7 +159,7 @@ def run(
 
     Args:
         model: the model (never changed: edits are applied as hooks).
-        dataset: the records, in order; rank r of ``world`` takes records r, r+world, ….
+        dataset: the records, in order; rank r of ``world`` takes those of :func:`shard_of`.
         settings: editor settings; every record is edited under each.
         out: results file (JSON lines); shards get a rank suffix.
         fluency: also sample generation prompts (FL) before and after.
@@ -172,13 +179,14 @@ def run(
     ids = [r.id for r in dataset.records]
     if len(set(ids)) != len(ids):
         raise ValueError("the records repeat an id: each record is swept once")
-    records = list(dataset.records)[rank::world]
+    records = [r for i, r in enumerate(dataset.records) if shard_of(i, world) == rank]
     path = results.shard_path(Path(out), rank, world)
     if path.parent.exists() and not path.parent.is_dir():
         raise ValueError(f"--out {path}: {path.parent} is not a directory")
-    done_lines = results.prepare_append(path) + (
-        results.read(results._gz(path)) if results._gz(path).exists() else []
-    )
+    results.prepare_append(path)  # refuses a foreign file, cuts a torn tail
+    # finished pairs: this rank's file, the other ranks' shards and .gz copies (a rerun with
+    # another number of ranks, or after a rebalance, redoes nothing)
+    done_lines = [line for f in results.files(Path(out)) for line in results.read(f)]
     prov = provenance(model, dataset, model_name)
     configs = {s.key: _jsonable(dataclasses.asdict(s.config(model))) for s in settings}
     check_resume(path, done_lines, prov, configs, allow_new_revision)

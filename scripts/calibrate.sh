@@ -2,13 +2,13 @@
 # Calibration of the SmolLM2-135M ROME and MEMIT presets on the tuning slice (docs/RESULTS.md,
 # "Calibrated presets"): every setting of each grid on dev records 1000-1099 (ROME) and
 # 1000-1059 (MEMIT). Resumable; raw lines go to runs/, gzipped copies to results/.
-#   scripts/calibrate.sh DATA [rome|memit|both]        (NPROC=2 torchrun ranks by default)
+#   scripts/calibrate.sh DATA [rome|memit|both]   (NPROC=2 torchrun ranks; SWEEP_FLAGS=… passed on)
 set -euo pipefail
 data=${1:?usage: $0 path/to/merged_counterfact_dev.json [rome|memit|both]}
 what=${2:-both}
 nproc=${NPROC:-2}
 run() { OMP_NUM_THREADS=1 torchrun --nproc_per_node "$nproc" --master_port 29541 \
-          -m attndrift.cli sweep --data "$data" "$@"; }
+          -m attndrift.cli sweep --data "$data" ${SWEEP_FLAGS:-} "$@"; }
 # covariances first, in one process (the ranks would otherwise compute them concurrently)
 python - <<'PY'
 from attndrift import covariance, memit, models, rome
