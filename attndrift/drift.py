@@ -38,7 +38,7 @@ from scipy import stats
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import capture, encoding, models, scoring
+from attndrift import capture, encoding, metrics, models, scoring
 from attndrift.data import Probe
 
 log = logging.getLogger(__name__)
@@ -59,15 +59,9 @@ def answers(probe: Probe) -> tuple[str, str]:
 def kl(
     p: Float[Tensor, "*rows key_pos"], q: Float[Tensor, "*rows key_pos"]
 ) -> Float[Tensor, "*rows"]:
-    """KL(p ‖ q) per row; finite and ≥ 0 even where q has zero-probability keys.
-
-    ``0 log 0 = 0``; ``q`` is clamped at the dtype's smallest normal number inside the log;
-    terms with ``p == q`` are exactly 0 (so KL(p ‖ p) == 0 bit-exactly).
-    """
-    tiny = torch.finfo(q.dtype).tiny
-    terms = torch.xlogy(p, p) - torch.xlogy(p, q.clamp_min(tiny))
-    terms = torch.where(p == q, torch.zeros_like(terms), terms)
-    return terms.sum(-1).clamp_min(0.0)
+    """KL(p ‖ q) per row (:func:`attndrift.metrics.kl`), clamped at 0 against rounding:
+    finite and ≥ 0 even where q has zero-probability keys; KL(p ‖ p) == 0 bit-exactly."""
+    return metrics.kl(p, q).clamp_min(0.0)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from attndrift.data import PROBE_KINDS, SCORE_KINDS
 
@@ -56,6 +59,22 @@ def wilson(successes: int | float, n: int, z: float = 1.96) -> tuple[float, floa
     low = 0.0 if successes == 0 else max(0.0, centre - half)
     high = 1.0 if successes == n else min(1.0, centre + half)
     return low, high
+
+
+def kl(
+    p: Float[Tensor, "*rows key_pos"], q: Float[Tensor, "*rows key_pos"], floor: float | None = None
+) -> Float[Tensor, "*rows"]:
+    """KL(p ‖ q) = Σ_k p log(p / q) of each row (the last axis): the one KL of attndrift.
+
+    Safe on attention rows with zero-probability keys: ``0 log 0 = 0``; ``q`` is clamped at
+    ``floor`` inside the log (default: the dtype's smallest normal number; SADR's loss uses
+    1e-12, which also stops gradients through keys ``q`` has all but dropped); terms with
+    ``p == q`` are exactly 0, so KL(p ‖ p) == 0 bit-exactly. Never NaN or inf. Rounding can
+    leave sums of about −1e-9 where p ≈ q: a reported KL is clamped at 0 by the caller.
+    """
+    floor = torch.finfo(q.dtype).tiny if floor is None else floor
+    terms = torch.xlogy(p, p) - torch.xlogy(p, q.clamp_min(floor))
+    return torch.where(p == q, torch.zeros_like(terms), terms).sum(-1)
 
 
 @dataclass(frozen=True)

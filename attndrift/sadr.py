@@ -1,4 +1,4 @@
-"""SADR: Selective Attention Drift Restriction (SPEC §4).
+"""SADR: Selective Attention Drift Restriction (docs/METHOD.md, "SADR"), and its variants.
 
 During the value (ROME v*) or residual (MEMIT z) optimisation, attention heads that start to
 over-focus on the edited subject are pulled back towards their vanilla attention:
@@ -13,70 +13,126 @@ over-focus on the edited subject are pulled back towards their vanilla attention
   first); summed over restrained heads, averaged over prompts, summed over layers.
 * Ablation: ``all_heads=True`` restrains every head (no selection).
 
+:class:`SadrConfig` also names the variants this toolkit adds (each off by default, so the
+default is the paper's SADR):
+
+* ``queries="after_subject"``: restrain the rows of every query after the subject's last token,
+  not only t_j (each prompt's rows averaged, then prompts averaged);
+* ``keys="subject"``: select on the attention *mass* over all subject tokens, not only s_j;
+* ``threshold="own"``: a head is restrained when its attention to the subject exceeds its own
+  vanilla attention (instead of the layer's largest);
+* ``relation_prompts=True``: also restrain the attention on generic relation prompts of the
+  subject (:data:`RELATION_TEMPLATES`), which carry no NLL term.
+
 Only layers after the edited one can drift (δ enters at layer L's MLP output or residual), so
 callers pass the attention rows of layers > L; earlier layers would contribute exactly 0.
 
-Axis names: ``prompt layer head_index key_pos`` (the query row t_j is already selected).
+Axis names: ``prompt layer head_index query key_pos`` (the restrained query rows, already
+selected).
 """
 
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
+
+from attndrift import checks, metrics
 
 #: probabilities below this are treated as this in log(q) (never NaN, never inf)
 EPS = 1e-12
+#: generic relation prompts of a subject, restrained with ``relation_prompts=True``: prompts
+#: whose answer is some other fact about the subject (none of the evaluation's own prompts)
+RELATION_TEMPLATES = (
+    "{} is known for",
+    "{} is associated with",
+    "The most important thing about {} is",
+    "People who know {} say that it is",
+)
 
 
 @dataclass(frozen=True)
 class SadrConfig:
     """SADR settings. The paper used γ = 0.01 for ROME (with 80 steps) and 0.005 for MEMIT
-    on GPT-J."""
+    on GPT-J; the other fields' defaults are the paper's SADR."""
 
-    gamma: float = 0.01
-    all_heads: bool = False
+    gamma: float = 0.01  # weight of L_SADR in the value loss
+    all_heads: bool = False  # ablation: restrain every head (no selection)
+    queries: str = "last"  # "last" (t_j) or "after_subject" (every query after s_j)
+    keys: str = "subject_last"  # what selection measures: "subject_last" (s_j) or "subject"
+    threshold: str = "layer_max"  # "layer_max" (the paper) or "own" (the head's vanilla value)
+    relation_prompts: bool = False  # also restrain generic relation prompts of the subject
 
     def __post_init__(self) -> None:
-        if self.gamma < 0:
-            raise ValueError(f"SADR gamma must be >= 0, got {self.gamma}")
+        checks.number("SADR gamma", self.gamma, low=0)
+        checks.choice("SADR queries", self.queries, ("last", "after_subject"))
+        checks.choice("SADR keys", self.keys, ("subject_last", "subject"))
+        checks.choice("SADR threshold", self.threshold, ("layer_max", "own"))
+
+    @property
+    def variant(self) -> str:
+        """Short name of the non-default choices (``""`` for the paper's SADR)."""
+        parts = []
+        if self.queries != "last":
+            parts.append(f"queries={self.queries}")
+        if self.keys != "subject_last":
+            parts.append(f"keys={self.keys}")
+        if self.threshold != "layer_max":
+            parts.append(f"threshold={self.threshold}")
+        if self.relation_prompts:
+            parts.append("relation_prompts")
+        return ",".join(parts)
 
 
-def kl_rows(
-    p: Float[Tensor, "*rows key_pos"], q: Float[Tensor, "*rows key_pos"]
-) -> Float[Tensor, "*rows"]:
-    """KL(p ‖ q) = Σ_k p log(p / q) per row; 0·log 0 = 0; q clamped at EPS."""
-    return (torch.xlogy(p, p) - p * torch.log(q.clamp_min(EPS))).sum(-1)
+def attention_to_subject(
+    rows: Float[Tensor, "prompt layer head_index query key_pos"],
+    subject: Bool[Tensor, "prompt key_pos"],
+) -> Float[Tensor, "prompt layer head_index query"]:
+    """Attention of each row to the subject keys (the s_j key alone, or every subject token)."""
+    return (rows * subject[:, None, None, None, :].to(rows.dtype)).sum(-1)
 
 
 def head_mask(
-    vanilla: Float[Tensor, "prompt layer head_index key_pos"],
-    current: Float[Tensor, "prompt layer head_index key_pos"],
-    subject: Int[Tensor, " prompt"],
-) -> Bool[Tensor, "prompt layer head_index"]:
-    """Heads whose current attention to the subject beats every vanilla head of the layer."""
-    idx = subject[:, None, None, None].expand(*current.shape[:3], 1)
-    now = current.detach().gather(-1, idx)[..., 0]  # [prompt, layer, head]
-    before = vanilla.gather(-1, idx)[..., 0].amax(-1, keepdim=True)  # [prompt, layer, 1]
+    vanilla: Float[Tensor, "prompt layer head_index query key_pos"],
+    current: Float[Tensor, "prompt layer head_index query key_pos"],
+    subject: Bool[Tensor, "prompt key_pos"],
+    threshold: str = "layer_max",
+) -> Bool[Tensor, "prompt layer head_index query"]:
+    """Heads whose current attention to the subject beats the threshold (no gradient):
+    every vanilla head of the layer (``"layer_max"``) or the head's own vanilla value."""
+    now = attention_to_subject(current.detach(), subject)  # [prompt, layer, head, query]
+    before = attention_to_subject(vanilla, subject)
+    if threshold == "layer_max":
+        before = before.amax(2, keepdim=True)  # [prompt, layer, 1, query]
     return now > before
 
 
 def sadr_loss(
-    vanilla: Float[Tensor, "prompt layer head_index key_pos"],
-    current: Float[Tensor, "prompt layer head_index key_pos"],
-    subject: Int[Tensor, " prompt"],
-    all_heads: bool = False,
+    vanilla: Float[Tensor, "prompt layer head_index query key_pos"],
+    current: Float[Tensor, "prompt layer head_index query key_pos"],
+    subject: Bool[Tensor, "prompt key_pos"],
+    query_weight: Float[Tensor, "prompt query"],
+    cfg: SadrConfig = SadrConfig(),
 ) -> tuple[Float[Tensor, ""], Float[Tensor, " layer"]]:
-    """L_SADR and the mean number of restrained heads per layer (over prompts).
+    """L_SADR and the mean number of restrained heads per layer.
+
+    Args:
+        vanilla, current: attention rows at δ = 0 and now.
+        subject: the keys selection measures (s_j alone, or every subject token).
+        query_weight: each query row's weight within its prompt (rows of a prompt sum to 1;
+            0 on padding rows).
+        cfg: all heads or selection, and the selection threshold.
 
     Returns:
-        (loss, heads): ``loss = Σ_l mean_j Σ_{h restrained} KL(vanilla ‖ current)``;
-        ``heads[l]`` = restrained heads in layer l, averaged over prompts.
+        (loss, heads): ``loss = Σ_l mean_j Σ_q w_jq Σ_{h restrained} KL(vanilla ‖ current)``;
+        ``heads[l]`` = restrained heads in layer l, averaged the same way.
     """
-    kl = kl_rows(vanilla, current)  # [prompt, layer, head]
-    if all_heads:
+    kl = metrics.kl(vanilla, current, floor=EPS)  # [prompt, layer, head, query]
+    if cfg.all_heads:
         mask = torch.ones_like(kl, dtype=torch.bool)
     else:
-        mask = head_mask(vanilla, current, subject)
-    loss = (kl * mask).sum(-1).mean(0).sum()
-    return loss, mask.float().sum(-1).mean(0)
+        mask = head_mask(vanilla, current, subject, cfg.threshold)
+    w = query_weight[:, None, :]  # [prompt, 1, query]
+    loss = ((kl * mask).sum(2) * w).sum(-1).mean(0).sum()
+    heads = (mask.float().sum(2) * w).sum(-1).mean(0)
+    return loss, heads

@@ -36,6 +36,12 @@ class Setting:
     editor: str = field(default="rome", metadata={"help": f"editor: {', '.join(EDITORS)}"})
     sadr_gamma: float = field(default=0.0, metadata={"help": "SADR weight γ (0 = no SADR)"})
     all_heads: bool = field(default=False, metadata={"help": "SADR restrains every head"})
+    sadr_queries: str | None = _opt("SADR variant: query rows restrained: last, after_subject")
+    sadr_keys: str | None = _opt("SADR variant: attention measured to: subject_last, subject")
+    sadr_threshold: str | None = _opt("SADR variant: a head is restrained above: layer_max, own")
+    sadr_relations: bool = field(
+        default=False, metadata={"help": "SADR variant: also restrain generic relation prompts"}
+    )
     layer: int | None = _opt("ROME layer")
     layers: tuple[int, ...] | None = _opt("MEMIT layers, e.g. 4,5,6,7,8")
     steps: int | None = _opt("optimisation steps, with or without SADR (preset: its own budget)")
@@ -53,8 +59,10 @@ class Setting:
     def __post_init__(self) -> None:
         checks.choice("editor", self.editor, EDITORS)
         checks.number("sadr_gamma", self.sadr_gamma, low=0)
-        if self.all_heads and self.sadr_gamma == 0:
-            raise ValueError("all_heads needs sadr_gamma > 0")
+        variant = (self.sadr_queries, self.sadr_keys, self.sadr_threshold)
+        if (self.all_heads or self.sadr_relations or any(variant)) and self.sadr_gamma == 0:
+            raise ValueError("SADR options (all_heads, sadr_*) need sadr_gamma > 0")
+        self.sadr()  # validates the SADR variant's names
         if self.r_rome and self.editor != "rome":
             raise ValueError("r_rome applies to the rome editor only")
         if self.layer is not None and self.editor != "rome":
@@ -109,7 +117,19 @@ class Setting:
 
     def sadr(self) -> SadrConfig | None:
         """SADR's config, or None when γ = 0."""
-        return SadrConfig(self.sadr_gamma, self.all_heads) if self.sadr_gamma > 0 else None
+        if self.sadr_gamma == 0:
+            return None
+        variant = {
+            "queries": self.sadr_queries,
+            "keys": self.sadr_keys,
+            "threshold": self.sadr_threshold,
+        }
+        return SadrConfig(
+            gamma=self.sadr_gamma,
+            all_heads=self.all_heads,
+            relation_prompts=self.sadr_relations,
+            **{k: v for k, v in variant.items() if v is not None},
+        )
 
     def config(self, model: HookedTransformer | str) -> "rome.RomeConfig | memit.MemitConfig":
         """The editor's config: the model's preset with this setting's overrides."""
@@ -162,7 +182,8 @@ class Setting:
 def grid(**options: Sequence) -> list[Setting]:
     """Every combination of the given field values, e.g. ``grid(sadr_gamma=[0, 0.2],
     steps=[20, 80])``; a field given one value applies to all. Settings that are invalid for
-    their editor (e.g. ``layer`` with MEMIT) leave that field to the editor that takes it."""
+    their editor (e.g. ``layer`` with MEMIT) leave that field to the editor that takes it, and
+    the γ = 0 settings (the baselines) drop the SADR-only fields."""
     names = list(options)
     combos: list[dict] = [{}]
     for name in names:
@@ -174,8 +195,9 @@ def grid(**options: Sequence) -> list[Setting]:
             c = {k: v for k, v in c.items() if k not in ("layer", "r_rome")}
         if editor != "memit":
             c = {k: v for k, v in c.items() if k not in ("layers", "mom2_weight")}
-        if c.get("all_heads") and not c.get("sadr_gamma"):
-            continue  # the all-heads ablation only exists with SADR on
+        sadr_only = ("all_heads", "sadr_queries", "sadr_keys", "sadr_threshold", "sadr_relations")
+        if not c.get("sadr_gamma"):  # the γ = 0 baseline: no SADR-only field
+            c = {k: v for k, v in c.items() if k not in sadr_only}
         s = Setting(**c)
         if s not in out:
             out.append(s)

@@ -25,6 +25,7 @@ pattern hooks that SADR reads.
 """
 
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from attndrift import capture, encoding, interrupts, models, sadr
+from attndrift import capture, checks, encoding, interrupts, models, sadr
 from attndrift.data import EditRequest
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,14 @@ class ValueConfig:
     prefix_cache: bool = True  # each step runs only what δ reaches (False: full reference)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.early_stop_on not in ("loss", "nll"):
-            raise ValueError(f"early_stop_on must be 'loss' or 'nll', got {self.early_stop_on!r}")
-        if "{}" not in self.essence_prompt:
+        checks.number("steps", self.steps, low=1, integer=True)
+        checks.number("lr", self.lr, low=0, above=True)
+        checks.number("weight_decay", self.weight_decay, low=0)
+        checks.number("clamp_norm_factor", self.clamp_norm_factor, low=0, above=True)
+        checks.number("kl_factor", self.kl_factor, low=0)
+        checks.number("early_stop_loss", self.early_stop_loss, low=0)
+        checks.choice("early_stop_on", self.early_stop_on, ("loss", "nll"))
+        if not isinstance(self.essence_prompt, str) or "{}" not in self.essence_prompt:
             raise ValueError("essence_prompt needs '{}' for the subject")
 
 
@@ -126,6 +130,45 @@ def frozen(model: HookedTransformer) -> Iterator[None]:
         interrupts.complete(restore)
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """The rows of the optimisation batch: the rewriting prompts (each context template
+    filled with the edit prompt, then o_new's tokens but the last), the essence prompt, and
+    (SADR's relation-prompts variant) generic relation prompts of the subject."""
+
+    ids: list[tuple[int, ...]]
+    subject_first: list[int]
+    subject_last: list[int]
+    prompt_last: list[int]  # t_j: the last prompt token (predicts o_new's first token)
+    n_rewrite: int  # rows 0 .. n_rewrite - 1 are rewriting prompts; then the essence row
+    sadr_rows: list[int]  # the rows whose attention SADR restrains
+
+
+def _encode_rows(model, request, templates, target, cfg, sadr_cfg) -> _Rows:
+    encoded = [
+        (encoding.encode_prompt(model, fill(t, request.prompt), request.subject), True)
+        for t in templates
+    ]
+    essence = cfg.essence_prompt.format(request.subject)
+    encoded.append((encoding.encode_prompt(model, essence, request.subject), False))
+    n_rewrite = len(templates)
+    sadr_rows = list(range(n_rewrite))
+    if sadr_cfg is not None and sadr_cfg.relation_prompts:
+        for t in sadr.RELATION_TEMPLATES:
+            sadr_rows.append(len(encoded))
+            encoded.append(
+                (encoding.encode_prompt(model, fill(t, request.subject), request.subject), False)
+            )
+    return _Rows(
+        ids=[e.ids + target[:-1] if rewrite else e.ids for e, rewrite in encoded],
+        subject_first=[e.subject_first for e, _ in encoded],
+        subject_last=[e.subject_last for e, _ in encoded],
+        prompt_last=[e.last for e, _ in encoded],
+        n_rewrite=n_rewrite,
+        sadr_rows=sadr_rows,
+    )
+
+
 def fill(template: str, prompt: str) -> str:
     """``template`` with its ``{}`` replaced by ``prompt`` (prompt may contain braces)."""
     return template.replace("{}", prompt, 1)
@@ -175,49 +218,68 @@ class ValueObjective:
         models.check_layer(model, layer)
         self.model, self.cfg, self.sadr_cfg, self.hook_name = model, cfg, sadr_cfg, hook_name
         self.layer, self.prefix_cached = layer, cfg.prefix_cache
-        self.target = target = encoding.encode_answer(model, request.target_new)
-        rows, subject_last, prompt_last = [], [], []
-        for t in templates:
-            e = encoding.encode_prompt(model, fill(t, request.prompt), request.subject)
-            rows.append(e.ids + target[:-1])
-            subject_last.append(e.subject_last)
-            prompt_last.append(e.last)
-        essence = encoding.encode_prompt(
-            model, cfg.essence_prompt.format(request.subject), request.subject
-        )
-        rows.append(essence.ids)
-        subject_last.append(essence.subject_last)
-        self.n_rewrite = len(templates)
+        self.target = encoding.encode_answer(model, request.target_new)
+        self.rows = rows = _encode_rows(model, request, templates, self.target, cfg, sadr_cfg)
+        self.n_rewrite = rows.n_rewrite
         self.sadr_layers = list(range(layer + 1, model.cfg.n_layers))
         self.device = device = models.model_device(model)
-        # where δ goes, and the SADR rows, in the coordinates of the batch each step runs
-        s = torch.tensor(subject_last, device=device)  # [row] s_j in the prompt
-        t = torch.tensor(prompt_last, device=device)  # [prompt] t_j in the prompt
+        s = torch.tensor(rows.subject_last, device=device)  # [row] s_j in the prompt
         with torch.no_grad():
             if cfg.prefix_cache:
                 width = int(s.max())  # prefix columns: row j's s_j lands in column `width`
-                self._start_suffix(rows, subject_last, width)
-                self.delta_pos = torch.zeros_like(s)  # s_j is the first position that runs
-                self.query = t - s[: self.n_rewrite]
-                self.subject_key = torch.full_like(self.query, width)
+                self._start_suffix(rows.ids, rows.subject_last, width)
+                # step coordinates: queries start at s_j, keys are shifted by width - s_j
+                q_shift, k_shift = rows.subject_last, [width - x for x in rows.subject_last]
             else:
-                self._start_full(rows, s)
-                self.delta_pos, self.query, self.subject_key = s, t, s[: self.n_rewrite]
-        n_rows, width = self.step_shape
-        # delta goes to (row, delta_pos[row]) of every row: [row, pos]
-        self.onehot = torch.zeros(n_rows, width, device=device, dtype=model.cfg.dtype)
-        self.onehot[torch.arange(n_rows, device=device), self.delta_pos] = 1.0
-        # positions predicting o_new's tokens in the rewriting rows
-        n_t = len(target)
-        self.nll_rows = torch.arange(self.n_rewrite, device=device).repeat_interleave(n_t)
-        self.nll_pos = (self.query[:, None] + torch.arange(n_t, device=device)).flatten()
-        self.nll_target = torch.tensor(target, device=device).repeat(self.n_rewrite)
-
+                self._start_full(rows.ids, s)
+                q_shift = k_shift = [0] * len(rows.ids)
+        self._place(q_shift, k_shift)
         with torch.no_grad():
             zero = torch.zeros(model.cfg.d_model, device=device, dtype=model.cfg.dtype)
             hidden, rows_now = self._forward(zero)
             self.essence_logp0 = self._essence_logp(hidden)
-            self.vanilla_rows = rows_now  # [prompt, layer, head, key] at delta = 0
+            self.vanilla_rows = rows_now  # [prompt, layer, head, query, key] at delta = 0
+
+    def _place(self, q_shift: list[int], k_shift: list[int]) -> None:
+        """Where δ goes, what the NLL reads and which attention SADR restrains, in the
+        coordinates of the batch each step runs (query positions minus ``q_shift``, key
+        positions plus ``k_shift``, per row)."""
+        rows, device = self.rows, self.device
+        n_rows, width = self.step_shape
+        s = [x - q for x, q in zip(rows.subject_last, q_shift, strict=True)]
+        self.delta_pos = torch.tensor(s, device=device)  # [row]: s_j
+        # delta goes to (row, delta_pos[row]) of every row: [row, pos]
+        self.onehot = torch.zeros(n_rows, width, device=device, dtype=self.model.cfg.dtype)
+        self.onehot[torch.arange(n_rows, device=device), self.delta_pos] = 1.0
+        # t_j, then the positions predicting o_new's tokens in the rewriting rows
+        t = [x - q for x, q in zip(rows.prompt_last, q_shift, strict=True)]
+        self.query = torch.tensor(t[: self.n_rewrite], device=device)  # [prompt]
+        n_t = len(self.target)
+        self.nll_rows = torch.arange(self.n_rewrite, device=device).repeat_interleave(n_t)
+        self.nll_pos = (self.query[:, None] + torch.arange(n_t, device=device)).flatten()
+        self.nll_target = torch.tensor(self.target, device=device).repeat(self.n_rewrite)
+        if self.sadr_cfg is not None:
+            self._place_sadr(q_shift, k_shift)
+
+    def _place_sadr(self, q_shift: list[int], k_shift: list[int]) -> None:
+        """SADR's query rows (padded, with weights) and subject keys for its prompts."""
+        rows, cfg, device = self.rows, self.sadr_cfg, self.device
+        queries, keys = [], []
+        for j in rows.sadr_rows:
+            first, last, t = rows.subject_first[j], rows.subject_last[j], rows.prompt_last[j]
+            q = [t] if cfg.queries == "last" else list(range(last + 1, t + 1)) or [t]
+            queries.append([x - q_shift[j] for x in q])
+            k = [last] if cfg.keys == "subject_last" else list(range(first, last + 1))
+            keys.append([x + k_shift[j] for x in k])
+        n_q = max(len(q) for q in queries)
+        self.sadr_query = torch.tensor([q + q[:1] * (n_q - len(q)) for q in queries], device=device)
+        self.sadr_weight = torch.tensor(
+            [[1 / len(q)] * len(q) + [0.0] * (n_q - len(q)) for q in queries], device=device
+        )  # [prompt, query]: each prompt's rows sum to 1
+        n_keys = self.tokens.shape[1]  # every key: the cached prefix (padded) and the rest
+        self.sadr_subject = torch.zeros(len(keys), n_keys, dtype=torch.bool, device=device)
+        for i, k in enumerate(keys):
+            self.sadr_subject[i, k] = True
 
     def _start_full(self, rows: list, subject_last: Tensor) -> None:
         """Reference: every position of every row runs from layer L at each step."""
@@ -266,8 +328,9 @@ class ValueObjective:
         """Final hidden states of the step batch at ``delta``, and SADR's attention rows."""
         hooks, rec = [], None
         if self.sadr_cfg is not None and self.sadr_layers:
-            # query row t_j of each rewriting prompt (the essence row's pick is unused)
-            query = torch.cat([self.query, self.query.new_zeros(1)])[:, None]  # [row, 1]
+            # SADR's query rows of its prompts (other rows pick position 0, unused)
+            query = self.sadr_query.new_zeros(self.step_shape[0], self.sadr_query.shape[1])
+            query[self.rows.sadr_rows] = self.sadr_query  # [row, query]
             at = capture.Select(2, query)
             rec = capture.Recorder(
                 {models.pattern_hook(layer): at for layer in self.sadr_layers}, detach=False
@@ -290,8 +353,8 @@ class ValueObjective:
         if rec is None:
             return hidden, None
         kept = rec.values()
-        rows = torch.stack(  # [prompt, layer, head, key]
-            [kept[models.pattern_hook(layer)][: self.n_rewrite, :, 0].to(self.device)
+        rows = torch.stack(  # [prompt, layer, head, query, key]
+            [kept[models.pattern_hook(layer)][self.rows.sadr_rows].to(self.device)
              for layer in self.sadr_layers],
             dim=1,
         )  # fmt: skip
@@ -321,17 +384,25 @@ class ValueObjective:
         sadr_term, heads = zero, torch.zeros(len(self.sadr_layers), device=delta.device)
         if rows is not None:
             sadr_term, heads = sadr.sadr_loss(
-                self.vanilla_rows, rows, self.subject_key, all_heads=self.sadr_cfg.all_heads
+                self.vanilla_rows, rows, self.sadr_subject, self.sadr_weight, self.sadr_cfg
             )
             if self.sadr_cfg.gamma > 0:
                 total = total + self.sadr_cfg.gamma * sadr_term
         return LossTerms(total, nll, kl, wd, sadr_term, heads, torch.exp(-per_prompt).mean())
 
 
+_TERMS = ("loss", "nll", "kl", "weight_decay", "sadr", "p_new", "delta_norm")
+
+
 def optimise_value(
     objective: ValueObjective, progress: bool = False, desc: str = "value"
 ) -> ValueResult:
-    """Adam on δ as ROME does it (see module docstring); returns δ, v_0 and the trace."""
+    """Adam on δ as ROME does it (see module docstring); returns δ, v_0 and the trace.
+
+    Raises:
+        FloatingPointError: a loss term or δ is NaN or inf (naming the term and the step);
+            the model is left as it was (its ``requires_grad`` flags restored).
+    """
     cfg, model = objective.cfg, objective.model
     t0 = time.perf_counter()
     delta = torch.zeros_like(objective.init, requires_grad=True)
@@ -339,32 +410,48 @@ def optimise_value(
     max_norm = cfg.clamp_norm_factor * objective.init.norm()
     trace = []
     bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False)
-    with frozen(model):
-        for step in bar:
-            opt.zero_grad()
-            terms = objective(delta)
-            trace.append(
-                StepLog(
-                    step=step,
-                    loss=terms.total.item(),
-                    nll=terms.nll.item(),
-                    kl=terms.kl.item(),
-                    weight_decay=terms.weight_decay.item(),
-                    sadr=terms.sadr.item(),
-                    p_new=terms.p_new.item(),
-                    delta_norm=delta.norm().item(),
-                    heads=tuple(round(h, 3) for h in terms.heads.tolist()),
+    try:
+        with frozen(model):
+            for step in bar:
+                opt.zero_grad()
+                terms = objective(delta)
+                trace.append(
+                    StepLog(
+                        step=step,
+                        loss=terms.total.item(),
+                        nll=terms.nll.item(),
+                        kl=terms.kl.item(),
+                        weight_decay=terms.weight_decay.item(),
+                        sadr=terms.sadr.item(),
+                        p_new=terms.p_new.item(),
+                        delta_norm=delta.norm().item(),
+                        heads=tuple(round(h, 3) for h in terms.heads.tolist()),
+                    )
                 )
-            )
-            log.debug("%s", trace[-1])
-            bar.set_postfix(loss=f"{trace[-1].loss:.3f}", p_new=f"{trace[-1].p_new:.2f}")
-            watched = terms.total if cfg.early_stop_on == "loss" else terms.nll
-            if watched.item() < cfg.early_stop_loss or step == cfg.steps - 1:
-                break
-            terms.total.backward()
-            opt.step()
-            with torch.no_grad():
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
-    bar.close()
+                log.debug("%s", trace[-1])
+                # a NaN/inf loss would make every later step (and the edit) garbage: stop here
+                bad = [k for k in _TERMS if not math.isfinite(getattr(trace[-1], k))]
+                if bad or not math.isfinite(sum(trace[-1].heads)):
+                    term = (bad or ["heads"])[0]
+                    raise FloatingPointError(
+                        f"{desc}: loss term {term} is {getattr(trace[-1], term)} at step {step}"
+                        f" (not finite); lower lr (now {cfg.lr:g}) or check the model's weights"
+                    )
+                bar.set_postfix(loss=f"{trace[-1].loss:.3f}", p_new=f"{trace[-1].p_new:.2f}")
+                watched = terms.total if cfg.early_stop_on == "loss" else terms.nll
+                if watched.item() < cfg.early_stop_loss or step == cfg.steps - 1:
+                    break
+                terms.total.backward()
+                opt.step()
+                with torch.no_grad():
+                    norm = delta.norm()
+                    if not (torch.isfinite(norm) and torch.isfinite(delta).all()):
+                        raise FloatingPointError(
+                            f"{desc}: δ is not finite (‖δ‖ = {norm.item()}) after the update of "
+                            f"step {step}; lower lr (now {cfg.lr:g})"
+                        )
+                    if norm > max_norm:
+                        delta.mul_(max_norm / norm)
+    finally:
+        bar.close()
     return ValueResult(delta.detach(), objective.init, tuple(trace), time.perf_counter() - t0)

@@ -30,8 +30,13 @@ def test_setting_keys_and_validation():
     assert setting.Setting.from_dict(dataclasses.asdict(s)) == s
     with pytest.raises(ValueError, match="editor must be one of"):
         setting.Setting("grace")
-    with pytest.raises(ValueError, match="all_heads needs"):
+    with pytest.raises(ValueError, match="need sadr_gamma > 0"):
         setting.Setting(all_heads=True)
+    with pytest.raises(ValueError, match="SADR threshold must be one of"):
+        setting.Setting(sadr_gamma=0.1, sadr_threshold="max")
+    variant = setting.Setting(sadr_gamma=0.1, sadr_queries="after_subject", sadr_relations=True)
+    assert variant.key == "rome|g=0.1|sadr_queries=after_subject|sadr_relations"
+    assert variant.sadr().variant == "queries=after_subject,relation_prompts"
     with pytest.raises(ValueError, match="sadr_gamma must be a finite number >= 0, got nan"):
         setting.Setting(sadr_gamma=float("nan"))
     with pytest.raises(ValueError, match="layers applies to the memit editor"):
@@ -39,6 +44,10 @@ def test_setting_keys_and_validation():
 
 
 def test_setting_grid_and_overrides(tiny_llama):
+    assert [s.key for s in setting.grid(sadr_gamma=[0.0, 0.1], all_heads=[True])] == [
+        "rome|g=0",
+        "rome|g=0.1|all",
+    ]
     grid = setting.grid(editor=["rome", "memit"], sadr_gamma=[0.0, 0.1], layer=[2])
     assert [s.key for s in grid] == [
         "rome|g=0|layer=2",

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from attndrift import data, editors, memit, models, rome, sadr, value
+from attndrift import data, editors, memit, metrics, models, rome, sadr, value
 
 REQ = data.EditRequest(
     subject="Eiffel Tower",
@@ -79,20 +79,13 @@ def test_sadr_rows_see_every_key_and_select_the_same_heads(tiny):
             _, rows_cached = cached._forward(delta)
         # each query row is a distribution over all of its prompt's keys, cached ones included
         torch.testing.assert_close(rows_cached.sum(-1), torch.ones_like(rows_cached.sum(-1)))
-        masks = [
-            sadr.head_mask(o.vanilla_rows, r, o.subject_key)
-            for o, r in ((full, rows_full), (cached, rows_cached))
-        ]
+        pairs = ((full, rows_full), (cached, rows_cached))
+        masks = [sadr.head_mask(o.vanilla_rows, r, o.sadr_subject) for o, r in pairs]
         assert torch.equal(masks[0], masks[1])
-        kls = [
-            sadr.kl_rows(o.vanilla_rows, r) for o, r in ((full, rows_full), (cached, rows_cached))
-        ]
+        kls = [metrics.kl(o.vanilla_rows, r, floor=sadr.EPS) for o, r in pairs]
         torch.testing.assert_close(kls[1], kls[0], rtol=1e-4, atol=1e-6)
         # attention to the subject's last token, read at each layout's own key index
-        at = [
-            r.gather(-1, o.subject_key[:, None, None, None].expand(*r.shape[:3], 1))
-            for o, r in ((full, rows_full), (cached, rows_cached))
-        ]
+        at = [sadr.attention_to_subject(r, o.sadr_subject) for o, r in pairs]
         torch.testing.assert_close(at[1], at[0], rtol=1e-5, atol=1e-6)
 
 
