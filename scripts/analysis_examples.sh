@@ -3,11 +3,11 @@
 # records (docs/RESULTS.md): drift heatmaps; restore with 10-layer windows (paper Fig. 5) and
 # contaminate with 6-layer windows (paper Fig. 3) on one distracting-neighbour prompt each —
 # one the vanilla model gets right and the ROME edit gets wrong in the main sweep.
-#   scripts/analysis_examples.sh [OUT] [RECORD:DNS_PROBE ...]   (DATA=... another data file)
+#   scripts/analysis_examples.sh DATA [OUT] [RECORD:DNS_PROBE ...]
 set -euo pipefail
+data=${1:?usage: $0 path/to/merged_counterfact_dev.json [OUT] [RECORD:DNS_PROBE ...]}; shift
 out=${1:-runs/analysis}; shift || true
 examples=${*:-3:4 7:8 23:9}
-data=${DATA:-$(dirname "$0")/../../shared/data/merged_counterfact_dev.json}
 for ex in $examples; do
   r=${ex%%:*} probe=${ex##*:}
   [ -f "$out/r$r/edit.safetensors" ] || attndrift drift --data "$data" --record "$r" --out "$out/r$r"

@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from attndrift import covariance, data, encoding, models, rome
+from attndrift import capture, covariance, data, editors, encoding, models, rome
 
 
 @torch.no_grad()
@@ -26,14 +26,8 @@ def keys_per_text(model, layer: int, texts: list[str], text_tokens: int) -> list
     out = []
     for i in range(0, len(rows), 32):
         chunk = rows[i : i + 32]
-        store = {}
-        model.run_with_hooks(
-            encoding.pad(model, chunk),
-            return_type=None,
-            stop_at_layer=layer + 1,
-            fwd_hooks=[(name, lambda x, hook, store=store: store.__setitem__("k", x))],
-        )
-        out += [store["k"][j, : len(r)].double() for j, r in enumerate(chunk)]
+        k = capture.record(model, encoding.pad(model, chunk), {name: None}, stop_at_layer=layer + 1)
+        out += [k[name][j, : len(r)].double() for j, r in enumerate(chunk)]
     return out
 
 
@@ -53,13 +47,10 @@ def main() -> None:
     texts = covariance.sampled_corpus(model, a.texts, a.text_tokens, seed=0)
     keys = keys_per_text(model, layer, texts, a.text_tokens)
     name = models.mlp_key_hook(layer)
-    q = [
-        rome.read_at_subject(model, [r.request.prompt], r.request.subject, [name], layer + 1)[name][
-            0
-        ]
-        for r in data.load_embedded().records[:40]
-    ]
-    queries = torch.stack(q).double().T  # [d_mlp, 40]
+    records = data.load_embedded().records[:40]
+    prompts, subjects = [r.request.prompt for r in records], [r.request.subject for r in records]
+    q = editors.keys_at_subject(model, prompts, subjects, [name], layer + 1)[name]
+    queries = q.double().T  # [d_mlp, 40]
     held = torch.cat(keys[-64:])  # texts in neither half
     held = held[torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[:4000]]
     pool = keys[:-64]

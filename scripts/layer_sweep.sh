@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Evidence for the SmolLM2 ROME layer (docs/RESULTS.md): ROME at several layers on the first
 # 10 dev records (5 CounterFact + 5 WikiData), covariance from the preset's self-sampled corpus.
-#   scripts/layer_sweep.sh [OUT] [LAYERS...]      (NPROC=2 by default: torchrun data-parallel)
+#   scripts/layer_sweep.sh DATA [OUT] [LAYERS...]   (NPROC=2 by default: torchrun data-parallel)
 set -euo pipefail
+data=${1:?usage: $0 path/to/merged_counterfact_dev.json [OUT] [LAYERS...]}; shift
 out=${1:-runs/layer_sweep.jsonl}; shift || true
 layers=${*:-1 2 3 4 6 8 11}
 nproc=${NPROC:-2}
-data=${ATTNDRIFT_DEV_DATA:-$(dirname "$0")/../../shared/data/merged_counterfact_dev.json}
 # covariances first, in one process (the ranks would otherwise compute them twice)
 python - $layers <<'PY'
 import sys

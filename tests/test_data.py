@@ -131,6 +131,14 @@ def test_dev_file_loads_and_half_has_each_probe_family(dev_data_path):
     assert all(r.request.subject in r.request.prompt for r in ds.records)
 
 
+def test_the_shipped_sample_has_both_halves(sample_data_path):
+    ds = data.load_dataset(sample_data_path)
+    assert [r.id for r in ds.records] == list(range(1160, 1200)) and ds.skipped == ()
+    assert sum(r.neighborhood is not None for r in ds.records) == 20  # CounterFact half
+    assert sum(r.relation is not None for r in ds.records) == 20  # WikiData half
+    assert (sample_data_path.parent / "LICENSE-merged_counterfact.txt").exists()
+
+
 def test_select_and_by_id():
     ds = data.Dataset(tuple(data.parse_record(_merged(), i) for i in range(5)))
     assert [r.id for r in ds.select(ids=[3, 1]).records] == [3, 1]

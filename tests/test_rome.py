@@ -114,8 +114,8 @@ def test_bad_requests_and_templates(tiny):
 
 
 @pytest.mark.slow
-def test_smollm_rome_edit_with_and_without_sadr(smollm, dev_data_path):
-    ds = data.load_dataset(dev_data_path)
+def test_smollm_rome_edit_with_and_without_sadr(smollm, sample_data_path):
+    ds = data.load_dataset(sample_data_path)
     record = next(r for r in ds.records if r.neighborhood)  # a CounterFact record
     req = record.request
     cfg = dataclasses.replace(rome.preset(smollm), covariance=None, sadr_steps=None)  # 20 steps

@@ -139,8 +139,8 @@ def test_ngram_entropy():
 
 
 @pytest.mark.slow
-def test_smollm_batched_equals_one_at_a_time(smollm, dev_data_path):
-    ds = data.load_dataset(dev_data_path).select(limit=4)
+def test_smollm_batched_equals_one_at_a_time(smollm, sample_data_path):
+    ds = data.load_dataset(sample_data_path).select(limit=4)
     probes = data.probes_of(ds.records)
     pairs = [(p.prompt, p.right) for p in probes] + [(p.prompt, p.wrong) for p in probes]
     batched = scoring.answer_nll(smollm, pairs)
@@ -151,8 +151,8 @@ def test_smollm_batched_equals_one_at_a_time(smollm, dev_data_path):
 
 
 @pytest.mark.slow
-def test_smollm_evaluation_on_dev_records(smollm, dev_data_path):
-    ds = data.load_dataset(dev_data_path).select(limit=6)
+def test_smollm_evaluation_on_sample_records(smollm, sample_data_path):
+    ds = data.load_dataset(sample_data_path).select(limit=6)
     ev = evaluation.evaluate(smollm, ds.records)
     s = ev.summary
     assert s.metrics["ES"].n == 6
