@@ -3,20 +3,29 @@
 Everything here reads :class:`attndrift.results.Line` records (``results.load``) and
 computes; the CLI prints and plots.
 
-* :func:`by_setting`: SPEC §5 metrics per setting, plus the pre-edit row ``"none"``;
+* :func:`by_setting`: METHOD §5 metrics per setting, plus the pre-edit row ``"none"``;
 * :func:`paired`: only the records that have a line under every setting;
 * :func:`tradeoff`: one row per setting (γ, head selection, every metric with its interval);
-* :func:`drift_vs_failure`: paper Fig. 4 over a sweep's RS/DNS probes.
+* :func:`drift_vs_failure`: paper Fig. 4 over a sweep's RS/DNS probes (or one kind of them);
+* :func:`paired_tests`: two settings on the same probes, per metric: McNemar's exact test and a
+  paired bootstrap over records (METHOD §5);
+* :func:`choose`: the selection rules of the SmolLM2 study (:data:`RULES`), applied to a sweep.
 """
 
-from collections.abc import Sequence
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 
 from attndrift import drift, metrics
-from attndrift.data import PROBE_KINDS
-from attndrift.results import Line, ProbeScore
+from attndrift.data import PROBE_KINDS, SCORE_KINDS
+from attndrift.results import Line, ProbeScore, probes_frame
+from attndrift.setting import Setting
 
 
 def _summary_of(probes: Sequence[ProbeScore], fluency: list[float]) -> metrics.Summary:
@@ -99,9 +108,12 @@ def tradeoff(lines: Sequence[Line]) -> pd.DataFrame:
     return frame.sort_values(["editor", "selection", "gamma"]).reset_index(drop=True)
 
 
-def drift_vs_failure(lines: Sequence[Line], setting: str) -> drift.FailureAnalysis:
+def drift_vs_failure(
+    lines: Sequence[Line], setting: str, kinds: Sequence[str] | None = None
+) -> drift.FailureAnalysis:
     """Paper Fig. 4 over a sweep: each RS/DNS probe's drift factor vs its P(o_new) under the
-    edit of ``setting`` (a key), pooled over records (Pearson, Spearman, per layer range)."""
+    edit of ``setting`` (a key), pooled over records (Pearson, Spearman, per layer range);
+    ``kinds`` keeps only some probe kinds (e.g. ``["RS"]``)."""
     rows, per_layer, layers = [], [], None
     for line in lines:
         if line.setting.key != setting or not line.drift.kinds:
@@ -109,6 +121,8 @@ def drift_vs_failure(lines: Sequence[Line], setting: str) -> drift.FailureAnalys
         d = line.drift
         layers = d.layers
         for i, kind in enumerate(d.kinds):
+            if kinds is not None and kind not in kinds:
+                continue
             rows.append(
                 {
                     "record": line.record,
@@ -121,5 +135,199 @@ def drift_vs_failure(lines: Sequence[Line], setting: str) -> drift.FailureAnalys
             )
             per_layer.append(d.per_layer[i])
     if not rows:
-        raise ValueError(f"no drift measurements for setting {setting!r}")
+        which = "" if kinds is None else f" of kinds {list(kinds)}"
+        raise ValueError(f"no drift measurements{which} for setting {setting!r}")
     return drift.failure_analysis(pd.DataFrame(rows), torch.tensor(per_layer), layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Paired comparisons
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Setting ``b`` against setting ``a`` on the same probes of one metric (fractions)."""
+
+    metric: str
+    a: str
+    b: str
+    n_probes: int  # probes scored under both settings
+    n_records: int
+    mean_a: float
+    mean_b: float
+    diff: float  # mean_b − mean_a
+    diff_low: float  # 95 % paired-bootstrap interval of diff (records resampled)
+    diff_high: float
+    p_bootstrap: float  # two-sided
+    only_a: int  # probes right under a, wrong under b
+    only_b: int  # probes right under b, wrong under a
+    p_mcnemar: float  # exact (binomial) McNemar test on the discordant probes
+
+
+def _paired_frame(lines: Sequence[Line], a: str, b: str) -> pd.DataFrame:
+    post = probes_frame(lines)
+    post = post[post["phase"] == "post"]
+    keys = ["record", "index", "kind"]
+    left = post[post["setting"] == a][[*keys, "success"]]
+    right = post[post["setting"] == b][[*keys, "success"]]
+    both = left.merge(right, on=keys, suffixes=("_a", "_b"))
+    if both.empty:
+        raise ValueError(f"settings {a!r} and {b!r} share no scored probe")
+    return both
+
+
+def paired_tests(
+    lines: Sequence[Line],
+    a: str,
+    b: str,
+    kinds: Sequence[str] = SCORE_KINDS,
+    n_boot: int = 10_000,
+    seed: int = 0,
+) -> list[PairedTest]:
+    """Per metric: ``b`` vs ``a`` on the probes both scored (METHOD §5).
+
+    McNemar's exact test asks whether the probes that flip do so equally often both ways; the
+    paired bootstrap resamples records (a record's probes move together) ``n_boot`` times with
+    a seeded generator and gives the 95 % interval of the difference and a two-sided p-value.
+    """
+    both = _paired_frame(lines, a, b)
+    rng = np.random.default_rng(seed)
+    out = []
+    for kind in kinds:
+        part = both[both["kind"] == kind]
+        if part.empty:
+            continue
+        records = part["record"].to_numpy()
+        ids, index = np.unique(records, return_inverse=True)
+        sa = part["success_a"].to_numpy(float)
+        sb = part["success_b"].to_numpy(float)
+        # per record sums, so that a resample of records is a weighted sum
+        n_r = np.bincount(index, minlength=len(ids)).astype(float)
+        a_r = np.bincount(index, weights=sa, minlength=len(ids))
+        b_r = np.bincount(index, weights=sb, minlength=len(ids))
+        draws = rng.multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=n_boot)
+        n_probes = draws @ n_r
+        diffs = (draws @ b_r - draws @ a_r) / np.maximum(n_probes, 1)
+        only_a = int(((sa == 1) & (sb == 0)).sum())
+        only_b = int(((sa == 0) & (sb == 1)).sum())
+        flips = only_a + only_b
+        p_mcnemar = 1.0 if flips == 0 else stats.binomtest(only_b, flips, 0.5).pvalue
+        p_boot = min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean()))
+        out.append(
+            PairedTest(
+                metric=kind,
+                a=a,
+                b=b,
+                n_probes=len(part),
+                n_records=len(ids),
+                mean_a=float(sa.mean()),
+                mean_b=float(sb.mean()),
+                diff=float(sb.mean() - sa.mean()),
+                diff_low=float(np.quantile(diffs, 0.025)),
+                diff_high=float(np.quantile(diffs, 0.975)),
+                p_bootstrap=float(p_boot),
+                only_a=only_a,
+                only_b=only_b,
+                p_mcnemar=float(p_mcnemar),
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Selection rules (fixed before the runs they select from: docs/RESULTS.md)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A selection rule: the eligible settings, the objective to maximise, the tie-break."""
+
+    name: str
+    text: str  # the rule in words, as written before the runs
+    eligible: Callable[[pd.Series, pd.DataFrame], bool]  # (candidate row, all rows)
+    objective: Callable[[pd.Series], float]
+    tie_break: Callable[[pd.Series], float]  # larger wins among near-ties
+    tie: float = 0.005  # objectives within this count as tied
+
+
+def _baseline_of(row: pd.Series, frame: pd.DataFrame) -> pd.Series | None:
+    """The same-budget γ = 0 row of a SADR row (same fields but the SADR ones)."""
+    candidates = frame[(frame["gamma"] == 0) & (frame["base"] == row["base"])]
+    return None if candidates.empty else candidates.iloc[0]
+
+
+def _sadr_eligible(row: pd.Series, frame: pd.DataFrame) -> bool:
+    base = _baseline_of(row, frame)
+    ok = row["gamma"] > 0 and base is not None and row["ES"] >= 0.99
+    return bool(ok and row["PS"] >= base["PS"] - 0.03)
+
+
+#: the study's rules (docs/RESULTS.md): ROME and MEMIT preset calibration, SADR's γ / variant
+RULES: dict[str, Rule] = {
+    "rome": Rule(
+        "rome",
+        "ES >= 99 % and PS >= 90 %; the highest Score; within 0.5 points, fewer mean steps",
+        lambda r, f: r["ES"] >= 0.99 and r["PS"] >= 0.90,
+        lambda r: r["Score"],
+        lambda r: -r["mean_steps"],
+    ),
+    "memit": Rule(
+        "memit",
+        "ES >= 95 %; the highest Score; within 0.5 points, the larger λ",
+        lambda r, f: r["ES"] >= 0.95,
+        lambda r: r["Score"],
+        lambda r: r["mom2_weight"],
+    ),
+    "sadr": Rule(
+        "sadr",
+        "γ > 0, ES >= 99 % and PS >= the same-budget baseline's PS − 3 points; the highest "
+        "harmonic mean of RS and DNS; within 0.5 points, the smaller γ",
+        _sadr_eligible,
+        lambda r: metrics.harmonic_mean([r["RS"], r["DNS"]]),
+        lambda r: -r["gamma"],
+    ),
+}
+
+
+def candidates(lines: Sequence[Line]) -> pd.DataFrame:
+    """:func:`tradeoff` plus what the rules read: mean steps run, λ, the setting without its
+    SADR fields (``base``: a SADR row's same-budget baseline has the same ``base``)."""
+    frame = tradeoff(lines)
+    steps: dict[str, list[int]] = {}
+    by_key = {}
+    for line in lines:
+        steps.setdefault(line.setting.key, []).append(line.steps_run or 0)
+        by_key[line.setting.key] = line
+    frame["mean_steps"] = [float(np.mean(steps[k])) for k in frame["setting"]]
+    frame["mom2_weight"] = [
+        by_key[k].config.get("mom2_update_weight", math.nan) for k in frame["setting"]
+    ]
+    frame["base"] = [_without_sadr(by_key[k].setting) for k in frame["setting"]]
+    return frame
+
+
+def _without_sadr(setting: Setting) -> str:
+    fields = {"sadr_gamma": 0.0, "all_heads": False, "sadr_queries": None, "sadr_keys": None,
+              "sadr_threshold": None, "sadr_relations": False}  # fmt: skip
+    return dataclasses.replace(setting, **fields).key
+
+
+def choose(lines: Sequence[Line], rule: str) -> pd.DataFrame:
+    """Every candidate setting with ``eligible``, ``objective`` and the ``chosen`` one."""
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}: expected one of {sorted(RULES)}")
+    r = RULES[rule]
+    frame = candidates(lines)
+    frame["eligible"] = [bool(r.eligible(row, frame)) for _, row in frame.iterrows()]
+    frame["objective"] = [float(r.objective(row)) for _, row in frame.iterrows()]
+    frame["chosen"] = False
+    pool = frame[frame["eligible"]]
+    if pool.empty:
+        return frame
+    best = pool["objective"].max()
+    near = pool[pool["objective"] >= best - r.tie]
+    winner = max(near.index, key=lambda i: r.tie_break(near.loc[i]))
+    frame.loc[winner, "chosen"] = True
+    return frame

@@ -1,0 +1,81 @@
+"""Summaries of sweep lines: paired tests, the selection rules, the drift split by kind."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from attndrift import summary
+from tests.helpers import make_line
+
+
+def _lines(successes_a, successes_b, kind="DNS", a=None, b=None):
+    """Two settings' lines over records whose probes succeed as given (lists per record)."""
+    a = a or {}
+    b = b or {"sadr_gamma": 0.1}
+    lines = []
+    for record, (sa, sb) in enumerate(zip(successes_a, successes_b, strict=True)):
+        lines.append(make_line(record, [(kind, x) for x in sa], **a))
+        lines.append(make_line(record, [(kind, x) for x in sb], **b))
+    return lines
+
+
+def test_mcnemar_and_bootstrap_follow_their_definitions():
+    a = [[1, 0, 0], [1, 1, 0], [0, 0], [1, 0, 1]]
+    b = [[1, 1, 0], [1, 1, 1], [1, 0], [1, 0, 1]]
+    lines = _lines(a, b)
+    (t,) = summary.paired_tests(lines, "rome|g=0", "rome|g=0.1", kinds=["DNS"], n_boot=4000)
+    flat_a = [x for r in a for x in r]
+    flat_b = [x for r in b for x in r]
+    assert (t.n_probes, t.n_records) == (len(flat_a), 4)
+    assert t.mean_a == pytest.approx(np.mean(flat_a)) and t.mean_b == pytest.approx(np.mean(flat_b))
+    assert (t.only_a, t.only_b) == (0, 3)
+    assert t.p_mcnemar == pytest.approx(stats.binomtest(3, 3, 0.5).pvalue)  # 0.25
+    assert t.diff == pytest.approx(3 / 11)
+    assert t.diff_low >= 0 and t.diff_high <= 1 and t.diff_low <= t.diff <= t.diff_high
+    # every resample has b >= a here: the bootstrap puts no mass below 0
+    assert t.p_bootstrap < 0.2
+    same = summary.paired_tests(_lines(a, a), "rome|g=0", "rome|g=0.1", kinds=["DNS"])[0]
+    assert same.diff == 0 and same.p_mcnemar == 1.0 and same.p_bootstrap == 1.0
+
+
+def test_paired_tests_need_shared_probes():
+    lines = [make_line(0, [("ES", 1)]), make_line(1, [("ES", 0)], sadr_gamma=0.1)]
+    with pytest.raises(ValueError, match="share no scored probe"):
+        summary.paired_tests(lines, "rome|g=0", "rome|g=0.1")
+
+
+def test_sadr_rule_picks_the_best_eligible_harmonic_mean():
+    lines = []
+    # (γ, steps): per record probes ES, PS, RS, DNS successes
+    table = {
+        (0.0, 80): (1, 1, 0, 0),  # the same-budget baseline: PS 100 %
+        (0.1, 80): (1, 1, 1, 0),  # RS up, DNS not: harmonic mean 0
+        (0.2, 80): (1, 1, 1, 1),  # the best: everything right
+        (0.5, 80): (1, 0, 1, 1),  # PS falls below baseline − 3 points: not eligible
+        (0.0, 20): (1, 1, 0, 0),
+    }
+    for (gamma, steps), (es, ps, rs, dns) in table.items():
+        for record in range(3):
+            probes = [("ES", es), ("PS", ps), ("RS", rs), ("DNS", dns)]
+            lines.append(make_line(record, probes, sadr_gamma=gamma, steps=steps))
+    frame = summary.choose(lines, "sadr")
+    chosen = frame[frame["chosen"]]
+    assert list(chosen["setting"]) == ["rome|g=0.2|steps=80"]
+    eligible = set(frame[frame["eligible"]]["setting"])
+    assert eligible == {"rome|g=0.1|steps=80", "rome|g=0.2|steps=80"}
+    with pytest.raises(ValueError, match="unknown rule"):
+        summary.choose(lines, "best")
+
+
+def test_rome_rule_breaks_ties_by_fewer_steps():
+    lines = []
+    for steps, steps_run in ((20, 20), (25, 7)):
+        for record in range(2):
+            probes = [("ES", 1), ("PS", 1), ("NS", 1), ("RS", 1), ("DNS", 1)]
+            lines.append(make_line(record, probes, steps=steps, steps_run=steps_run))
+    frame = summary.choose(lines, "rome")
+    assert list(frame[frame["chosen"]]["setting"]) == ["rome|g=0|steps=25"]
+    assert frame["mean_steps"].tolist() == [20.0, 7.0]
+    assert not math.isnan(frame["objective"].iloc[0])
