@@ -2,7 +2,8 @@
 
 A :class:`Setting` names an editor and overrides any of its hyper-parameters; every field left
 at ``None`` (or ``False``) keeps the model's documented preset (:data:`attndrift.rome.PRESETS`,
-:data:`attndrift.memit.PRESETS`). It is the one source of the editing options: the command
+:data:`attndrift.memit.PRESETS`, :data:`attndrift.pmet.PRESETS`,
+:data:`attndrift.alphaedit.PRESETS`). It is the one source of the editing options: the command
 line derives ``edit``/``drift``/``patch``/``sweep``'s flags from its fields, a sweep stores it
 with every result line, and its :attr:`Setting.key` names the line's setting (defaults left
 out, e.g. ``rome|g=0.2|steps=80``).
@@ -17,12 +18,21 @@ from dataclasses import dataclass, field
 
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, editors, memit, rome
+from attndrift import alphaedit, checks, covariance, editors, memit, pmet, rome
 from attndrift.data import EditRequest
 from attndrift.edits import Edit
 from attndrift.sadr import SadrConfig
 
-EDITORS = ("rome", "memit")
+EDITORS = ("rome", "memit", "pmet", "alphaedit")
+#: the editors that edit a range of layers (``layers``), and those with MEMIT's λ
+RANGE_EDITORS = ("memit", "pmet", "alphaedit")
+MOM2_EDITORS = ("memit", "pmet")
+PRESET_OF = {
+    "rome": rome.preset,
+    "memit": memit.preset,
+    "pmet": pmet.preset,
+    "alphaedit": alphaedit.preset,
+}
 
 
 def _opt(help: str, **kwargs):
@@ -43,7 +53,7 @@ class Setting:
         default=False, metadata={"help": "SADR variant: also restrain generic relation prompts"}
     )
     layer: int | None = _opt("ROME layer")
-    layers: tuple[int, ...] | None = _opt("MEMIT layers, e.g. 4,5,6,7,8")
+    layers: tuple[int, ...] | None = _opt("MEMIT / PMET / AlphaEdit layers, e.g. 4,5,6,7,8")
     steps: int | None = _opt("optimisation steps, with or without SADR (preset: its own budget)")
     lr: float | None = _opt("Adam learning rate of δ")
     weight_decay: float | None = _opt("weight of ‖δ‖ / ‖v_0‖² in the loss")
@@ -51,10 +61,16 @@ class Setting:
     kl_factor: float | None = _opt("weight of the essence KL term")
     early_stop: float | None = _opt("stop once the watched loss is below this")
     early_stop_on: str | None = _opt("what early stopping watches: loss or nll")
-    mom2_weight: float | None = _opt("MEMIT λ in (λ C + K Kᵀ)")
+    mom2_weight: float | None = _opt("MEMIT / PMET λ in (λ C + K Kᵀ)")
+    null_threshold: float | None = _opt(
+        "AlphaEdit: eigenvalues of C below this span the null space the update is projected onto"
+    )
     cov_tokens: int | None = _opt("tokens of the covariance corpus")
     identity_cov: bool = field(default=False, metadata={"help": "no C⁻¹ (quick and crude)"})
     r_rome: bool = field(default=False, metadata={"help": "r-ROME denominator (the mean key)"})
+    batch: int | None = _opt("edit this many records at once (MEMIT, PMET, AlphaEdit)")
+    sequential: int | None = _opt("edit this many records one after another, each edit on the "
+                                  "weights the previous ones left")  # fmt: skip
 
     def __post_init__(self) -> None:
         checks.choice("editor", self.editor, EDITORS)
@@ -66,11 +82,21 @@ class Setting:
         if self.r_rome and self.editor != "rome":
             raise ValueError("r_rome applies to the rome editor only")
         if self.layer is not None and self.editor != "rome":
-            raise ValueError("layer applies to the rome editor (MEMIT takes layers)")
-        if self.layers is not None and self.editor != "memit":
-            raise ValueError("layers applies to the memit editor (ROME takes layer)")
-        if self.mom2_weight is not None and self.editor != "memit":
-            raise ValueError("mom2_weight applies to the memit editor only")
+            raise ValueError(
+                "layer applies to the rome editor (MEMIT, PMET, AlphaEdit take layers)"
+            )
+        if self.layers is not None and self.editor not in RANGE_EDITORS:
+            raise ValueError(
+                f"layers applies to the {', '.join(RANGE_EDITORS)} editors (ROME takes layer)"
+            )
+        if self.mom2_weight is not None and self.editor not in MOM2_EDITORS:
+            raise ValueError("mom2_weight applies to the memit and pmet editors only")
+        if self.null_threshold is not None and self.editor != "alphaedit":
+            raise ValueError("null_threshold applies to the alphaedit editor only")
+        if self.identity_cov and self.editor == "alphaedit":
+            raise ValueError(
+                "identity_cov does not apply to alphaedit (it projects onto C's null space)"
+            )
         bounds = {
             "layer": {"low": 0, "integer": True},
             "steps": {"low": 1, "integer": True},
@@ -80,7 +106,10 @@ class Setting:
             "kl_factor": {"low": 0},
             "early_stop": {"low": 0},
             "mom2_weight": {"low": 0, "above": True},
+            "null_threshold": {"low": 0, "above": True},
             "cov_tokens": {"low": 1, "integer": True},
+            "batch": {"low": 1, "integer": True},
+            "sequential": {"low": 1, "integer": True},
         }
         for name, kwargs in bounds.items():
             if getattr(self, name) is not None:
@@ -92,6 +121,15 @@ class Setting:
             checks.choice("early_stop_on", self.early_stop_on, ("loss", "nll"))
         if self.identity_cov and self.cov_tokens is not None:
             raise ValueError("identity_cov and cov_tokens exclude each other")
+        if self.batch is not None and self.sequential is not None:
+            raise ValueError("batch and sequential exclude each other")
+        if self.batch is not None and self.batch > 1 and self.editor in ("rome",):
+            raise ValueError("batch editing needs a batch editor (memit, pmet, alphaedit)")
+
+    @property
+    def group(self) -> int:
+        """Records edited together (a batch) or in sequence (1: each on its own)."""
+        return self.batch or self.sequential or 1
 
     @property
     def key(self) -> str:
@@ -131,9 +169,11 @@ class Setting:
             **{k: v for k, v in variant.items() if v is not None},
         )
 
-    def config(self, model: HookedTransformer | str) -> "rome.RomeConfig | memit.MemitConfig":
+    def config(
+        self, model: HookedTransformer | str
+    ) -> "rome.RomeConfig | memit.MemitConfig | pmet.PmetConfig | alphaedit.AlphaEditConfig":
         """The editor's config: the model's preset with this setting's overrides."""
-        base = rome.preset(model) if self.editor == "rome" else memit.preset(model)
+        base = PRESET_OF[self.editor](model)
         value_changes = {
             name: getattr(self, attr)
             for name, attr in (
@@ -160,6 +200,8 @@ class Setting:
             changes["denominator"] = "mean_key"
         if self.mom2_weight is not None:
             changes["mom2_update_weight"] = self.mom2_weight
+        if self.null_threshold is not None:
+            changes["null_threshold"] = self.null_threshold
         if self.identity_cov:
             changes["covariance"] = None
         elif self.cov_tokens is not None and base.covariance is not None:
@@ -193,8 +235,14 @@ def grid(**options: Sequence) -> list[Setting]:
         editor = c.get("editor", "rome")
         if editor != "rome":
             c = {k: v for k, v in c.items() if k not in ("layer", "r_rome")}
-        if editor != "memit":
-            c = {k: v for k, v in c.items() if k not in ("layers", "mom2_weight")}
+        if editor not in RANGE_EDITORS:
+            c = {k: v for k, v in c.items() if k != "layers"}
+        if editor not in MOM2_EDITORS:
+            c = {k: v for k, v in c.items() if k != "mom2_weight"}
+        if editor != "alphaedit":
+            c = {k: v for k, v in c.items() if k != "null_threshold"}
+        else:
+            c = {k: v for k, v in c.items() if k != "identity_cov"}
         sadr_only = ("all_heads", "sadr_queries", "sadr_keys", "sadr_threshold", "sadr_relations")
         if not c.get("sadr_gamma"):  # the γ = 0 baseline: no SADR-only field
             c = {k: v for k, v in c.items() if k not in sadr_only}
@@ -244,7 +292,8 @@ class Editor:
                 progress=self.progress,
             )
         covs = {layer: self.covariance(cfg, layer) for layer in cfg.layers}
-        return memit.edit(
+        edit = {"memit": memit.edit, "pmet": pmet.edit, "alphaedit": alphaedit.edit}
+        return edit[setting.editor](
             self.model,
             requests,
             cfg,

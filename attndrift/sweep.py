@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from transformer_lens import HookedTransformer
 
 from attndrift import drift, evaluation, models, results
 from attndrift.data import Dataset, Record
-from attndrift.edits import Edit
+from attndrift.edits import add_to_weights, restored
 from attndrift.results import DriftScores, Line, ProbeScore, Provenance
 from attndrift.setting import Editor, Setting
 from attndrift.version import __version__, git_revision
@@ -65,13 +66,14 @@ class _RecordState:
             self.vanilla = drift.reference(model, prompts, subjects)
         self.seconds = time.perf_counter() - t0
 
-    def drift(self, model: HookedTransformer, e: Edit, post: evaluation.Evaluation) -> DriftScores:
+    def drift(
+        self, model: HookedTransformer, edited: models.Variant, post: evaluation.Evaluation
+    ) -> DriftScores:
         """Drift factor of the RS/DNS probes (those containing the subject), per layer, with
         the edited model's P(o_new) of each (its ``p_wrong``), for the Fig. 4 analysis."""
         probes = self.drift_probes
         if not probes:
             return DriftScores((), (), (), (), (), ())
-        edited = models.Variant(model, e.hooks(model))
         d = drift.measure(
             model,
             edited,
@@ -157,9 +159,15 @@ def run(
 ) -> Path:
     """Run (or resume) a sweep; returns the results file this rank wrote to.
 
+    Records are edited one at a time, or in groups of ``setting.group`` consecutive records:
+    a batch (one edit of all their requests) or a sequence (each edit computed and applied on
+    the weights the previous ones left; the weights are restored after the group). Every
+    record of a group is then scored under the group's final state.
+
     Args:
-        model: the model (never changed: edits are applied as hooks).
-        dataset: the records, in order; rank r of ``world`` takes those of :func:`shard_of`.
+        model: the model (restored after every edit or group).
+        dataset: the records, in order; rank r of ``world`` takes the groups of
+            :func:`shard_of`.
         settings: editor settings; every record is edited under each.
         out: results file (JSON lines); shards get a rank suffix.
         fluency: also sample generation prompts (FL) before and after.
@@ -167,19 +175,7 @@ def run(
         allow_new_revision: resume onto lines written by another git revision of the same
             version (for code changes that leave the numbers alone).
     """
-    if not settings:
-        raise ValueError("a sweep needs at least one setting")
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
-    keys = [s.key for s in settings]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"duplicate settings: {keys}")
-    if not isinstance(dataset, Dataset):
-        dataset = Dataset(tuple(dataset))
-    ids = [r.id for r in dataset.records]
-    if len(set(ids)) != len(ids):
-        raise ValueError("the records repeat an id: each record is swept once")
-    records = [r for i, r in enumerate(dataset.records) if shard_of(i, world) == rank]
+    dataset = _checked(dataset, settings, rank, world)
     path = results.shard_path(Path(out), rank, world)
     if path.parent.exists() and not path.parent.is_dir():
         raise ValueError(f"--out {path}: {path.parent} is not a directory")
@@ -194,53 +190,145 @@ def run(
     if not os.access(path.parent, os.W_OK):
         raise PermissionError(f"--out {path}: {path.parent} is not writable")
     done = {line.key for line in done_lines}
-    todo = [(r, s) for r in records for s in settings if (r.id, s.key) not in done]
-    log.info(
-        "%s: %d of %d (record, setting) pairs to do", path, len(todo), len(records) * len(settings)
-    )
-    editor = Editor(model, progress=False)
-    state: _RecordState | None = None
-    for record, setting in tqdm(todo, desc=f"sweep r{rank}", unit="edit", disable=not progress):
-        if state is None or state.record_id != record.id:
-            state = _RecordState(model, record, fluency)
-        t1 = time.perf_counter()
-        e = editor(setting, [record.request])
-        t2 = time.perf_counter()
-        post = evaluation.evaluate(models.Variant(model, e.hooks(model)), [record], fluency=fluency)
-        t3 = time.perf_counter()
-        drift_scores = state.drift(model, e, post)
-        t4 = time.perf_counter()
-        line = Line(
-            record=record.id,
-            setting=setting,
-            editor=e.editor,
-            layers=tuple(e.layers),
-            request=record.request,
-            pre=_scores(state.pre),
-            post=_scores(post),
-            fluency_pre=state.pre.summary.fluency,
-            fluency_post=post.summary.fluency,
-            drift=drift_scores,
-            steps_run=e.run.steps_run,
-            final=dataclasses.asdict(e.run.final),
-            config=configs[setting.key],
-            seconds={
-                "record_setup": round(state.seconds, 3),  # once per record: unedited scores
-                "edit": round(t2 - t1, 3),
-                **{f"edit_{k}": round(v, 3) for k, v in e.run.timings},
-                "post_eval": round(t3 - t2, 3),
-                "drift": round(t4 - t3, 3),
-            },
-            provenance=prov,
-            extra={
-                "device": str(models.model_device(model)),
-                "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "rank": rank,
-                "world": world,
-            },
-        )
-        results.append(path, line)
+    todo = _todo(dataset.records, settings, rank, world, done)
+    n = sum(len(g) for _, g in todo)
+    log.info("%s: %d (record, setting) pairs to do", path, n)
+    ctx = _Context(model, Editor(model), fluency, prov, configs, rank, world)
+    bar = tqdm(total=n, desc=f"sweep r{rank}", unit="edit", disable=not progress)
+    for setting, group in todo:
+        for line in _group_lines(ctx, setting, group):
+            if line.key not in done:
+                results.append(path, line)
+            bar.update(1)
+    bar.close()
     return path
+
+
+def _checked(dataset, settings, rank: int, world: int) -> Dataset:
+    if not settings:
+        raise ValueError("a sweep needs at least one setting")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    keys = [s.key for s in settings]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate settings: {keys}")
+    if not isinstance(dataset, Dataset):
+        dataset = Dataset(tuple(dataset))
+    ids = [r.id for r in dataset.records]
+    if len(set(ids)) != len(ids):
+        raise ValueError("the records repeat an id: each record is swept once")
+    return dataset
+
+
+def _todo(records, settings, rank: int, world: int, done: set) -> list[tuple[Setting, list]]:
+    """(setting, group of records) still to run by this rank, record-major (a record's
+    unedited scores are computed once for all its settings)."""
+    todo = []
+    for s in settings:
+        groups = [list(records[i : i + s.group]) for i in range(0, len(records), s.group)]
+        todo += [
+            (g[0].id, s, g)
+            for i, g in enumerate(groups)
+            if shard_of(i, world) == rank and any((r.id, s.key) not in done for r in g)
+        ]
+    order = {r.id: i for i, r in enumerate(records)}
+    return [(s, g) for _, s, g in sorted(todo, key=lambda x: order[x[0]])]
+
+
+@dataclass
+class _Context:
+    """What every line of a sweep run shares."""
+
+    model: HookedTransformer
+    editor: Editor
+    fluency: bool
+    provenance: Provenance
+    configs: dict[str, dict]
+    rank: int
+    world: int
+    states: dict[int, _RecordState] = dataclasses.field(default_factory=dict)
+
+    def state(self, record: Record) -> _RecordState:
+        """The record's unedited scores and captures (kept for the record's settings)."""
+        if record.id not in self.states:
+            self.states = {record.id: _RecordState(self.model, record, self.fluency)}
+        return self.states[record.id]
+
+
+def _group_lines(ctx: _Context, setting: Setting, group: list[Record]) -> list[Line]:
+    """Edit a group of records under ``setting`` and score each: its lines."""
+    model = ctx.model
+    states = [ctx.state(r) if len(group) == 1 else _RecordState(model, r, ctx.fluency)
+              for r in group]  # fmt: skip
+    t0 = time.perf_counter()
+    if setting.sequential is not None:
+        with restored(model, _group_layers(ctx, setting)):
+            edits = []
+            for r in group:  # each edit on the weights the previous ones left
+                edits.append(ctx.editor(setting, [r.request]))
+                add_to_weights(model, edits[-1])
+            t1 = time.perf_counter()
+            return _score_group(ctx, setting, group, states, edits, models.Variant(model), t0, t1)
+    if setting.batch is not None:
+        e = ctx.editor(setting, [r.request for r in group])
+        edits = [e] * len(group)
+    else:
+        edits = [ctx.editor(setting, [group[0].request])]
+    t1 = time.perf_counter()
+    variant = models.Variant(model, edits[-1].hooks(model))
+    return _score_group(ctx, setting, group, states, edits, variant, t0, t1)
+
+
+def _group_layers(ctx: _Context, setting: Setting) -> tuple[int, ...]:
+    cfg = setting.config(ctx.model)
+    return (cfg.layer,) if hasattr(cfg, "layer") else tuple(cfg.layers)
+
+
+def _score_group(ctx, setting, group, states, edits, variant, t0: float, t1: float) -> list[Line]:
+    lines = []
+    for i, (record, state) in enumerate(zip(group, states, strict=True)):
+        t2 = time.perf_counter()
+        post = evaluation.evaluate(variant, [record], fluency=ctx.fluency)
+        t3 = time.perf_counter()
+        drift_scores = state.drift(ctx.model, variant, post)
+        t4 = time.perf_counter()
+        e = edits[min(i, len(edits) - 1)]
+        seconds = {
+            "record_setup": round(state.seconds, 3),  # once per record: unedited scores
+            "edit": round((t1 - t0) / len(group), 3),  # the group's editing, per record
+            **{f"edit_{k}": round(v, 3) for k, v in e.run.timings},
+            "post_eval": round(t3 - t2, 3),
+            "drift": round(t4 - t3, 3),
+        }
+        extra = {
+            "device": str(models.model_device(ctx.model)),
+            "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "rank": ctx.rank,
+            "world": ctx.world,
+        }
+        if len(group) > 1:
+            extra["group"] = [r.id for r in group]
+        lines.append(
+            Line(
+                record=record.id,
+                setting=setting,
+                editor=e.editor,
+                layers=tuple(e.layers),
+                request=record.request,
+                pre=_scores(state.pre),
+                post=_scores(post),
+                fluency_pre=state.pre.summary.fluency,
+                fluency_post=post.summary.fluency,
+                drift=drift_scores,
+                steps_run=e.run.steps_run,
+                final=dataclasses.asdict(e.run.final),
+                config=ctx.configs[setting.key],
+                seconds=seconds,
+                provenance=ctx.provenance,
+                extra=extra,
+            )
+        )
+    return lines
 
 
 def distributed_rank() -> tuple[int, int]:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from attndrift import data, models, results, setting, summary, sweep
+from attndrift import data, edits, models, results, setting, summary, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = dict(identity_cov=True, steps=3)
@@ -294,3 +295,39 @@ def test_gz_copy_counts_as_done_and_is_summarized(tiny_llama, records, tmp_path)
     assert len(results.load([out])) == len(records)  # read from the .gz copy
     sweep.run(tiny_llama, records, [setting.Setting(**QUICK)], out, progress=False)
     assert not out.exists() or out.stat().st_size == 0  # nothing left to do
+
+
+def test_sequential_and_batch_groups(tiny_llama, records, tmp_path):
+    from attndrift import evaluation, memit, models
+
+    snap = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
+    seq = setting.Setting(sequential=3, **QUICK)
+    batch = setting.Setting("memit", batch=3, mom2_weight=1.0, **QUICK)
+    out = tmp_path / "groups.jsonl"
+    sweep.run(tiny_llama, records, [seq, batch], out, progress=False)
+    for n, p in tiny_llama.named_parameters():
+        assert torch.equal(p, snap[n]), n  # restored after the sequence
+    lines = {x.key: x for x in results.read(out)}
+    ids = [r.id for r in records.records]
+    assert {k[0] for k in lines} == set(ids) and len(lines) == 6
+    assert all(x.extra["group"] == ids for x in lines.values())
+    # the sequence by hand: each edit on the weights the previous ones left, all scored after
+    editor = setting.Editor(tiny_llama)
+    with edits.restored(tiny_llama, (seq.config(tiny_llama).layer,)):
+        for r in records.records:
+            edits.add_to_weights(tiny_llama, editor(seq, [r.request]))
+        for r in records.records:
+            want = evaluation.evaluate(tiny_llama, [r]).probes["p_right"].tolist()
+            got = [p.p_right for p in lines[(r.id, seq.key)].post]
+            np.testing.assert_allclose(got, want, rtol=1e-5)
+    # the batch: one MEMIT edit of the three requests
+    e = memit.edit(tiny_llama, [r.request for r in records.records], batch.config(tiny_llama),
+                   templates=editor.templates(batch.config(tiny_llama)))  # fmt: skip
+    variant = models.Variant(tiny_llama, e.hooks(tiny_llama))
+    for r in records.records:
+        want = evaluation.evaluate(variant, [r]).probes["p_right"].tolist()
+        np.testing.assert_allclose(
+            [p.p_right for p in lines[(r.id, batch.key)].post], want, rtol=1e-5
+        )
+    with pytest.raises(ValueError, match="batch editing needs a batch editor"):
+        setting.Setting(batch=2)
