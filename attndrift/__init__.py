@@ -4,6 +4,7 @@ Public API (everything else is reachable through the modules listed in ``__all__
 """
 
 from attndrift import (
+    alphaedit,
     capture,
     covariance,
     data,
@@ -13,11 +14,13 @@ from attndrift import (
     encoding,
     evaluation,
     generation,
+    knockout,
     memit,
     metrics,
     models,
     patching,
     plotting,
+    pmet,
     report,
     results,
     rome,
@@ -26,14 +29,17 @@ from attndrift import (
     setting,
     summary,
     sweep,
+    tracing,
     value,
 )
+from attndrift.alphaedit import AlphaEditConfig
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import Dataset, EditRequest, Probe, Record, load_dataset, load_embedded
 from attndrift.edits import Edit, applied
 from attndrift.evaluation import Evaluation, evaluate
 from attndrift.memit import MemitConfig
 from attndrift.models import EMBEDDED_MODEL, Variant, load_model, tiny_model
+from attndrift.pmet import PmetConfig
 from attndrift.rome import RomeConfig
 from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig
@@ -41,12 +47,14 @@ from attndrift.version import __version__
 
 __all__ = [
     "EMBEDDED_MODEL",
+    "AlphaEditConfig",
     "CovarianceConfig",
     "Dataset",
     "Edit",
     "EditRequest",
     "Evaluation",
     "MemitConfig",
+    "PmetConfig",
     "Probe",
     "Record",
     "RomeConfig",
@@ -54,6 +62,7 @@ __all__ = [
     "ValueConfig",
     "Variant",
     "__version__",
+    "alphaedit",
     "applied",
     "capture",
     "covariance",
@@ -65,6 +74,7 @@ __all__ = [
     "evaluate",
     "evaluation",
     "generation",
+    "knockout",
     "load_dataset",
     "load_embedded",
     "load_model",
@@ -73,6 +83,7 @@ __all__ = [
     "models",
     "patching",
     "plotting",
+    "pmet",
     "report",
     "results",
     "rome",
@@ -82,5 +93,6 @@ __all__ = [
     "summary",
     "sweep",
     "tiny_model",
+    "tracing",
     "value",
 ]

@@ -5,6 +5,7 @@ The CLI presents and saves; the computation lives in the library modules.
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,30 +40,83 @@ def _data_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="records in the merged or ROME counterfact format (default: the embedded dataset)",
     )
-    p.add_argument("--limit", type=int, default=None, help="use at most this many records")
+    p.add_argument(
+        "--limit", type=_count("--limit"), default=None, help="use at most this many records"
+    )
     p.add_argument(
         "--records", default=None, help="record ids, e.g. 3,5,10-14 (default: all, in file order)"
     )
     p.add_argument("--lenient", action="store_true", help="skip (and report) malformed records")
 
 
+def _count(flag: str) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= 0, refused naming ``flag`` otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+        return value
+
+    return parse
+
+
 def _ids(text: str) -> list[int]:
-    """Record ids from ``"3,5,10-14"`` (ranges inclusive)."""
+    """Record ids from ``"3,5,10-14"`` (ranges inclusive); a ValueError naming ``--records``
+    for anything else (not integers, an empty range, an id given twice, no id at all)."""
     ids: list[int] = []
+    seen: set[int] = set()
     for part in text.split(","):
-        first, _, last = part.strip().partition("-")
-        ids += list(range(int(first), int(last or first) + 1))
+        if not part.strip():
+            continue
+        first, dash, last = part.strip().partition("-")
+        try:
+            lo, hi = int(first), int(last if dash else first)
+        except ValueError:
+            raise ValueError(
+                f"--records: expected ids and ranges like 3,5,10-14, got {part.strip()!r}"
+            ) from None
+        if hi < lo:
+            raise ValueError(f"--records: the range {lo}-{hi} is empty (write it {hi}-{lo})")
+        for i in range(lo, hi + 1):
+            if i in seen:
+                raise ValueError(f"--records: record {i} is given more than once")
+            seen.add(i)
+            ids.append(i)
+    if not ids:
+        raise ValueError(f"--records: no record id in {text!r}")
     return ids
 
 
 def _load_data(args):
     from attndrift import data
 
+    ids = _ids(args.records) if args.records is not None else None  # bad ids: before reading
     ds = data.load_dataset(args.data, lenient=args.lenient) if args.data else data.load_embedded()
     for s in ds.skipped:
         print(f"skipped record {s.record}: {s.field}: {s.problem}", file=sys.stderr)
-    ids = _ids(args.records) if args.records else None
     return ds.select(ids=ids, limit=args.limit)
+
+
+def _check_output(path: Path, flag: str, directory: bool = False) -> None:
+    """Refuse, before any work, an output that could not be written: a folder where a file
+    goes (or the reverse), a file in the way of its folder, a folder without write access."""
+    if directory and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a directory")
+    if not directory and path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory, not a file")
+    if not directory and path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(f"{flag} {path}: the file is not writable")
+    folder = path if directory else path.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest existing folder
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: the directory {folder} is not writable")
 
 
 def _load_model(args):
@@ -98,7 +152,7 @@ def prepare(args) -> int:
     return 0
 
 
-@command("eval", "evaluate an (unedited) model: the SPEC §5 table")
+@command("eval", "evaluate an (unedited) model: the METHOD §5 table")
 def evaluate(args) -> int:
     """Score every probe of the records on the unedited model and print ES PS NS RS DNS Score."""
     from attndrift import evaluation, metrics
@@ -110,6 +164,8 @@ def evaluate(args) -> int:
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward")
     p.add_argument("--csv", type=Path, default=None, help="write the per-probe table here")
     a = p.parse_args(args)
+    if a.csv is not None:
+        _check_output(a.csv, "--csv")
     ds = _load_data(a)
     model = _load_model(a)
     t0 = time.perf_counter()
@@ -132,7 +188,7 @@ def evaluate(args) -> int:
 
 @command("sweep", "edit every record under each setting; resumable JSON-lines results")
 def sweep_command(args) -> int:
-    """Edit every record (weights untouched: edits run as hooks), score all SPEC §5 probes
+    """Edit every record (weights untouched: edits run as hooks), score all METHOD §5 probes
     before and after, and append one JSON line per (record, setting) to --out. Every editor
     option takes a comma-separated list (MEMIT layer sets: separated by ';'): the sweep runs
     every combination. Rerunning with the same --out resumes. Under torchrun each rank takes a
@@ -185,7 +241,7 @@ def sweep_command(args) -> int:
     return 0
 
 
-def _table_text(lines) -> str:
+def _table_text(lines, interval: str = "normal", markdown: bool = False) -> str:
     from attndrift import metrics, summary
 
     summaries = summary.by_setting(lines)
@@ -193,53 +249,55 @@ def _table_text(lines) -> str:
     n_pre = len({line.record for line in lines})
     rows = {f"none (n={n_pre})": summaries.pop("none")}
     rows |= {f"{k} (n={counts[k]})": v for k, v in summaries.items()}
-    text = metrics.table(rows).to_string()
-    return text + "\n(% of probes with P(right) > P(wrong), ± 95 % normal interval)"
+    frame = metrics.table(rows, interval=interval)
+    text = _markdown(frame) if markdown else frame.to_string()
+    what = "± 95 % normal interval" if interval == "normal" else "[95 % Wilson interval] (n)"
+    return text + f"\n(% of probes with P(right) > P(wrong), {what})"
 
 
-@command("summarize", "Table-3 layout of sweep results (+ the γ trade-off plot)")
+def _markdown(frame) -> str:
+    """A DataFrame as a Markdown table (index first), for docs/RESULTS.md."""
+    cols = [frame.index.name or "", *map(str, frame.columns)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for idx, row in frame.iterrows():
+        lines.append("| " + " | ".join([str(idx), *map(str, row.tolist())]) + " |")
+    return "\n".join(lines)
+
+
+@command("summarize", "tables of sweep results: Table 3, paired tests, selection, drift")
 def summarize_command(args) -> int:
-    """Merge results files (and their rank shards), print ES PS NS RS DNS Score (FL) per
-    setting with 95 % intervals next to the pre-edit row, and optionally plot the γ trade-off."""
+    """Merge results files (their rank shards and .gz copies) and print the Table-3 layout (ES
+    PS NS RS DNS RS_D Score, FL) per setting next to the pre-edit row, with 95 % intervals;
+    optionally paired tests between settings, a selection rule's verdict, drift versus failure
+    by probe kind, and the γ trade-off plot."""
     from attndrift import results, summary
 
     p = argparse.ArgumentParser(prog="attndrift summarize", description=summarize_command.__doc__)
     p.add_argument("results", nargs="+", type=Path, help="results files of attndrift sweep")
+    p.add_argument("--records", default=None, help="only these record ids, e.g. 0-199")
+    p.add_argument(
+        "--settings", default=None, help="only these setting keys (;-separated), in order"
+    )
+    p.add_argument("--paired", action="store_true", help="only records with every setting's line")
+    p.add_argument("--interval", choices=("normal", "wilson"), default="normal")
+    p.add_argument("--markdown", action="store_true", help="print tables as Markdown")
+    p.add_argument("--choose", choices=sorted(summary.RULES), help="apply a selection rule")
+    p.add_argument("--compare", action="append", default=[], metavar="A;B",
+                   help="paired tests of setting B against setting A (repeatable)")  # fmt: skip
+    p.add_argument("--drift", action="append", default=[], metavar="SETTING",
+                   help="drift vs P(o_new) of SETTING's RS/DNS probes (repeatable)")  # fmt: skip
+    p.add_argument("--drift-plot", type=Path, default=None, help="scatter plot of the first")
     p.add_argument("--plot", type=Path, default=None, help="write the γ trade-off plot (HTML)")
     p.add_argument("--csv", type=Path, default=None, help="write the trade-off numbers (CSV)")
-    p.add_argument(
-        "--drift",
-        default=None,
-        metavar="SETTING",
-        help="drift factor vs P(o_new) over the RS/DNS probes of SETTING, e.g. 'rome|g=0'",
-    )
-    p.add_argument("--drift-plot", type=Path, default=None, help="its scatter plot (HTML)")
-    p.add_argument(
-        "--paired", action="store_true", help="only records that have every setting's line"
-    )
     a = p.parse_args(args)
-    lines = results.load(a.results)
-    if a.paired:
-        lines = summary.paired(lines)
-        if not lines:
-            raise ValueError("--paired: no record has a line under every setting")
-    print(_table_text(lines))
-    if a.drift:
-        fa = summary.drift_vs_failure(lines, a.drift)
-        c = fa.overall
-        n_records = fa.probes["record"].nunique()
-        print(
-            f"\ndrift factor vs P(o_new), {a.drift}, {n_records} edits, {c.n} RS/DNS probes: "
-            f"Pearson {c.pearson:.3f} (p {c.pearson_p:.1e}), "
-            f"Spearman {c.spearman:.3f} (p {c.spearman_p:.1e})"
-        )
-        print("by layer range (drift factor = max over the range's layers):")
-        print(fa.by_range.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
-        if a.drift_plot:
-            from attndrift import plotting
-
-            plotting.save_html(plotting.drift_scatter(fa), a.drift_plot)
-            print(f"scatter plot: {a.drift_plot}")
+    lines = _selected_lines(results.load(a.results), a)
+    print(_table_text(lines, a.interval, a.markdown))
+    if a.choose:
+        _print_choice(lines, a.choose, a.markdown)
+    for pair in a.compare:
+        _print_paired(lines, pair, a.markdown)
+    for i, key in enumerate(a.drift):
+        _print_drift(lines, key, a.drift_plot if i == 0 else None)
     if a.plot or a.csv:
         frame = summary.tradeoff(lines)
         if a.csv:
@@ -251,6 +309,94 @@ def summarize_command(args) -> int:
             plotting.save_html(plotting.tradeoff(frame), a.plot)
             print(f"trade-off plot: {a.plot}")
     return 0
+
+
+def _selected_lines(lines, a):
+    from attndrift import summary
+
+    if a.records:
+        ids = set(_ids(a.records))
+        lines = [x for x in lines if x.record in ids]
+    if a.settings:
+        keys = [k.strip() for k in a.settings.split(";") if k.strip()]
+        missing = set(keys) - {x.setting.key for x in lines}
+        if missing:
+            raise ValueError(f"--settings: no lines for {sorted(missing)}")
+        lines = sorted((x for x in lines if x.setting.key in keys),
+                       key=lambda x: keys.index(x.setting.key))  # fmt: skip
+    if a.paired:
+        lines = summary.paired(lines)
+    if not lines:
+        raise ValueError("no result lines left to summarize (check --records/--settings/--paired)")
+    return lines
+
+
+def _print_choice(lines, rule: str, markdown: bool) -> None:
+    from attndrift import summary
+
+    frame = summary.choose(lines, rule)
+    cols = ["setting", "ES", "PS", "NS", "RS", "DNS", "Score", "mean_steps", "objective",
+            "eligible", "chosen"]  # fmt: skip
+    shown = frame[cols].set_index("setting")
+    for c in ("ES", "PS", "NS", "RS", "DNS", "Score", "objective"):
+        shown[c] = [f"{100 * v:.1f}" for v in shown[c]]
+    shown["mean_steps"] = [f"{v:.1f}" for v in shown["mean_steps"]]
+    print(f"\nrule {rule!r}: {summary.RULES[rule].text}")
+    print(_markdown(shown) if markdown else shown.to_string())
+    chosen = frame[frame["chosen"]]
+    print("chosen: " + (chosen["setting"].iloc[0] if len(chosen) else "none is eligible"))
+
+
+def _print_paired(lines, pair: str, markdown: bool) -> None:
+    import pandas as pd
+
+    from attndrift import summary
+
+    a, sep, b = pair.partition(";")
+    if not sep:
+        raise ValueError(f"--compare {pair!r}: expected 'SETTING_A;SETTING_B'")
+    tests = summary.paired_tests(lines, a.strip(), b.strip())
+    rows = {
+        t.metric: {
+            "n probes": t.n_probes,
+            "A": f"{100 * t.mean_a:.1f}",
+            "B": f"{100 * t.mean_b:.1f}",
+            "B − A [95 % bootstrap]": f"{100 * t.diff:+.1f} [{100 * t.diff_low:+.1f}, "
+            f"{100 * t.diff_high:+.1f}]",
+            "p (bootstrap)": f"{t.p_bootstrap:.3g}",
+            "only A / only B": f"{t.only_a} / {t.only_b}",
+            "p (McNemar)": f"{t.p_mcnemar:.3g}",
+        }
+        for t in tests
+    }
+    frame = pd.DataFrame(rows).T
+    frame.index.name = "metric"
+    print(f"\npaired: A = {a.strip()}, B = {b.strip()} (same probes)")
+    print(_markdown(frame) if markdown else frame.to_string())
+
+
+def _print_drift(lines, key: str, plot: Path | None) -> None:
+    from attndrift import summary
+
+    for kinds in (None, ["RS"], ["DNS"]):
+        try:
+            fa = summary.drift_vs_failure(lines, key, kinds)
+        except ValueError:
+            continue
+        c, n_records = fa.overall, fa.probes["record"].nunique()
+        label = "RS/DNS" if kinds is None else kinds[0]
+        print(
+            f"\ndrift factor vs P(o_new), {key}, {n_records} edits, {c.n} {label} probes: "
+            f"Pearson {c.pearson:.3f} (p {c.pearson_p:.1e}), "
+            f"Spearman {c.spearman:.3f} (p {c.spearman_p:.1e})"
+        )
+        print("by layer range (drift factor = max over the range's layers):")
+        print(fa.by_range.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+        if plot and kinds is None:
+            from attndrift import plotting
+
+            plotting.save_html(plotting.drift_scatter(fa), plot)
+            print(f"scatter plot: {plot}")
 
 
 @command("demo", "the main job: edit, failure, drift, patching, sweep -> HTML report")
@@ -383,11 +529,15 @@ def settings_from_args(a, grid: bool = False) -> list:
         options[f.name] = [_parse(f.name, kind, t.strip()) for t in texts if t.strip()]
         if not options[f.name]:
             raise ValueError(f"--{f.name.replace('_', '-')}: no value given")
+    if not grid:  # one setting: every option given applies (or the setting refuses it)
+        return [setting.Setting(**{k: v[0] for k, v in options.items()})]
     settings = setting.grid(**options)
     if not settings:
         raise ValueError("no setting to run: --all-heads needs --sadr-gamma > 0")
-    if not grid and len(settings) != 1:
-        raise ValueError("give one value per editor option")
+    for name in options:  # an option that no setting of the grid takes would be lost silently
+        if all(getattr(s, name) is None or getattr(s, name) is False for s in settings):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} applies to no setting of this sweep (another editor's?)")
     return settings
 
 
@@ -416,6 +566,8 @@ def edit_command(args) -> int:
     _setting_args(p)
     p.add_argument("--out", type=Path, default=None, help="save the edit (.safetensors)")
     a = p.parse_args(args)
+    if a.out is not None:
+        _check_output(a.out, "--out")
     if a.record is not None:
         ds = data.load_dataset(a.data) if a.data else data.load_embedded()
         record = ds.by_id(a.record)
@@ -464,9 +616,33 @@ def _analysis_edit_args(p: argparse.ArgumentParser) -> None:
 
 def _analysis_setup(a):
     """(record, model, edit, edited variant) for the drift and patch commands."""
-    from attndrift import models
+    from attndrift import data, models, patching
     from attndrift.edits import Edit
 
+    # every option and output checked before any work (loading, editing, writing)
+    _check_output(a.out, "--out", directory=True)
+    if a.edit is None:
+        settings_from_args(a)
+        saved = a.out / "edit.safetensors"
+        if saved.exists():
+            raise ValueError(
+                f"--out {a.out} already holds an edit: pass --edit {saved} to analyse it "
+                "again, or another --out"
+            )
+    for flag in ("kinds", "kind"):  # drift's --kinds, patch's --kind
+        kinds = [k.strip() for k in str(getattr(a, flag, "")).split(",") if k.strip()]
+        unknown = [k for k in kinds if k not in data.PROBE_KINDS]
+        if unknown:
+            raise ValueError(
+                f"--{flag}: unknown probe kind {unknown[0]!r}: expected one of {data.PROBE_KINDS}"
+            )
+    if hasattr(a, "directions"):  # patch
+        components = [c.strip() for c in a.components.split(",")]
+        for d in a.directions.split(","):
+            patching._check(components, d.strip(), a.window)
+        for x in (a.positions or "").split(","):
+            if x.strip() and not x.strip().lstrip("-").isdigit():
+                raise ValueError(f"--positions: expected integers, got {x.strip()!r}")
     if a.edit is not None:
         changed = [f.name for f, _ in _setting_fields() if getattr(a, f.name) not in (None, False)]
         if changed:
@@ -481,6 +657,7 @@ def _analysis_setup(a):
     model = _load_model(a)
     if a.edit is not None:
         e = Edit.load(a.edit, device=models.model_device(model))
+        e.check(model)  # another model's edit: refused before any warning or work
         if record.request not in e.requests:
             print(f"warning: {a.edit} was not made for record {record.id}", file=sys.stderr)
     else:
@@ -500,7 +677,7 @@ def _analysis_setup(a):
 
 @command("drift", "attention drift of an edit on a record's probes (figures + CSV)")
 def drift_command(args) -> int:
-    """Measure the attention drift (SPEC §1) of one edit on its record's probes: per-head drift
+    """Measure the attention drift (METHOD §1) of one edit on its record's probes: per-head drift
     of the last token's attention, the drift factor of each probe against P(o_new), and the
     attention rows of the most drifting heads. Writes drift.html, drift.csv and probes.csv."""
     from attndrift import capture, drift, encoding, plotting
@@ -558,7 +735,7 @@ def drift_command(args) -> int:
 @command("patch", "restore / contaminate patching sweep of an edit on one prompt (figures + CSV)")
 def patch_command(args) -> int:
     """Patch attention pattern rows and MLP outputs between the vanilla and the edited model
-    (SPEC §2) at every layer window and prompt position of one probe: restore (edited run,
+    (METHOD §2) at every layer window and prompt position of one probe: restore (edited run,
     vanilla values) and contaminate (vanilla run, edited values). Writes patching.html and
     patching.csv."""
     from attndrift import drift, patching, plotting
@@ -633,8 +810,183 @@ def patch_command(args) -> int:
     return 0
 
 
+def _error_text(e: BaseException) -> str:
+    """One line that says what is wrong (and, for file errors, which path)."""
+    if isinstance(e, KeyError) and e.args:  # an unknown record id: its message is args[0]
+        text = str(e.args[0])
+    elif isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:
+        text = f"{e.filename}: {e.strerror or e}"
+        if e.filename2:
+            text += f" (-> {e.filename2})"
+    else:
+        text = str(e) or type(e).__name__
+    if isinstance(e, FloatingPointError | RuntimeError) and type(e).__name__ not in text:
+        text = f"{type(e).__name__}: {text}"
+    return " ".join(text.split())  # one line
+
+
+@command("trace", "causal tracing (ROME Fig. 1): where the unedited model recalls a fact")
+def trace_command(args) -> int:
+    """Causal tracing (ROME, Meng et al. 2022) of one probe of a record on the unedited model:
+    add Gaussian noise (NOISE x σ, σ = the token-embedding std over the data's subjects) to the
+    subject's token embeddings, restore one cell of the clean run at a time (hidden state, MLP
+    output or attention output at a layer window and position) and measure P(o_true); the
+    indirect effect of a cell is P(restored) - P(corrupted). Writes tracing.html and
+    tracing.csv."""
+    from attndrift import data, drift, plotting, tracing
+
+    p = argparse.ArgumentParser(prog="attndrift trace", description=trace_command.__doc__)
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--record", type=int, default=None, help="record id (default: the first)")
+    p.add_argument("--kind", default="ES", help="probe kind (default: %(default)s: the fact)")
+    p.add_argument("--probe", type=int, default=0, help="which probe of that kind (default: 0)")
+    p.add_argument(
+        "--window",
+        default=None,
+        help="layers per cell, centred on the layer: N for every component, or e.g. "
+        "hidden=1,mlp=10,attn_out=10 (default: ROME's, that example)",
+    )
+    p.add_argument("--samples", type=int, default=tracing.ROME_SAMPLES, help="noise draws")
+    p.add_argument(
+        "--noise", type=float, default=tracing.ROME_NOISE, help="noise std in units of σ"
+    )
+    p.add_argument(
+        "--components", default="hidden,mlp,attn_out", help="hidden, mlp, attn_out (default: all)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass")
+    p.add_argument("--out", type=Path, required=True, help="directory for the HTML and CSV files")
+    a = p.parse_args(args)
+    windows = None
+    if a.window and "=" in a.window:
+        pairs = [part.split("=") for part in a.window.split(",") if part.strip()]
+        windows = {name.strip(): int(value) for name, value in pairs}
+    elif a.window:
+        windows = int(a.window)
+    ds = _load_data(a)
+    if not len(ds):
+        raise ValueError("no records selected")
+    record = ds.by_id(a.record) if a.record is not None else ds[0]
+    probes = record.probes([a.kind])
+    if not 0 <= a.probe < len(probes):
+        raise ValueError(f"record {record.id} has {len(probes)} {a.kind} probes, not {a.probe + 1}")
+    probe = probes[a.probe]
+    true, _ = drift.answers(probe)
+    model = _load_model(a)
+    everything = data.load_dataset(a.data, lenient=True) if a.data else data.load_embedded()
+    subjects = sorted({r.request.subject for r in everything.records})
+    sigma = tracing.embedding_scale(model, subjects)
+    t0 = time.perf_counter()
+    t = tracing.trace(
+        model,
+        probe.prompt,
+        probe.subject,
+        true,
+        sigma=sigma,
+        noise=a.noise,
+        samples=a.samples,
+        seed=a.seed,
+        components=[c.strip() for c in a.components.split(",")],
+        windows=windows,
+        max_batch_tokens=a.batch_tokens,
+        progress=True,
+    )
+    print(f"{t.indirect.numel()} cells traced in {time.perf_counter() - t0:.1f} s")
+    a.out.mkdir(parents=True, exist_ok=True)
+    tracing.frame(t).to_csv(a.out / "tracing.csv", index=False)
+    plotting.save_html(plotting.tracing_heatmap(t), a.out / "tracing.html")
+    subject = [t.tokens[i] for i in t.subject_positions]
+    print(f"{probe.kind} prompt: {probe.prompt!r} -> {true!r}; subject tokens {subject}")
+    print(
+        f"σ = {sigma:.4g} (token-embedding std over {len(subjects)} subjects); noise "
+        f"{a.noise:g}σ, {a.samples} samples; P(o_true) clean {t.p_clean:.4f}, corrupted "
+        f"{t.p_corrupted:.4f}"
+    )
+    last_subject = t.subject_positions[-1]
+    print("largest indirect effect per component (layer = window centre):")
+    for c, w in zip(t.components, t.windows, strict=True):
+        layer, pos, value = t.best(c)
+        s = tracing.span(layer, w, model.cfg.n_layers)
+        text = (
+            f"  {c:<8} {value:+.4f} at layer {layer} (layers {s.start}-{s.stop - 1}), "
+            f"token {t.tokens[pos]!r} (position {pos})"
+        )
+        layer, _, value = t.best(c, last_subject)
+        print(text + f"; at the subject's last token: {value:+.4f} at layer {layer}")
+    print(f"wrote {a.out / 'tracing.html'}, {a.out / 'tracing.csv'}")
+    return 0
+
+
+@command("knockout", "attention knockout: block last token -> subject per layer window")
+def knockout_command(args) -> int:
+    """Attention knockout (Geva et al. 2023) of an edit on one probe of a record: set the
+    attention scores from the last token to every subject token to -inf in a window of layers
+    (every head), for every window start, in the vanilla and the edited model, and measure the
+    change of P(o_true) and P(o_new). If the edited model's P(o_new) on a distracting-neighbour
+    prompt vanishes when the last token cannot see the subject in the drifting layers,
+    attention drift carries the failure. Writes knockout.html and knockout.csv."""
+    from attndrift import drift, knockout, plotting
+
+    p = argparse.ArgumentParser(prog="attndrift knockout", description=knockout_command.__doc__)
+    _model_args(p)
+    _data_args(p)
+    _analysis_edit_args(p)
+    p.add_argument("--kind", default="DNS", help="probe kind (default: %(default)s)")
+    p.add_argument("--probe", type=int, default=0, help="which probe of that kind (default: 0)")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=knockout.DEFAULT_WINDOW,
+        help="layers per blocked window (default: %(default)s)",
+    )
+    p.add_argument("--top", type=int, default=3, help="windows to print (default: 3)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass")
+    a = p.parse_args(args)
+    record, model, _, edited = _analysis_setup(a)
+    probes = record.probes([a.kind])
+    if not 0 <= a.probe < len(probes):
+        raise ValueError(f"record {record.id} has {len(probes)} {a.kind} probes, not {a.probe + 1}")
+    probe = probes[a.probe]
+    true, new = drift.answers(probe)
+    t0 = time.perf_counter()
+    k = knockout.run(model, edited, probe.prompt, probe.subject, true, new, window=a.window,
+                     max_batch_tokens=a.batch_tokens)  # fmt: skip
+    print(f"{2 * k.p_true.shape[1]} windows blocked in {time.perf_counter() - t0:.1f} s")
+    a.out.mkdir(parents=True, exist_ok=True)
+    k.frame().to_csv(a.out / "knockout.csv", index=False)
+    plotting.save_html(plotting.knockout_figure(k), a.out / "knockout.html")
+    print(f"{probe.kind} prompt: {probe.prompt!r}  (o_true {true!r}, o_new {new!r})")
+    print(f"blocked: last token -> subject tokens {[k.tokens[i] for i in k.keys]}")
+    for i, name in enumerate(k.models):
+        print(
+            f"{name}: unblocked P(o_true) {float(k.base_true[i]):.4f} "
+            f"P(o_new) {float(k.base_new[i]):.4f}"
+        )
+    removed = k.removed("edited")
+    n_layers = k.p_true.shape[1]
+    layers = f"{k.window} layers" if k.window > 1 else "1 layer"
+    print(f"windows of {layers} where blocking removes most of the edited P(o_new):")
+    for layer in removed.argsort(descending=True)[: a.top].tolist():
+        last = min(layer + k.window, n_layers) - 1
+        print(
+            f"  layers {layer}-{last}: edited P(o_new) {float(k.base_new[1]):.4f} -> "
+            f"{float(k.p_new[1, layer]):.4f} ({-100 * float(removed[layer]):+.0f} %), "
+            f"P(o_true) {float(k.base_true[1]):.4f} -> {float(k.p_true[1, layer]):.4f}; "
+            f"vanilla P(o_new) -> {float(k.p_new[0, layer]):.4f}, "
+            f"P(o_true) -> {float(k.p_true[0, layer]):.4f}"
+        )
+    print(f"wrote {a.out / 'knockout.html'}, {a.out / 'knockout.csv'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``attndrift <command> [options]``; expected failures print one line
+    ``attndrift <command>: error: <message>`` to stderr and return 2 (``--debug``, anywhere on
+    the line: re-raise them, with the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -643,18 +995,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("attndrift: attention drift in edited language models, and SADR editing\n")
         for name, (help_, _) in COMMANDS.items():
             print(f"  {name:<10} {help_}")
+        print("\n  --debug    (any command) show the traceback of an error")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"attndrift: unknown command {name!r}; try attndrift --help", file=sys.stderr)
+        print(f"attndrift: error: unknown command {name!r}; try attndrift --help", file=sys.stderr)
         return 2
+    from safetensors import SafetensorError
+
+    expected = (
+        ValueError,  # bad values, malformed data (JSONDecodeError, UnicodeDecodeError)
+        OSError,  # missing, unreadable or unwritable files (FileNotFoundError, PermissionError)
+        SafetensorError,  # a damaged .safetensors file
+        RuntimeError,  # device selection, a damaged cache, torch refusing a shape
+        FloatingPointError,  # a non-finite loss while editing
+        KeyError,  # an unknown record id
+    )
     try:
         return COMMANDS[name][1](rest)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"attndrift {name}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyError as e:  # an unknown record id
-        print(f"attndrift {name}: error: {e.args[0]}", file=sys.stderr)
+    except expected as e:
+        if debug:
+            raise
+        print(f"attndrift {name}: error: {_error_text(e)}", file=sys.stderr)
         return 2
 
 

@@ -1,4 +1,4 @@
-"""Covariance: the second moment C = E[k kᵀ] of MLP keys at a layer (SPEC §3.2).
+"""Covariance: the second moment C = E[k kᵀ] of MLP keys at a layer (METHOD §3.2).
 
 k is the input of ``W_out`` (``blocks.{L}.mlp.hook_post``) at every real token of a text
 corpus (BOS and padding excluded). ROME's update direction is ``C⁻¹ k``; MEMIT solves
@@ -30,7 +30,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from attndrift import capture, encoding, generation, models
+from attndrift import capture, checks, encoding, generation, models
+from attndrift.models.loading import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,12 @@ class CovarianceConfig:
     text_tokens: int = 128
     seed: int = 0
     batch_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        checks.number("n_tokens", self.n_tokens, low=1, integer=True)
+        checks.number("text_tokens", self.text_tokens, low=1, integer=True)
+        checks.number("seed", self.seed, low=0, integer=True)
+        checks.number("batch_tokens", self.batch_tokens, low=1, integer=True)
 
 
 def corpus_texts(model: HookedTransformer, cfg: CovarianceConfig) -> list[str]:
@@ -118,11 +125,17 @@ def sampled_corpus(
             top_k=40,
             max_batch=_CHUNK,
         )
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{stem}-n{len(texts)}.tmp"
-    tmp.write_text(json.dumps(texts))
-    tmp.replace(directory / f"{stem}-n{len(texts)}.json")
+    text = json.dumps(texts)
+    atomic_write(directory / f"{stem}-n{len(texts)}.json", lambda tmp: tmp.write_text(text))
     return texts[:n_texts]
+
+
+def _corpus_name(cfg: CovarianceConfig) -> str:
+    """The corpus as a user would name it (for messages)."""
+    c = cfg.corpus
+    if isinstance(c, tuple | list):
+        return f"({len(c)} texts given in the config)"
+    return repr(c)
 
 
 def _corpus_id(cfg: CovarianceConfig) -> str:
@@ -150,8 +163,18 @@ def second_moment(
 ) -> tuple[Float[Tensor, "d_mlp d_mlp"], int]:
     """E[k kᵀ] over the first ``n_tokens`` real tokens of ``texts``; returns (C, tokens used)."""
     models.check_layer(model, layer)
-    n_bos = len(models.bos_prefix(model))
-    rows = [encoding.encode_prompt(model, t).ids[: n_bos + text_tokens] for t in texts if t.strip()]
+    bos = models.bos_prefix(model)
+    n_bos = len(bos)
+    if n_bos + text_tokens > model.cfg.n_ctx:
+        raise ValueError(
+            f"text_tokens={text_tokens} does not fit the model's context ({model.cfg.n_ctx} tokens)"
+        )
+    # texts longer than the context are cut to text_tokens: encoded here, not as prompts
+    rows = [
+        (bos + models.encode_text(model, t.rstrip()))[: n_bos + text_tokens]
+        for t in texts
+        if t.strip()
+    ]
     rows = [r for r in rows if len(r) > n_bos]
     d = model.cfg.d_mlp
     device = models.model_device(model)
@@ -230,15 +253,18 @@ def layer_covariance(
         batch_tokens=cfg.batch_tokens,
         progress=progress,
     )
+    if used < 0.99 * cfg.n_tokens:  # re-encoding sampled text loses a few tokens: fine
+        raise ValueError(
+            f"covariance corpus {_corpus_name(cfg)} has {used} tokens, fewer than the "
+            f"{cfg.n_tokens} of n_tokens (--cov-tokens): give a larger corpus or fewer tokens"
+        )
     log.info(
         "covariance of layer %d from %d tokens in %.0f s", layer, used, time.perf_counter() - t0
     )
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
         cpu = stats.cpu().contiguous()
-        save_file({"mom2": cpu}, tmp, metadata={**key, "sha256": _digest(cpu), "used": str(used)})
-        tmp.replace(path)
+        meta = {**key, "sha256": _digest(cpu), "used": str(used)}
+        atomic_write(path, lambda tmp: save_file({"mom2": cpu}, tmp, metadata=meta))
     return stats
 
 

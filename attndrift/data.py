@@ -2,7 +2,7 @@
 
 An :class:`EditRequest` asks to rewrite one fact (subject, relation prompt, true → new object).
 A :class:`Record` bundles a request with the prompts that test it. :meth:`Record.probes`
-turns a record into the :class:`Probe` set of SPEC §5 — each a prompt with a right and a
+turns a record into the :class:`Probe` set of METHOD §5 — each a prompt with a right and a
 wrong answer:
 
 =====  =====================================================  ===============  =========
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 ProbeKind = Literal["ES", "PS", "NS", "RS", "DNS", "RS_D", "AS"]
 PROBE_KINDS: tuple[ProbeKind, ...] = ("ES", "PS", "NS", "RS", "DNS", "RS_D", "AS")
-#: The metrics whose harmonic mean is the Score (SPEC §5).
+#: The metrics whose harmonic mean is the Score (METHOD §5).
 SCORE_KINDS: tuple[ProbeKind, ...] = ("ES", "PS", "NS", "RS", "DNS")
 
 
@@ -127,7 +127,7 @@ class Record:
         return tuple(k for k in PROBE_KINDS if have[k])
 
     def probes(self, kinds: Iterable[ProbeKind] = PROBE_KINDS) -> list[Probe]:
-        """The SPEC §5 probes of this record, for the requested kinds it has."""
+        """The METHOD §5 probes of this record, for the requested kinds it has."""
         kinds = set(kinds)
         unknown = kinds - set(PROBE_KINDS)
         if unknown:

@@ -26,6 +26,7 @@ from transformer_lens import HookedTransformer
 
 from attndrift import (
     capture,
+    checks,
     data,
     drift,
     encoding,
@@ -60,6 +61,22 @@ class DemoConfig:
     heads: int = 4
     steps: int | None = None  # value-optimisation steps of every edit (None: the presets)
     identity_cov: bool = False  # quick and crude: no C⁻¹ adjustment
+
+    def __post_init__(self) -> None:
+        checks.number("record", self.record, low=0, integer=True)
+        checks.number("sadr_gamma", self.sadr_gamma, low=0, above=True)
+        if not isinstance(self.sweep_records, tuple) or not self.sweep_records:
+            raise ValueError(
+                f"sweep_records needs at least one record id, got {self.sweep_records!r}"
+            )
+        for r in self.sweep_records:
+            checks.number("sweep_records", r, low=0, integer=True)
+        if len(set(self.sweep_records)) != len(self.sweep_records):
+            raise ValueError(f"sweep_records repeats a record: {self.sweep_records}")
+        checks.number("window", self.window, low=1, integer=True)
+        checks.number("heads", self.heads, low=1, integer=True)
+        if self.steps is not None:
+            checks.number("steps", self.steps, low=1, integer=True)
 
 
 @dataclass(frozen=True)

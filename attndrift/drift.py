@@ -1,4 +1,4 @@
-"""Attention drift between a vanilla and an edited model (SPEC §1), and its link to failure.
+"""Attention drift between a vanilla and an edited model (METHOD §1), and its link to failure.
 
 For a prompt with subject span ``[s_first, s_last]`` and last prompt token ``last``, and for
 every layer l and query head h, with ``P`` the vanilla and ``P*`` the edited attention:

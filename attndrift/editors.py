@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import capture, encoding, generation, models, value
+from attndrift import capture, checks, encoding, generation, models, value
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.edits import Edit, EditRun
@@ -42,6 +42,17 @@ class TemplateConfig:
     lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, how many)
     seed: int = 0  # sampling seed
     top_k: int = 5  # sample among the top-k tokens (ROME: 5)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lengths, tuple | list):
+            raise ValueError(f"lengths must be (tokens, count) pairs, got {self.lengths!r}")
+        for pair in self.lengths:
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise ValueError(f"lengths must be (tokens, count) pairs, got {pair!r}")
+            checks.number("template length (tokens)", pair[0], low=1, integer=True)
+            checks.number("template count", pair[1], low=1, integer=True)
+        checks.number("seed", self.seed, low=0, integer=True)
+        checks.number("top_k", self.top_k, low=1, integer=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +97,23 @@ def keys_at_subject(
         model, batch.tokens, {n: at for n in hook_names}, stop_at_layer=stop_at_layer
     )
     return {n: kept[n][:, 0] for n in hook_names}  # [n_prompts, d]
+
+
+def mean_keys(
+    model: HookedTransformer,
+    requests: Sequence[EditRequest],
+    layer: int,
+    templates: Sequence[str],
+) -> Tensor:
+    """``[n_requests, d_mlp]``: each request's key at s_last averaged over the templates (the
+    keys of MEMIT-style editors)."""
+    prompts, subjects = [], []
+    for r in requests:
+        prompts += filled(templates, r.prompt)
+        subjects += [r.subject] * len(templates)
+    name = models.mlp_key_hook(layer)
+    keys = keys_at_subject(model, prompts, subjects, [name], layer + 1)[name]
+    return keys.view(len(requests), len(templates), -1).mean(1)
 
 
 def filled(templates: Sequence[str], prompt: str) -> list[str]:

@@ -217,9 +217,10 @@ class Edit:
 
 
 def _run_from(meta: dict, targets: tuple[Tensor, ...]) -> EditRun:
-    from attndrift import memit, rome  # the config classes (imported here: no import cycle)
+    from attndrift import alphaedit, memit, pmet, rome  # the config classes (no import cycle)
 
-    configs = {c.__name__: c for c in (rome.RomeConfig, memit.MemitConfig)}
+    classes = (rome.RomeConfig, memit.MemitConfig, pmet.PmetConfig, alphaedit.AlphaEditConfig)
+    configs = {c.__name__: c for c in classes}
     return EditRun(
         config=from_dict(configs[meta["config_type"]], meta["config"]),
         sadr=None if meta["sadr"] is None else from_dict(SadrConfig, meta["sadr"]),
@@ -256,19 +257,17 @@ def _tuples(v):
 @contextmanager
 def restored(model: HookedTransformer, layers: tuple[int, ...] | list[int]) -> Iterator[None]:
     """Snapshot ``W_out`` of ``layers`` and copy it back on exit, whatever happens inside
-    (also an interrupt during the copy: :func:`attndrift.interrupts.complete`)."""
+    (also an interrupt during the copy: :func:`attndrift.interrupts.on_exit`)."""
     weights = [models.mlp_out_weight(model, layer) for layer in layers]
     saved = [w.detach().clone() for w in weights]
-    try:
+
+    def copy_back() -> None:
+        with torch.no_grad():
+            for w, s in zip(weights, saved, strict=True):
+                w.copy_(s)
+
+    with interrupts.on_exit(copy_back):
         yield
-    finally:
-
-        def copy_back() -> None:
-            with torch.no_grad():
-                for w, s in zip(weights, saved, strict=True):
-                    w.copy_(s)
-
-        interrupts.complete(copy_back)
 
 
 def add_to_weights(model: HookedTransformer, edit: Edit) -> None:
@@ -283,7 +282,8 @@ def add_to_weights(model: HookedTransformer, edit: Edit) -> None:
 @contextmanager
 def applied(model: HookedTransformer, edit: Edit) -> Iterator[HookedTransformer]:
     """Apply ``edit`` to the weights for the duration of the block, then restore them exactly."""
-    edit.check(model)
-    with restored(model, edit.layers):
-        add_to_weights(model, edit)
-        yield model
+    with interrupts.grad_mode_kept():  # whatever interrupts the no_grad blocks of check()
+        edit.check(model)
+        with restored(model, edit.layers):
+            add_to_weights(model, edit)
+            yield model

@@ -43,14 +43,15 @@ def encode_prompt(
     """Tokenise ``prompt`` (with BOS as the model expects) and locate ``subject`` in it.
 
     Raises:
-        ValueError: the prompt is empty or does not contain ``subject``.
+        ValueError: the prompt is empty, does not contain ``subject``, or is longer than the
+            model's context (``n_ctx`` tokens).
     """
     prompt = prompt.rstrip()
     if not prompt:
         raise ValueError("empty prompt")
     bos = models.bos_prefix(model)
     if subject is None:
-        return EncodedPrompt(tuple(bos + models.encode_text(model, prompt)), -1, -1)
+        return _fits(model, EncodedPrompt(tuple(bos + models.encode_text(model, prompt)), -1, -1))
     start = prompt.rfind(subject)
     if not subject or start < 0:
         raise ValueError(f"subject {subject!r} not found in prompt {prompt!r}")
@@ -61,7 +62,18 @@ def encode_prompt(
     if not overlapping:  # cannot happen with offset-reporting tokenizers; guard anyway
         raise ValueError(f"no token of {prompt!r} overlaps subject {subject!r}")
     n = len(bos)
-    return EncodedPrompt(tuple(bos + ids), overlapping[0] + n, overlapping[-1] + n)
+    return _fits(model, EncodedPrompt(tuple(bos + ids), overlapping[0] + n, overlapping[-1] + n))
+
+
+def _fits(model: HookedTransformer, e: EncodedPrompt) -> EncodedPrompt:
+    """``e``, or a ValueError if it is longer than the model's context."""
+    if len(e.ids) > model.cfg.n_ctx:
+        text = model.tokenizer.decode(list(e.ids[:8]))
+        raise ValueError(
+            f"a prompt of {len(e.ids)} tokens is longer than the model's context "
+            f"({model.cfg.n_ctx} tokens): {text!r}…"
+        )
+    return e
 
 
 def encode_answer(model: HookedTransformer, answer: str) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""Evaluation: score every SPEC §5 probe of a set of records on one model state."""
+"""Evaluation: score every METHOD §5 probe of a set of records on one model state."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass

@@ -1,7 +1,7 @@
 """Generation: seeded top-k sampling of continuations.
 
-Used for ROME's context templates (SPEC §3.1), the offline covariance corpus, and fluency
-(SPEC §5, FL). Deterministic given ``seed`` (a private ``torch.Generator``; the global RNG is
+Used for ROME's context templates (METHOD §3.1), the offline covariance corpus, and fluency
+(METHOD §5, FL). Deterministic given ``seed`` (a private ``torch.Generator``; the global RNG is
 untouched). Prompts are grouped by token length and each group is decoded with a key-value
 cache, so no padding is ever needed.
 """

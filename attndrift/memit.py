@@ -1,4 +1,4 @@
-"""MEMIT: mass-editing memory over a range of MLP layers (SPEC §3, last paragraph).
+"""MEMIT: mass-editing memory over a range of MLP layers (METHOD §3, last paragraph).
 
 For a batch of requests:
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformer_lens import HookedTransformer
 
-from attndrift import covariance, editors, models, value
+from attndrift import checks, covariance, editors, interrupts, models, value
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.editors import EditorConfig, TemplateConfig
@@ -50,8 +50,17 @@ class MemitConfig(EditorConfig):
     mom2_update_weight: float = 15000.0  # λ in (λ C + K Kᵀ)
 
     def __post_init__(self) -> None:
-        if not self.layers or list(self.layers) != sorted(set(self.layers)):
-            raise ValueError(f"MEMIT layers must be non-empty and ascending, got {self.layers}")
+        if not isinstance(self.layers, tuple | list) or not self.layers:
+            raise ValueError(
+                f"MEMIT layers must be a non-empty ascending tuple, got {self.layers!r}"
+            )
+        for layer in self.layers:
+            checks.number("MEMIT layer", layer, low=0, integer=True)
+        if list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"MEMIT layers must be ascending without repeats, got {self.layers}")
+        checks.number("mom2_update_weight", self.mom2_update_weight, low=0, above=True)
+        if self.sadr_steps is not None:
+            checks.number("sadr_steps", self.sadr_steps, low=1, integer=True)
 
 
 #: Documented defaults (MEMIT's released GPT-J and GPT-2 XL settings; Llama per the SADR
@@ -97,17 +106,6 @@ def preset(model: HookedTransformer | str) -> MemitConfig:
     raise ValueError(f"no MEMIT preset for {name!r}: pass a MemitConfig")
 
 
-def _mean_keys(model, requests, layer, templates) -> torch.Tensor:
-    """[n, d_mlp]: each request's key at s_last averaged over the templates."""
-    prompts, subjects = [], []
-    for r in requests:
-        prompts += editors.filled(templates, r.prompt)
-        subjects += [r.subject] * len(templates)
-    name = models.mlp_key_hook(layer)
-    keys = editors.keys_at_subject(model, prompts, subjects, [name], layer + 1)[name]
-    return keys.view(len(requests), len(templates), -1).mean(1)
-
-
 def _layer_cov(model, layer, cfg: MemitConfig, given, progress) -> torch.Tensor:
     """C of ``layer`` in float64: given, from ``cfg.covariance`` (cached), or the identity."""
     if given is not None and layer in given:
@@ -117,6 +115,7 @@ def _layer_cov(model, layer, cfg: MemitConfig, given, progress) -> torch.Tensor:
     return torch.eye(model.cfg.d_mlp, dtype=torch.float64, device=models.model_device(model))
 
 
+@interrupts.keeps_grad_mode  # an interrupt inside a no_grad block cannot leave it off
 def edit(
     model: HookedTransformer,
     requests: Sequence[EditRequest],
@@ -164,7 +163,7 @@ def edit(
     factors = []
     with restored(model, cfg.layers):
         for i, layer in enumerate(cfg.layers):
-            keys = _mean_keys(model, requests, layer, templates).double().T  # [d_mlp, n]
+            keys = editors.mean_keys(model, requests, layer, templates).double().T  # [d_mlp, n]
             prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
             current = editors.keys_at_subject(model, prompts, subjects, [z_name], z_layer + 1)
             resid = (z - current[z_name]).double() / (len(cfg.layers) - i)  # [n, d_model]

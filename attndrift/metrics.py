@@ -1,4 +1,4 @@
-"""Metrics: CounterFact-style aggregation of probe results (SPEC §5).
+"""Metrics: CounterFact-style aggregation of probe results (METHOD §5).
 
 * A probe succeeds when ``P(right) > P(wrong)``.
 * Each metric (ES, PS, NS, RS, DNS, RS_D, AS) is the fraction of successful probes of its
@@ -162,7 +162,7 @@ class Summary:
 
 
 def aggregate(probe_table: pd.DataFrame, fluency: float | None = None) -> Summary:
-    """Aggregate a :func:`attndrift.scoring.score_probes` table into SPEC §5 metrics."""
+    """Aggregate a :func:`attndrift.scoring.score_probes` table into METHOD §5 metrics."""
     missing = {"kind", "success"} - set(probe_table.columns)
     if missing:
         raise ValueError(f"probe table lacks columns {sorted(missing)}")

@@ -1,4 +1,4 @@
-"""Patching: restore and contaminate components between a vanilla and an edited run (SPEC §2).
+"""Patching: restore and contaminate components between a vanilla and an edited run (METHOD §2).
 
 Two runs of one prompt, vanilla G and edited G*. A *cell* is ``(component, layer l,
 position p)`` with a window ``w``: the component of layers ``[l, l + w)`` (clipped at the last

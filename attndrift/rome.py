@@ -1,4 +1,4 @@
-"""ROME: rank-one model editing of ``W_out`` at one layer (SPEC §3), optionally with SADR.
+"""ROME: rank-one model editing of ``W_out`` at one layer (METHOD §3), optionally with SADR.
 
 The algorithm, in ROME's three parts:
 
@@ -12,7 +12,7 @@ The algorithm, in ROME's three parts:
    maps k₀ to v*. ``denominator="mean_key"`` (r-ROME) uses ``leftᵀ ū`` instead.
 
 :func:`edit` returns an :class:`attndrift.edits.Edit`; the model is unchanged on return.
-Context templates (SPEC §3.1) are ``"{}"`` plus prefixes sampled from the model, seeded.
+Context templates (METHOD §3.1) are ``"{}"`` plus prefixes sampled from the model, seeded.
 """
 
 import logging
@@ -25,7 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import covariance, editors, models, value
+from attndrift import checks, covariance, editors, interrupts, models, value
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.editors import EditorConfig, TemplateConfig
@@ -49,8 +49,10 @@ class RomeConfig(EditorConfig):
     sadr_steps: int | None = 80
 
     def __post_init__(self) -> None:
-        if self.denominator not in ("k0", "mean_key"):
-            raise ValueError(f"denominator must be 'k0' or 'mean_key', got {self.denominator!r}")
+        checks.number("layer", self.layer, low=0, integer=True)
+        checks.choice("denominator", self.denominator, ("k0", "mean_key"))
+        if self.sadr_steps is not None:
+            checks.number("sadr_steps", self.sadr_steps, low=1, integer=True)
 
     @property
     def editor(self) -> str:
@@ -58,7 +60,7 @@ class RomeConfig(EditorConfig):
 
 
 _GPTJ = RomeConfig(layer=5)
-#: Documented defaults. GPT-2 XL / GPT-J: ROME's released hyper-parameters (SPEC §3);
+#: Documented defaults. GPT-2 XL / GPT-J: ROME's released hyper-parameters (METHOD §3);
 #: Llama: the paper's Llama-3-8B setting; SmolLM2-135M: layer 6, the best Score among the
 #: layers reaching ES and PS >= 90 % in the layer sweep of ``docs/RESULTS.md``
 #: (``scripts/layer_sweep.sh``), C from 32k tokens of self-sampled text.
@@ -120,6 +122,7 @@ def rank_one(
     return left[:, None].to(dtype), right[None, :].to(dtype)
 
 
+@interrupts.keeps_grad_mode  # an interrupt inside a no_grad block cannot leave it off
 def edit(
     model: HookedTransformer,
     request: EditRequest,

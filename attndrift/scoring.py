@@ -1,6 +1,6 @@
 """Scoring: batched answer probabilities of (prompt, answer) pairs.
 
-The score of an answer (SPEC §5) is the mean per-token negative log-likelihood of its tokens,
+The score of an answer (METHOD §5) is the mean per-token negative log-likelihood of its tokens,
 teacher-forced after ``prompt + " " + answer``; ``P = exp(-NLL)``. The scorer
 
 * encodes every distinct prompt and answer once (:mod:`attndrift.encoding` conventions);

@@ -20,7 +20,7 @@ from transformer_lens import HookedTransformer
 
 from attndrift import alphaedit, checks, covariance, editors, memit, pmet, rome
 from attndrift.data import EditRequest
-from attndrift.edits import Edit
+from attndrift.edits import Edit, add_to_weights
 from attndrift.sadr import SadrConfig
 
 EDITORS = ("rome", "memit", "pmet", "alphaedit")
@@ -87,7 +87,7 @@ class Setting:
             )
         if self.layers is not None and self.editor not in RANGE_EDITORS:
             raise ValueError(
-                f"layers applies to the {', '.join(RANGE_EDITORS)} editors (ROME takes layer)"
+                "layers applies to the memit editor (and pmet, alphaedit; ROME takes layer)"
             )
         if self.mom2_weight is not None and self.editor not in MOM2_EDITORS:
             raise ValueError("mom2_weight applies to the memit and pmet editors only")
@@ -275,6 +275,25 @@ class Editor:
                 self.model, layer, cfg.covariance, progress=self.progress
             )
         return self._covs[key]
+
+    def sequence(self, setting: Setting, requests: Sequence[EditRequest]) -> list[Edit]:
+        """Edits of ``requests`` one after another, each computed on the weights the previous
+        ones left and added to them (the caller restores the weights: ``edits.restored``).
+        AlphaEdit carries the previous edits' keys from one edit to the next."""
+        out, state = [], None
+        cfg = setting.config(self.model)
+        for request in requests:
+            if setting.editor == "alphaedit":
+                covs = {layer: self.covariance(cfg, layer) for layer in cfg.layers}
+                e, state = alphaedit.edit_in_sequence(
+                    self.model, [request], cfg, state=state, sadr=setting.sadr(), covs=covs,
+                    templates=self.templates(cfg), progress=self.progress,
+                )  # fmt: skip
+            else:
+                e = self(setting, [request])
+            add_to_weights(self.model, e)
+            out.append(e)
+        return out
 
     def __call__(self, setting: Setting, requests: Sequence[EditRequest]) -> Edit:
         cfg = setting.config(self.model)

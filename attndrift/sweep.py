@@ -28,7 +28,7 @@ from transformer_lens import HookedTransformer
 
 from attndrift import drift, evaluation, models, results
 from attndrift.data import Dataset, Record
-from attndrift.edits import add_to_weights, restored
+from attndrift.edits import restored
 from attndrift.results import DriftScores, Line, ProbeScore, Provenance
 from attndrift.setting import Editor, Setting
 from attndrift.version import __version__, git_revision
@@ -263,10 +263,7 @@ def _group_lines(ctx: _Context, setting: Setting, group: list[Record]) -> list[L
     t0 = time.perf_counter()
     if setting.sequential is not None:
         with restored(model, _group_layers(ctx, setting)):
-            edits = []
-            for r in group:  # each edit on the weights the previous ones left
-                edits.append(ctx.editor(setting, [r.request]))
-                add_to_weights(model, edits[-1])
+            edits = ctx.editor.sequence(setting, [r.request for r in group])
             t1 = time.perf_counter()
             return _score_group(ctx, setting, group, states, edits, models.Variant(model), t0, t1)
     if setting.batch is not None:

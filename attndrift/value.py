@@ -1,4 +1,4 @@
-"""Value optimisation: the v* (ROME) and z (MEMIT) objective of SPEC §3.3, with SADR (§4).
+"""Value optimisation: the v* (ROME) and z (MEMIT) objective of METHOD §3.3, with SADR (§4).
 
 An additive δ ∈ R^{d_model} is added to one activation (ROME: the MLP output of layer L,
 MEMIT: the residual stream after layer L) at the subject's last token of every prompt in one
@@ -115,19 +115,17 @@ class ValueResult:
 @contextmanager
 def frozen(model: HookedTransformer) -> Iterator[None]:
     """Parameters without gradients inside the block; previous flags restored after (also
-    after an interrupt: :func:`attndrift.interrupts.complete`)."""
+    after an interrupt: :func:`attndrift.interrupts.on_exit`)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
+
+    def restore() -> None:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    with interrupts.on_exit(restore):
         for p, _ in flags:
             p.requires_grad_(False)
         yield
-    finally:
-
-        def restore() -> None:
-            for p, flag in flags:
-                p.requires_grad_(flag)
-
-        interrupts.complete(restore)
 
 
 @dataclass(frozen=True)
@@ -190,11 +188,27 @@ class ValueObjective:
     ``prefix_cache=False`` runs every position from layer L with δ added by a hook: the
     reference the tests compare against (same losses to float rounding).
 
+    Several hooks (PMET: ``[models.attn_out_hook(L), models.mlp_out_hook(L)]``) optimise one δ
+    per hook, stacked ``[n_hooks, d_model]`` in the order given, with v_0 stacked the same way
+    and a weight decay term per hook, each relative to its own ‖v_0‖². An attention-output δ
+    also feeds the MLP of block L in sequential blocks (GPT-2, Llama; GPT-J's are parallel), so
+    with several hooks the prefix-cached steps start at block L, not L+1: the suffix positions
+    run from the residual entering block L, with the deltas added by hooks, still reading the
+    prefix from the key-value cache. Such an objective is optimised by
+    :func:`attndrift.pmet.optimise_deltas` (one norm clamp per δ); :func:`optimise_value`
+    takes one hook.
+
+    Two attributes serve PMET's NLL schedule: ``nll_factor`` weighs the NLL term in ``total``
+    (1 by default: the plain L(δ)), and after each call ``greedy`` (a detached bool tensor)
+    tells whether o_new's token was the argmax at every target position of every rewriting
+    prompt.
+
     Args:
         model: the model (unchanged by this class).
         request: the edit.
         hook_name: activation δ is added to (``models.mlp_out_hook(L)`` or
             ``models.resid_post_hook(L)``); both feed the residual after block L additively.
+            A sequence of hook names of block L: one δ per hook (see above).
         layer: the layer of ``hook_name``; SADR reads the attention of layers > ``layer``.
         templates: context templates; ``templates[0]`` must be ``"{}"`` (the bare prompt,
             whose activation is v_0).
@@ -207,7 +221,7 @@ class ValueObjective:
         self,
         model: HookedTransformer,
         request: EditRequest,
-        hook_name: str,
+        hook_name: str | Sequence[str],
         layer: int,
         templates: Sequence[str],
         cfg: ValueConfig,
@@ -217,6 +231,13 @@ class ValueObjective:
             raise ValueError('templates[0] must be "{}" (the bare edit prompt)')
         models.check_layer(model, layer)
         self.model, self.cfg, self.sadr_cfg, self.hook_name = model, cfg, sadr_cfg, hook_name
+        # one hook: δ [d_model]; a sequence of hooks: one δ per hook, stacked [n_hooks, d_model]
+        self.stacked = not isinstance(hook_name, str)
+        self.hook_names = tuple(hook_name) if self.stacked else (hook_name,)
+        if self.stacked:
+            self._check_block_hooks(layer)
+        self.nll_factor: float = 1.0  # weight of the NLL term in `total` (PMET lowers it)
+        self.greedy = torch.tensor(False)  # o_new was the argmax everywhere at the last call
         self.layer, self.prefix_cached = layer, cfg.prefix_cache
         self.target = encoding.encode_answer(model, request.target_new)
         self.rows = rows = _encode_rows(model, request, templates, self.target, cfg, sadr_cfg)
@@ -235,10 +256,20 @@ class ValueObjective:
                 q_shift = k_shift = [0] * len(rows.ids)
         self._place(q_shift, k_shift)
         with torch.no_grad():
-            zero = torch.zeros(model.cfg.d_model, device=device, dtype=model.cfg.dtype)
+            shape = (len(self.hook_names), model.cfg.d_model) if self.stacked else model.cfg.d_model
+            zero = torch.zeros(shape, device=device, dtype=model.cfg.dtype)
             hidden, rows_now = self._forward(zero)
             self.essence_logp0 = self._essence_logp(hidden)
             self.vanilla_rows = rows_now  # [prompt, layer, head, query, key] at delta = 0
+
+    def _check_block_hooks(self, layer: int) -> None:
+        """Several deltas: distinct hooks, each inside block ``layer`` (the steps start there)."""
+        names = self.hook_names
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"hook names must be distinct and at least one, got {names}")
+        outside = [n for n in names if not n.startswith(f"blocks.{layer}.")]
+        if outside:
+            raise ValueError(f"hooks {outside} are not in block {layer}: one δ per hook of a block")
 
     def _place(self, q_shift: list[int], k_shift: list[int]) -> None:
         """Where δ goes, what the NLL reads and which attention SADR restrains, in the
@@ -289,9 +320,10 @@ class ValueObjective:
         self.step_shape = tuple(self.tokens.shape)
         at = capture.Select(1, subject_last[:, None])
         kept = capture.record(
-            self.model, self.tokens, {self.hook_name: at}, stop_at_layer=self.layer + 1
+            self.model, self.tokens, {n: at for n in self.hook_names}, stop_at_layer=self.layer + 1
         )
-        self.init = kept[self.hook_name][0, 0].to(self.device)  # row 0 ("{}") at s_0
+        init = [kept[n][0, 0].to(self.device) for n in self.hook_names]  # row 0 ("{}") at s_0
+        self.init = torch.stack(init) if self.stacked else init[0]  # [n_hooks,] d_model
 
     def _start_suffix(self, rows: list, subject_last: list[int], width: int) -> None:
         """Cache each row's prefix (positions < s_j) and run the rest up to layer L."""
@@ -310,9 +342,12 @@ class ValueObjective:
         self.tokens = tokens.to(self.device)  # [row, width + n]: the layout of every step
         self.mask = torch.tensor(mask, device=self.device)  # [row, width + n]
         self.cache = models.prefix_cache(model, self.tokens[:, :width], self.mask[:, :width])
-        # the residual after block L at s_j onwards; delta adds to it from here on
-        rec = capture.Recorder({self.hook_name: None})
-        self.start = models.resid_after_prefix(
+        # one hook: the residual after block L at s_j onwards, delta adds to it from here on;
+        # several: the residual entering block L (the steps run block L with the deltas' hooks)
+        entering = models.resid_pre_hook(self.layer)
+        names = (*self.hook_names, entering) if self.stacked else self.hook_names
+        rec = capture.Recorder(dict.fromkeys(names))
+        after = models.resid_after_prefix(
             model,
             self.tokens[:, width:],
             self.cache,
@@ -320,8 +355,11 @@ class ValueObjective:
             self.layer + 1,
             rec.hooks,
         )
+        kept = rec.values()
+        self.start = kept[entering].clone() if self.stacked else after  # [row, n, d_model]
         # row 0 ("{}") at its s_j, the first position that runs: v_0 / z_0
-        self.init = rec.values()[self.hook_name][0, 0].clone().to(self.device)
+        init = [kept[n][0, 0].clone().to(self.device) for n in self.hook_names]
+        self.init = torch.stack(init) if self.stacked else init[0]  # [n_hooks,] d_model
         self.step_shape = tuple(self.start.shape[:2])
 
     def _forward(self, delta: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -336,19 +374,15 @@ class ValueObjective:
                 {models.pattern_hook(layer): at for layer in self.sadr_layers}, detach=False
             )
             hooks = list(rec.hooks)
-        if self.prefix_cached:
+        if self.prefix_cached and not self.stacked:
             resid = self.start + self.onehot[:, :, None] * delta
             hidden = models.final_hidden_from(
                 self.model, resid, self.layer + 1, hooks, self.cache, self.mask
             )
-        else:
-
-            def add_delta(x: Tensor, hook) -> Tensor:
-                # (multi-GPU models: the loss lives on the first device, this layer may not)
-                return x + self.onehot.to(x.device)[:, :, None] * delta.to(x.device)
-
-            hooks.insert(0, (self.hook_name, add_delta))
-            hidden = models.final_hidden_from(self.model, self.start, self.layer, hooks)
+        else:  # from block L, each delta added by a hook (reference, or several deltas)
+            cached = (self.cache, self.mask) if self.prefix_cached else ()
+            hooks = self._delta_hooks(delta) + hooks
+            hidden = models.final_hidden_from(self.model, self.start, self.layer, hooks, *cached)
         hidden = hidden.to(self.device)
         if rec is None:
             return hidden, None
@@ -360,12 +394,26 @@ class ValueObjective:
         )  # fmt: skip
         return hidden, rows
 
+    def _delta_hooks(self, delta: Tensor) -> list:
+        """Hooks adding each δ at (row, delta_pos[row]) of its activation."""
+        deltas = list(delta) if self.stacked else [delta]  # each [d_model]
+
+        def adder(d: Tensor):
+            def add_delta(x: Tensor, hook) -> Tensor:
+                # (multi-GPU models: the loss lives on the first device, this layer may not)
+                return x + self.onehot.to(x.device)[:, :, None] * d.to(x.device)
+
+            return add_delta
+
+        return [(n, adder(d)) for n, d in zip(self.hook_names, deltas, strict=True)]
+
     def _essence_logp(self, hidden: Tensor) -> Tensor:
         h = hidden[self.n_rewrite, self.delta_pos[self.n_rewrite]]
         return torch.log_softmax(models.unembed(self.model, h).float(), -1)
 
-    def __call__(self, delta: Float[Tensor, " d_model"]) -> LossTerms:
-        """All loss terms at ``delta`` (differentiable w.r.t. ``delta``)."""
+    def __call__(self, delta: Float[Tensor, "*hooks d_model"]) -> LossTerms:
+        """All loss terms at ``delta`` (``[d_model]``, or ``[n_hooks, d_model]`` with several
+        hooks; differentiable w.r.t. ``delta``)."""
         hidden, rows = self._forward(delta)
         # one unembedding (W_U is read once) for the target positions and the essence row
         essence = hidden[self.n_rewrite, self.delta_pos[self.n_rewrite]][None]
@@ -376,10 +424,16 @@ class ValueObjective:
         )
         per_prompt = token_nll.view(self.n_rewrite, len(self.target)).mean(1)
         nll = per_prompt.mean()
+        with torch.no_grad():  # o_new's token is the argmax (ties count) at every position
+            target_logit = logits[:-1].gather(1, self.nll_target[:, None])[:, 0]
+            self.greedy = (target_logit >= logits[:-1].max(-1).values).all()
         ess = torch.log_softmax(logits[-1], -1)
         kl = self.cfg.kl_factor * (ess.exp() * (ess - self.essence_logp0)).sum()
-        wd = self.cfg.weight_decay * delta.norm() / self.init.norm() ** 2
-        total = nll + kl + wd
+        if self.stacked:  # one term per delta, each relative to its own ‖v_0‖² (PMET)
+            wd = self.cfg.weight_decay * (delta.norm(dim=-1) / self.init.norm(dim=-1) ** 2).sum()
+        else:
+            wd = self.cfg.weight_decay * delta.norm() / self.init.norm() ** 2
+        total = self.nll_factor * nll + kl + wd
         zero = torch.zeros((), device=delta.device)
         sadr_term, heads = zero, torch.zeros(len(self.sadr_layers), device=delta.device)
         if rows is not None:

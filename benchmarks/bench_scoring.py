@@ -1,6 +1,6 @@
 """Benchmark: batched probe scoring vs one forward per probe, and vs its own limit.
 
-Scores every SPEC §5 probe of the first records of a data file on the embedded SmolLM2, in one
+Scores every METHOD §5 probe of the first records of a data file on the embedded SmolLM2, in one
 process:
 
 * **batched**: :func:`attndrift.scoring.answer_nll` (every prompt once, sorted and left-padded

@@ -13,7 +13,7 @@ entail: editing the Eiffel Tower's city to Rome changes its country, so "located
 of" is not a relation probe of that record (it would count a correct generalisation as a
 specificity failure); such prompts were removed by hand.
 
-The script prints the number of records, the unedited metrics table (SPEC §5) and one line per
+The script prints the number of records, the unedited metrics table (METHOD §5) and one line per
 record that breaks a rule. Usage::
 
     python scripts/check_assets.py [--strict] [--path FILE] [--show-failures]

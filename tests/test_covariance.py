@@ -38,7 +38,7 @@ def test_second_moment_by_hand(tiny):
 
 
 def test_cache_is_used_and_corruption_is_detected(tiny, cache, monkeypatch, caplog):
-    cfg = covariance.CovarianceConfig(corpus=tuple(TEXTS), n_tokens=100)
+    cfg = covariance.CovarianceConfig(corpus=tuple(TEXTS), n_tokens=20)  # of its 22 tokens
     first = covariance.layer_covariance(tiny, 1, cfg, progress=False)
     files = list((cache / "covariance").glob("*.safetensors"))
     assert len(files) == 1
@@ -66,7 +66,7 @@ def test_cache_is_used_and_corruption_is_detected(tiny, cache, monkeypatch, capl
     assert "unreadable" in caplog.text
     # another layer or token count is another entry
     covariance.layer_covariance(tiny, 2, cfg, progress=False)
-    covariance.layer_covariance(tiny, 1, covariance.CovarianceConfig(tuple(TEXTS), n_tokens=50))
+    covariance.layer_covariance(tiny, 1, covariance.CovarianceConfig(tuple(TEXTS), n_tokens=15))
     assert len(list((cache / "covariance").glob("*.safetensors"))) == 3
 
 

@@ -33,7 +33,7 @@ def test_memit_solves_its_normal_equations(tiny):
     # replay the layer loop: K and the residual targets at each layer, then check each factor
     with edits.restored(tiny, e.layers):
         for i, layer in enumerate(e.layers):
-            keys = memit._mean_keys(tiny, REQS, layer, TEMPLATES).double().T
+            keys = editors.mean_keys(tiny, REQS, layer, TEMPLATES).double().T
             lhs = 3.0 * torch.eye(tiny.cfg.d_mlp, dtype=torch.float64) + keys @ keys.T
             torch.testing.assert_close(lhs @ e.left[i].double(), keys, atol=1e-4, rtol=1e-4)
             assert e.right[i].shape == (2, tiny.cfg.d_model)

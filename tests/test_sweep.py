@@ -331,3 +331,25 @@ def test_sequential_and_batch_groups(tiny_llama, records, tmp_path):
         )
     with pytest.raises(ValueError, match="batch editing needs a batch editor"):
         setting.Setting(batch=2)
+
+
+def test_alphaedit_sequences_carry_the_previous_keys(tiny_llama, records, tmp_path, monkeypatch):
+    from attndrift import alphaedit
+
+    monkeypatch.setenv("ATTNDRIFT_CACHE", str(tmp_path / "cache"))
+    s = setting.Setting("alphaedit", sequential=2, steps=3)
+    states = []
+    real = alphaedit.edit_in_sequence
+
+    def spy(*args, **kwargs):
+        states.append(kwargs.get("state"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(alphaedit, "edit_in_sequence", spy)
+    editor = setting.Editor(tiny_llama)
+    snap = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
+    with edits.restored(tiny_llama, s.config(tiny_llama).layers):
+        out = editor.sequence(s, [r.request for r in records.records[:2]])
+    assert len(out) == 2 and states[0] is None and states[1] is not None
+    for n, p in tiny_llama.named_parameters():
+        assert torch.equal(p, snap[n]), n

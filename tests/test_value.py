@@ -50,7 +50,8 @@ def _assert_same_run(ref: value.ValueResult, new: value.ValueResult, rel=1e-5):
             x, y = getattr(a, name), getattr(b, name)
             assert y == pytest.approx(x, abs=rel * a.loss), (a.step, name, x, y)
         assert a.heads == b.heads, a.step  # the same heads restrained at every step
-    torch.testing.assert_close(new.init, ref.init, rtol=1e-5, atol=1e-6)
+    # (float32 activations of two computation orders: seen 6e-6 on SmolLM2's values of ~1)
+    torch.testing.assert_close(new.init, ref.init, rtol=1e-5, atol=1e-5 * ref.init.abs().max())
     scale = ref.delta.norm()
     assert (new.delta - ref.delta).norm() <= 1e-4 * scale
     torch.testing.assert_close(new.target, ref.target, rtol=1e-4, atol=1e-5 * scale)

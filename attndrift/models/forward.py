@@ -28,27 +28,35 @@ def hooked(model: HookedTransformer, fwd_hooks: Sequence = ()) -> Iterator[Hooke
     """Forward hooks ``(hook name, function)`` on ``model`` for the duration of the block.
 
     Like TransformerLens' ``model.hooks(...)``, but attndrift removes its own hooks in its own
-    ``finally``, which an interrupt cannot cut short (:func:`attndrift.interrupts.complete`):
-    the model is hook-free afterwards even after Ctrl-C during the cleanup.
+    cleanup, which an interrupt cannot cut short (:func:`attndrift.interrupts.on_exit`): the
+    model is hook-free, with ``context_level`` back, even after Ctrl-C during the cleanup.
     """
     level = model.context_level + 1  # the hooks of this block, and only these, carry it
-    model.context_level = level
-    points = []
-    try:
+    points = []  # (hook point, its torch-level hooks before this block)
+
+    def remove() -> None:
+        for point, before in points:
+            point.remove_hooks("fwd", including_permanent=False, level=level)
+            # a hook torch registered but TransformerLens did not list yet (an interrupt
+            # inside add_hook): removed too
+            listed = {h.hook.id for h in point.fwd_hooks}
+            for key in [k for k in point._forward_hooks if k not in before | listed]:
+                for table in (point._forward_hooks, point._forward_hooks_with_kwargs,
+                              point._forward_hooks_always_called):  # fmt: skip
+                    table.pop(key, None)
+        # min: also right when run late (an interrupt in contextlib's exit, the generator
+        # closed after an enclosing block already counted down)
+        model.context_level = min(model.context_level, level - 1)
+
+    with interrupts.on_exit(remove):
+        model.context_level = level
         for name, fn in fwd_hooks:
             if name not in model.hook_dict:
                 raise ValueError(f"no hook point named {name!r} in {model.cfg.model_name}")
-            points.append(model.hook_dict[name])
-            points[-1].add_hook(fn, dir="fwd", level=level)
+            point = model.hook_dict[name]
+            points.append((point, set(point._forward_hooks)))
+            point.add_hook(fn, dir="fwd", level=level)
         yield model
-    finally:
-
-        def remove() -> None:
-            for point in points:
-                point.remove_hooks("fwd", including_permanent=False, level=level)
-            model.context_level = level - 1
-
-        interrupts.complete(remove)
 
 
 def final_hidden(

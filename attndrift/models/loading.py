@@ -19,9 +19,10 @@ models and SmolLM2 follow their tokenizers (Llama: BOS; SmolLM2: none).
 import hashlib
 import logging
 import os
+import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -69,6 +70,30 @@ def cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "attndrift"
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+    """Write a cache file: ``write(tmp)`` fills a temporary file beside ``path`` (unique: pid
+    and a random suffix), which is then fsynced and moved into place with ``os.replace``.
+
+    Readers see the old file or the new one, never a partial one; concurrent writers (e.g.
+    torchrun ranks filling the same cache) do not collide. Returns ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+    )
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0o600 would hide a shared cache from other users
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def default_device() -> str:

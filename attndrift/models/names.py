@@ -16,6 +16,17 @@ def pattern_hook(layer: int) -> str:
     return f"blocks.{layer}.attn.hook_pattern"
 
 
+def attn_scores_hook(layer: int) -> str:
+    """Attention scores before the softmax (causal mask applied),
+    ``[batch, head_index, query_pos, key_pos]``."""
+    return f"blocks.{layer}.attn.hook_attn_scores"
+
+
+def embed_hook() -> str:
+    """Token embeddings (without learned positions), ``[batch, pos, d_model]``."""
+    return "hook_embed"
+
+
 def mlp_key_hook(layer: int) -> str:
     """Input of ``W_out`` (ROME's key k), ``[batch, pos, d_mlp]``."""
     return f"blocks.{layer}.mlp.hook_post"

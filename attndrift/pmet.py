@@ -1,0 +1,307 @@
+"""PMET: precise model editing in a transformer (Li et al., AAAI 2024), METHOD §3.6.
+
+PMET notes that the residual stream after a block is the sum of the attention output, the MLP
+output and the block's input, and that MEMIT's target z lumps them together although only the
+MLP weights are edited. It optimises two deltas instead, and writes only the MLP's part:
+
+1. **Targets** (per request): δ_a added to the attention output (``blocks.{L}.hook_attn_out``)
+   and δ_m added to the MLP output (``blocks.{L}.hook_mlp_out``) of the last layer L of the
+   range, at the subject's last token of every rewriting prompt, optimised jointly by Adam on
+   the objective of METHOD §3.3 (:class:`attndrift.value.ValueObjective` with both hooks, and
+   SADR's term when given) with, as PMET's code does it:
+
+   * weight decay ``weight_decay · (‖δ_a‖ / ‖a_0‖² + ‖δ_m‖ / ‖m_0‖²)``, each delta relative
+     to its own initial activation, and each clamped to ``clamp_norm_factor`` times its own
+     initial norm after every step;
+   * the NLL schedule of PMET's ``compute_zs``: after the loss of a step is evaluated, if o_new
+     is already the argmax at every target position of every rewriting prompt, the NLL term
+     weighs ``greedy_nll_factor`` (0.1) in the following steps, and the optimisation stops if
+     the essence KL term (``kl_factor`` · KL) is at most ``greedy_kl_stop`` (0.01) as well;
+     once o_new stops being the argmax, the weight returns to 1. PMET's code tests this as the
+     exact float equality of the mean probability of o_new with the mean of the maximal
+     probabilities, which holds exactly when o_new is the argmax everywhere.
+
+   The MLP target m*_i = m_0 + δ_m is kept; the attention delta only shapes it.
+2. **Spread over layers** L_1 < … < L_m as MEMIT's loop (:mod:`attndrift.memit`), with the MLP
+   output of L_m in place of the residual: for each layer in turn, with the earlier layers'
+   updates in place, K ``[d_mlp, n]`` = each request's key averaged over the templates,
+   R ``[n, d_model]`` = (m*_i − the current MLP output of L_m at s_last) / d, and
+   ``ΔW = (λ C + K Kᵀ)⁻¹ K R``. PMET's code divides by d = √(layers left)
+   (``spread="sqrt"``, the default); ``spread="layers_left"`` divides by the layers left, as
+   MEMIT does.
+
+:func:`edit` returns an :class:`attndrift.edits.Edit` with one factor pair per layer
+(``left = (λC + KKᵀ)⁻¹K``, ``right = R``) whose run records the MLP targets m*_i and the
+traces (``delta_norm`` = ‖δ_m‖); the model is unchanged on return.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from attndrift import checks, covariance, editors, interrupts, models, value
+from attndrift.covariance import CovarianceConfig
+from attndrift.data import EditRequest
+from attndrift.editors import EditorConfig, TemplateConfig
+from attndrift.edits import Edit, restored
+from attndrift.sadr import SadrConfig
+from attndrift.value import StepLog, ValueConfig, ValueObjective, ValueResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PmetConfig(EditorConfig):
+    """PMET hyper-parameters (defaults: PMET's GPT-J values in EasyEdit but the layers).
+
+    With the fields of :class:`attndrift.editors.EditorConfig`; ``sadr_steps``: the SADR paper
+    ran PMET + SADR 40 steps on GPT-J.
+    """
+
+    layers: tuple[int, ...]  # the edited MLP layers, ascending; the deltas sit in the last
+    value: ValueConfig = field(
+        default_factory=lambda: ValueConfig(
+            steps=30, lr=0.2, weight_decay=0.5, clamp_norm_factor=0.75, kl_factor=1.0
+        )
+    )  # the two deltas' optimisation (EasyEdit's PMET GPT-J values)
+    mom2_update_weight: int | float = 15000.0  # λ in (λ C + K Kᵀ)
+    spread: str = "sqrt"  # R divided by √(layers left) (PMET's code) or "layers_left" (MEMIT)
+    greedy_nll_factor: int | float = 0.1  # NLL weight while o_new is the argmax everywhere
+    greedy_kl_stop: int | float = 0.01  # then stop once kl_factor · KL is at most this
+    sadr_steps: int | None = 40
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, tuple | list) or not self.layers:
+            raise ValueError(f"PMET layers must be a non-empty tuple, got {self.layers!r}")
+        for layer in self.layers:
+            checks.number("PMET layer", layer, low=0, integer=True)
+        if list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"PMET layers must be ascending without repeats, got {self.layers}")
+        checks.number("mom2_update_weight", self.mom2_update_weight, low=0, above=True)
+        checks.choice("spread", self.spread, ("sqrt", "layers_left"))
+        checks.number("greedy_nll_factor", self.greedy_nll_factor, low=0)
+        checks.number("greedy_kl_stop", self.greedy_kl_stop, low=0)
+        if self.sadr_steps is not None:
+            checks.number("sadr_steps", self.sadr_steps, low=1, integer=True)
+
+
+#: Documented defaults. GPT-J: PMET's hyper-parameters in EasyEdit, which the SADR paper's
+#: PMET runs use (layers 3-8, 30 steps at lr 0.2, weight decay 0.5, clamp 0.75, KL factor 1,
+#: λ 15000; 40 steps with SADR); Llama: the SADR code's Llama-3-8B PMET setting; SmolLM2:
+#: MEMIT's SmolLM2 layers and λ as a starting point, to be calibrated on a tuning slice.
+PRESETS: dict[str, PmetConfig] = {
+    "gpt-j": PmetConfig(layers=(3, 4, 5, 6, 7, 8)),
+    "llama": PmetConfig(
+        layers=(4, 5, 6, 7, 8),
+        value=ValueConfig(steps=20, lr=0.5, weight_decay=0.5, clamp_norm_factor=4.0),
+        sadr_steps=None,
+    ),
+    "smollm2-135m": PmetConfig(
+        layers=(4, 5, 6, 7, 8), covariance=CovarianceConfig(n_tokens=32_768, text_tokens=128)
+    ),
+    "tiny": PmetConfig(
+        layers=(0, 1),
+        value=ValueConfig(steps=20, clamp_norm_factor=4.0),
+        templates=TemplateConfig(lengths=((3, 2), (5, 2))),
+        covariance=CovarianceConfig(n_tokens=2000, text_tokens=32),
+        sadr_steps=None,
+    ),
+}
+#: the SADR paper's γ for PMET + SADR on GPT-J
+SADR_GAMMA = 0.08
+
+
+def preset(model: HookedTransformer | str) -> PmetConfig:
+    """The documented default :class:`PmetConfig` for a model (by name)."""
+    name = model if isinstance(model, str) else model.cfg.model_name
+    key = name.lower()
+    for pattern, preset_key in (
+        ("tiny", "tiny"),
+        ("smollm2", "smollm2-135m"),
+        ("gpt-j", "gpt-j"),
+        ("llama", "llama"),
+    ):
+        if pattern in key:
+            return PRESETS[preset_key]
+    raise ValueError(f"no PMET preset for {name!r}: pass a PmetConfig")
+
+
+def delta_hooks(layer: int) -> tuple[str, str]:
+    """The two activations PMET adds a delta to: attention output, then MLP output."""
+    return models.attn_out_hook(layer), models.mlp_out_hook(layer)
+
+
+def _log(step: int, terms: value.LossTerms) -> StepLog:
+    """The step's terms (``delta_norm`` is filled in per delta by :func:`optimise_deltas`)."""
+    return StepLog(
+        step=step,
+        loss=terms.total.item(),
+        nll=terms.nll.item(),
+        kl=terms.kl.item(),
+        weight_decay=terms.weight_decay.item(),
+        sadr=terms.sadr.item(),
+        p_new=terms.p_new.item(),
+        delta_norm=0.0,
+        heads=tuple(round(h, 3) for h in terms.heads.tolist()),
+    )
+
+
+def _check_finite(desc: str, step: int, entry: StepLog, delta: Tensor | None = None) -> None:
+    """Stop on a NaN / inf loss term (or δ after an update): every later step would be junk."""
+    values = {n: getattr(entry, n) for n in ("loss", "nll", "kl", "weight_decay", "sadr", "p_new")}
+    bad = [n for n, v in {**values, "heads": sum(entry.heads)}.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(
+            f"{desc}: loss term {bad[0]} is not finite at step {step}; lower lr or check weights"
+        )
+    if delta is not None and not torch.isfinite(delta).all():
+        raise FloatingPointError(f"{desc}: δ is not finite after the update of step {step}")
+
+
+def optimise_deltas(
+    objective: ValueObjective, cfg: PmetConfig, progress: bool = False, desc: str = "PMET"
+) -> tuple[ValueResult, ...]:
+    """Adam on the stacked deltas of a several-hook objective, with PMET's NLL schedule.
+
+    As :func:`attndrift.value.optimise_value` (at most ``steps − 1`` updates, the early stop
+    on ``early_stop_on``, the model frozen), but each δ_h is clamped to
+    ``clamp_norm_factor · ‖v_0,h‖`` on its own and the NLL weight follows PMET (module
+    docstring). Returns one :class:`~attndrift.value.ValueResult` per hook, in the objective's
+    hook order, whose traces share every term but ``delta_norm`` (‖δ_h‖).
+    """
+    vcfg, t0 = objective.cfg, time.perf_counter()
+    delta = torch.zeros_like(objective.init, requires_grad=True)  # [n_hooks, d_model]
+    opt = torch.optim.Adam([delta], lr=vcfg.lr)
+    max_norm = vcfg.clamp_norm_factor * objective.init.norm(dim=-1, keepdim=True)  # [n_hooks, 1]
+    entries, norms = [], []  # per step: the terms, and ‖δ_h‖ per hook
+    objective.nll_factor = 1.0
+    bar = tqdm(range(vcfg.steps), desc=desc, unit="step", disable=not progress, leave=False)
+    with value.frozen(objective.model), contextlib.closing(bar):
+        for step in bar:
+            opt.zero_grad()
+            terms = objective(delta)
+            entries.append(_log(step, terms))
+            norms.append(delta.detach().norm(dim=-1).tolist())
+            _check_finite(desc, step, entries[-1])
+            watched = terms.total if vcfg.early_stop_on == "loss" else terms.nll
+            if watched.item() < vcfg.early_stop_loss:
+                break
+            greedy = bool(objective.greedy)  # PMET: a smaller NLL weight from the next step on
+            objective.nll_factor = cfg.greedy_nll_factor if greedy else 1.0
+            if (greedy and terms.kl.item() <= cfg.greedy_kl_stop) or step == vcfg.steps - 1:
+                break
+            terms.total.backward()
+            opt.step()
+            with torch.no_grad():
+                _check_finite(desc, step, entries[-1], delta)
+                norm = delta.norm(dim=-1, keepdim=True)  # [n_hooks, 1]
+                delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
+    seconds = time.perf_counter() - t0
+    return tuple(
+        ValueResult(
+            delta[h].detach(),
+            objective.init[h],
+            tuple(
+                dataclasses.replace(e, delta_norm=n[h]) for e, n in zip(entries, norms, strict=True)
+            ),
+            seconds,
+        )
+        for h in range(delta.shape[0])
+    )
+
+
+def _covariances(model, cfg: PmetConfig, given, progress) -> dict[int, Tensor]:
+    """C per layer in float64 (given, from ``cfg.covariance`` cached, or the identity), all
+    from the weights as they are now (before the layer loop edits any)."""
+    out = {}
+    for layer in cfg.layers:
+        if given is not None and layer in given:
+            out[layer] = given[layer].double()
+        elif cfg.covariance is not None:
+            c = covariance.layer_covariance(model, layer, cfg.covariance, progress=progress)
+            out[layer] = c.double()
+        else:
+            out[layer] = torch.eye(
+                model.cfg.d_mlp, dtype=torch.float64, device=models.model_device(model)
+            )
+    return out
+
+
+def _spread(model, requests, targets, cfg: PmetConfig, covs, templates) -> list:
+    """MEMIT's layer loop on the MLP output of the last layer; the factors (left, right)."""
+    z_layer, m_name = cfg.layers[-1], models.mlp_out_hook(cfg.layers[-1])
+    prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
+    factors = []
+    with restored(model, cfg.layers):
+        for i, layer in enumerate(cfg.layers):
+            keys = editors.mean_keys(model, requests, layer, templates).double().T  # [d_mlp, n]
+            now = editors.keys_at_subject(model, prompts, subjects, [m_name], z_layer + 1)[m_name]
+            left_layers = len(cfg.layers) - i
+            share = math.sqrt(left_layers) if cfg.spread == "sqrt" else left_layers
+            resid = (targets - now).double() / share  # [n, d_model]
+            lhs = cfg.mom2_update_weight * covs[layer] + keys @ keys.T  # [d_mlp, d_mlp]
+            left = torch.linalg.solve(lhs, keys)  # [d_mlp, n]
+            factors.append((left.to(model.cfg.dtype), resid.to(model.cfg.dtype)))
+            w = models.mlp_out_weight(model, layer)
+            with torch.no_grad():
+                w.add_((left @ resid).to(w.dtype))
+    return factors
+
+
+@interrupts.keeps_grad_mode  # an interrupt inside a no_grad block cannot leave it off
+def edit(
+    model: HookedTransformer,
+    requests: Sequence[EditRequest],
+    cfg: PmetConfig | None = None,
+    *,
+    sadr: SadrConfig | None = None,
+    covs: dict[int, Tensor] | None = None,
+    templates: Sequence[str] | None = None,
+    progress: bool = False,
+) -> Edit:
+    """Compute a PMET edit of ``requests`` (the model is unchanged on return).
+
+    Args:
+        model: the model to edit.
+        requests: one or more edit requests (edited together).
+        cfg: hyper-parameters (default: :func:`preset` of the model).
+        sadr: SADR on the deltas' optimisation (``None`` = plain PMET).
+        covs: precomputed C per layer (default: from ``cfg.covariance``, cached).
+        templates: precomputed context templates.
+        progress: show progress bars.
+    """
+    cfg = cfg or preset(model)
+    requests = list(requests)
+    if not requests:
+        raise ValueError("PMET needs at least one request")
+    for layer in cfg.layers:
+        models.check_layer(model, layer)
+    clock = editors.Clock()
+    if templates is None:
+        templates = editors.context_templates(model, cfg.templates)
+    clock.lap("templates")
+    z_layer, value_cfg = cfg.layers[-1], editors.value_config(cfg, sadr)
+    results = []  # the MLP delta's result per request (the attention delta is not written)
+    for i, r in enumerate(requests):
+        objective = ValueObjective(
+            model, r, delta_hooks(z_layer), z_layer, templates, value_cfg, sadr
+        )
+        results.append(optimise_deltas(objective, cfg, progress, desc=f"PMET deltas {i}")[1])
+    targets = torch.stack([x.target for x in results])  # [n, d_model]: m*_i
+    clock.lap("value_steps")
+    covs_now = _covariances(model, cfg, covs, progress)
+    clock.lap("covariance")
+    factors = _spread(model, requests, targets, cfg, covs_now, templates)
+    clock.lap("keys_and_solve")
+    return editors.finish(
+        model, "pmet", cfg, sadr, requests, cfg.layers, factors, results, clock, len(templates)
+    )
