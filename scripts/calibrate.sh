@@ -29,3 +29,6 @@ if [[ $what == memit || $what == both ]]; then
   run --records 1000-1059 --editor memit --mom2-weight 15000,2000,250,30 \
     --layers '4,5,6,7,8;2,3,4,5,6' --early-stop-on nll --out runs/calibration_memit.jsonl
 fi
+# the raw lines, committed: summarize reads results/calibration_rome.jsonl's gzipped shards
+mkdir -p results
+for f in runs/calibration_*.rank*-of-*.jsonl; do gzip -9 -c "$f" > "results/$(basename "$f").gz"; done

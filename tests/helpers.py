@@ -3,7 +3,10 @@
 import dataclasses
 import json
 
-from attndrift import data, results, setting
+import pytest
+import torch
+
+from attndrift import data, edits, models, results, rome, setting, value
 
 REQUEST = data.EditRequest(
     subject="Eiffel Tower",
@@ -39,3 +42,98 @@ def make_line(
         seconds={},
         provenance=None,
     )
+
+
+# subject at the start (no leading space), in the middle, at the end, and twice
+PROMPTS = [
+    "Eiffel Tower is located in the city of",
+    "The capital of France is the city of",
+    "The tower in Paris is the Eiffel Tower",
+    "Paris is in France. Paris is",
+]
+
+
+SUBJECTS = ["Eiffel Tower", "France", "Eiffel Tower", "Paris"]
+
+
+def random_edit(model, layer: int = 1, seed: int = 0) -> edits.Edit:
+    """A rank-one edit with random factors (no optimisation): something to measure."""
+    g = torch.Generator().manual_seed(seed)
+    req = data.EditRequest(
+        subject="Eiffel Tower",
+        prompt="The Eiffel Tower is in",
+        target_true="Paris",
+        target_new="Rome",
+    )
+    return edits.Edit(
+        layers=(layer,),
+        left=(torch.randn(model.cfg.d_mlp, 1, generator=g),),
+        right=(torch.randn(1, model.cfg.d_model, generator=g),),
+        requests=(req,),
+        editor="random",
+    )
+
+
+def edited(model) -> models.Variant:
+    return models.Variant(model, random_edit(model).hooks(model))
+
+
+def hook_free(model) -> bool:
+    """No forward hook left anywhere on the model."""
+    return all(not hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+def two_records() -> list[data.Record]:
+    """Two facts with RS and DNS probes that mention their subject."""
+    facts = [
+        ("Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome", "Paris"),
+        ("Colosseum", "The Colosseum is located in the city of", "Paris", "Rome"),
+    ]
+    out = []
+    for i, (subject, prompt, new, true) in enumerate(facts):
+        out.append(
+            data.Record(
+                id=i,
+                request=data.EditRequest(
+                    subject=subject, prompt=prompt, target_true=true, target_new=new
+                ),
+                neighborhood=(("The Louvre museum is in", true), ("Big Ben is in", "London")),
+                relation=(
+                    (f"The {subject} is a", "tower"),
+                    (f"Apple was founded near the {subject} by", "Steve Jobs"),
+                ),
+            )
+        )
+    return out
+
+
+def quick_rome(model, record) -> models.Variant:
+    """ROME at the preset with 10 steps, no covariance, one template: a fast real edit."""
+    cfg = rome.preset(model)
+    cfg = dataclasses.replace(cfg, covariance=None, value=dataclasses.replace(cfg.value, steps=10))
+    e = rome.edit(model, record.request, cfg, templates=("{}",))
+    return models.Variant(model, e.hooks(model), name="rome")
+
+
+PROMPT = "The Eiffel Tower is located in the city of"
+
+
+TRUE, NEW = "Paris", "Rome"
+
+
+def assert_same_run(ref: value.ValueResult, new: value.ValueResult, rel=1e-5):
+    assert len(ref.trace) == len(new.trace)
+    for a, b in zip(ref.trace, new.trace, strict=True):
+        for name in ("loss", "nll", "weight_decay", "p_new"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert y == pytest.approx(x, rel=rel, abs=1e-7), (a.step, name, x, y)
+        # the two KL terms are small differences of large sums: compared against the loss
+        for name in ("kl", "sadr"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert y == pytest.approx(x, abs=rel * a.loss), (a.step, name, x, y)
+        assert a.heads == b.heads, a.step  # the same heads restrained at every step
+    # (float32 activations of two computation orders: seen 6e-6 on SmolLM2's values of ~1)
+    torch.testing.assert_close(new.init, ref.init, rtol=1e-5, atol=1e-5 * ref.init.abs().max())
+    scale = ref.delta.norm()
+    assert (new.delta - ref.delta).norm() <= 1e-4 * scale
+    torch.testing.assert_close(new.target, ref.target, rtol=1e-4, atol=1e-5 * scale)

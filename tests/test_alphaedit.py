@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attndrift import alphaedit, data, editors, edits, encoding, models, sadr, setting
-from tests.test_capture import hook_free
+from tests.helpers import hook_free
 
 REQS = [
     data.EditRequest(

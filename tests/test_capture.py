@@ -1,41 +1,8 @@
 import pytest
 import torch
 
-from attndrift import capture, data, edits, encoding, models
-
-# subject at the start (no leading space), in the middle, at the end, and twice
-PROMPTS = [
-    "Eiffel Tower is located in the city of",
-    "The capital of France is the city of",
-    "The tower in Paris is the Eiffel Tower",
-    "Paris is in France. Paris is",
-]
-SUBJECTS = ["Eiffel Tower", "France", "Eiffel Tower", "Paris"]
-
-
-def random_edit(model, layer: int = 1, seed: int = 0) -> edits.Edit:
-    g = torch.Generator().manual_seed(seed)
-    req = data.EditRequest(
-        subject="Eiffel Tower",
-        prompt="The Eiffel Tower is in",
-        target_true="Paris",
-        target_new="Rome",
-    )
-    return edits.Edit(
-        layers=(layer,),
-        left=(torch.randn(model.cfg.d_mlp, 1, generator=g),),
-        right=(torch.randn(1, model.cfg.d_model, generator=g),),
-        requests=(req,),
-        editor="random",
-    )
-
-
-def edited(model) -> models.Variant:
-    return models.Variant(model, random_edit(model).hooks(model))
-
-
-def hook_free(model) -> bool:
-    return all(not hp.fwd_hooks for hp in model.hook_dict.values())
+from attndrift import capture, encoding, models
+from tests.helpers import PROMPTS, SUBJECTS, edited, hook_free
 
 
 def test_subject_spans_and_last_token_come_from_the_encoding(tiny):

@@ -6,7 +6,7 @@ import torch
 from scipy import stats
 
 from attndrift import capture, data, drift, encoding, models, scoring
-from tests.test_capture import PROMPTS, SUBJECTS, edited, random_edit
+from tests.helpers import PROMPTS, SUBJECTS, edited, quick_rome, random_edit, two_records
 
 
 def test_drift_of_a_model_against_itself_is_exactly_zero(tiny):
@@ -154,32 +154,9 @@ def test_correlate_matches_scipy_and_is_nan_when_undefined():
     assert math.isnan(drift.correlate([1.0, 2.0], [2.0, 1.0]).spearman)
 
 
-def _records():
-    facts = [
-        ("Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome", "Paris"),
-        ("Colosseum", "The Colosseum is located in the city of", "Paris", "Rome"),
-    ]
-    out = []
-    for i, (subject, prompt, new, true) in enumerate(facts):
-        out.append(
-            data.Record(
-                id=i,
-                request=data.EditRequest(
-                    subject=subject, prompt=prompt, target_true=true, target_new=new
-                ),
-                neighborhood=(("The Louvre museum is in", true), ("Big Ben is in", "London")),
-                relation=(
-                    (f"The {subject} is a", "tower"),
-                    (f"Apple was founded near the {subject} by", "Steve Jobs"),
-                ),
-            )
-        )
-    return out
-
-
 def test_versus_failure_correlates_drift_with_p_new(tiny):
     groups = []
-    for seed, record in enumerate(_records()):
+    for seed, record in enumerate(two_records()):
         e = random_edit(tiny, seed=seed)
         groups.append((models.Variant(tiny, e.hooks(tiny)), record.probes(["RS", "DNS"])))
     a = drift.versus_failure(tiny, groups, range_size=2)
@@ -212,7 +189,7 @@ def test_versus_failure_correlates_drift_with_p_new(tiny):
 
 
 def test_versus_failure_skips_probes_without_their_subject(tiny):
-    record = _records()[0]
+    record = two_records()[0]
     probes = [
         *record.probes(["RS"]),
         data.Probe("RS", "Big Ben is in", "London", "Rome", "Eiffel Tower"),
@@ -230,17 +207,6 @@ def test_answers_of_probes():
 # --------------------------------------------------------------------------------------------
 # The embedded SmolLM2 with a quick real ROME edit (identity covariance, one template)
 # --------------------------------------------------------------------------------------------
-
-
-def quick_rome(model, record) -> models.Variant:
-    import dataclasses
-
-    from attndrift import rome
-
-    cfg = rome.preset(model)
-    cfg = dataclasses.replace(cfg, covariance=None, value=dataclasses.replace(cfg.value, steps=10))
-    e = rome.edit(model, record.request, cfg, templates=("{}",))
-    return models.Variant(model, e.hooks(model), name="rome")
 
 
 @pytest.mark.slow

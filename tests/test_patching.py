@@ -6,11 +6,8 @@ import torch
 from transformer_lens.patching import generic_activation_patch
 
 from attndrift import capture, data, drift, encoding, models, patching, rome, scoring
-from tests.test_capture import edited, hook_free
-from tests.test_drift import quick_rome
+from tests.helpers import NEW, PROMPT, TRUE, edited, hook_free, quick_rome
 
-PROMPT = "The Eiffel Tower is located in the city of"
-TRUE, NEW = "Paris", "Rome"
 # TransformerLens' short activation names of the two components (for its reference engine)
 TL_NAME = {"attn": "pattern", "mlp": "mlp_out"}
 HOOK = {"attn": models.pattern_hook, "mlp": models.mlp_out_hook}

@@ -4,9 +4,7 @@ import pytest
 import torch
 
 from attndrift import capture, drift, encoding, patching, plotting
-from tests.test_capture import PROMPTS, SUBJECTS, edited
-from tests.test_drift import _records
-from tests.test_patching import NEW, PROMPT, TRUE
+from tests.helpers import NEW, PROMPT, PROMPTS, SUBJECTS, TRUE, edited, two_records
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +102,7 @@ def test_attention_rows_vanilla_vs_edited(model):
 
 
 def test_drift_scatter_has_fit_and_rho(model):
-    groups = [(edited(model), r.probes(["RS", "DNS"])) for r in _records()]
+    groups = [(edited(model), r.probes(["RS", "DNS"])) for r in two_records()]
     a = drift.versus_failure(model, groups)
     fig = plotting.drift_scatter(a)
     points = [t for t in fig.data if t.mode == "markers"]

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from attndrift import data, editors, edits, encoding, models, pmet, sadr, setting, value
-from tests.test_capture import hook_free
-from tests.test_value import _assert_same_run
+from tests.helpers import assert_same_run, hook_free
 
 REQS = [
     data.EditRequest(
@@ -51,7 +50,7 @@ def test_two_deltas_follow_the_full_forward(tiny, restrain):
     assert cached.init.shape == (2, tiny.cfg.d_model)  # [attention, MLP]
     ref, new = pmet.optimise_deltas(full, cfg), pmet.optimise_deltas(cached, cfg)
     for a, b in zip(ref, new, strict=True):
-        _assert_same_run(a, b)
+        assert_same_run(a, b)
     if s is not None:
         assert any(sum(x.heads) > 0 for x in ref[0].trace)  # the selection was exercised
     # v_0 of each hook is the vanilla activation at the bare prompt's subject token

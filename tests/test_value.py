@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from attndrift import data, editors, memit, metrics, models, rome, sadr, value
+from tests.helpers import assert_same_run
 
 REQ = data.EditRequest(
     subject="Eiffel Tower",
@@ -39,24 +40,6 @@ def _pair(model, hook, cfg, sadr_cfg, layer=1, request=REQ, templates=TEMPLATES)
     )
 
 
-def _assert_same_run(ref: value.ValueResult, new: value.ValueResult, rel=1e-5):
-    assert len(ref.trace) == len(new.trace)
-    for a, b in zip(ref.trace, new.trace, strict=True):
-        for name in ("loss", "nll", "weight_decay", "p_new"):
-            x, y = getattr(a, name), getattr(b, name)
-            assert y == pytest.approx(x, rel=rel, abs=1e-7), (a.step, name, x, y)
-        # the two KL terms are small differences of large sums: compared against the loss
-        for name in ("kl", "sadr"):
-            x, y = getattr(a, name), getattr(b, name)
-            assert y == pytest.approx(x, abs=rel * a.loss), (a.step, name, x, y)
-        assert a.heads == b.heads, a.step  # the same heads restrained at every step
-    # (float32 activations of two computation orders: seen 6e-6 on SmolLM2's values of ~1)
-    torch.testing.assert_close(new.init, ref.init, rtol=1e-5, atol=1e-5 * ref.init.abs().max())
-    scale = ref.delta.norm()
-    assert (new.delta - ref.delta).norm() <= 1e-4 * scale
-    torch.testing.assert_close(new.target, ref.target, rtol=1e-4, atol=1e-5 * scale)
-
-
 @pytest.mark.parametrize("editor", sorted(HOOKS))
 @pytest.mark.parametrize("restrain", sorted(SADR))
 def test_prefix_cache_follows_the_full_forward(tiny, editor, restrain):
@@ -64,7 +47,7 @@ def test_prefix_cache_follows_the_full_forward(tiny, editor, restrain):
     full, cached = _pair(tiny, HOOKS[editor], cfg, SADR[restrain])
     assert cached.step_shape[1] < full.step_shape[1]  # fewer positions run per step
     ref, new = value.optimise_value(full), value.optimise_value(cached)
-    _assert_same_run(ref, new)
+    assert_same_run(ref, new)
     if restrain != "none":
         assert any(sum(s.heads) > 0 for s in ref.trace)  # the selection was exercised
 
@@ -103,7 +86,7 @@ def test_subject_at_the_first_position_needs_no_prefix(tiny_llama):
         tiny_llama, models.mlp_out_hook, cfg, sadr.SadrConfig(1.0), 1, req, ("{}",)
     )
     assert cached.cache[0].past_keys.shape[1] == 0
-    _assert_same_run(value.optimise_value(full), value.optimise_value(cached))
+    assert_same_run(value.optimise_value(full), value.optimise_value(cached))
 
 
 def test_rome_and_memit_edits_match_the_reference(tiny):
@@ -161,4 +144,4 @@ def test_smollm_prefix_cache_follows_the_full_forward(smollm, restrain):
         full, cached = _pair(
             smollm, hook, value_cfg, SADR[restrain], layer, record.request, templates
         )
-        _assert_same_run(value.optimise_value(full), value.optimise_value(cached))
+        assert_same_run(value.optimise_value(full), value.optimise_value(cached))
