@@ -758,10 +758,7 @@ def patch_command(args) -> int:
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward")
     a = p.parse_args(args)
     record, model, _, edited = _analysis_setup(a)
-    probes = record.probes([a.kind])
-    if not 0 <= a.probe < len(probes):
-        raise ValueError(f"record {record.id} has {len(probes)} {a.kind} probes, not {a.probe + 1}")
-    probe = probes[a.probe]
+    probe = _probe(record, a.kind, a.probe)
     true, new = drift.answers(probe)
     t0 = time.perf_counter()
     results = [
@@ -836,6 +833,41 @@ def trace_command(args) -> int:
     from attndrift import data, drift, plotting, tracing
 
     p = argparse.ArgumentParser(prog="attndrift trace", description=trace_command.__doc__)
+    _trace_args(p)
+    a = p.parse_args(args)
+    windows = _windows(a.window)
+    ds = _load_data(a)
+    if not len(ds):
+        raise ValueError("no records selected")
+    record = ds.by_id(a.record) if a.record is not None else ds[0]
+    probe = _probe(record, a.kind, a.probe)
+    true, _ = drift.answers(probe)
+    model = _load_model(a)
+    everything = data.load_dataset(a.data, lenient=True) if a.data else data.load_embedded()
+    subjects = sorted({r.request.subject for r in everything.records})
+    sigma = tracing.embedding_scale(model, subjects)
+    t0 = time.perf_counter()
+    t = tracing.trace(model, probe.prompt, probe.subject, true, sigma=sigma, noise=a.noise,
+                      samples=a.samples, seed=a.seed, windows=windows,
+                      components=[c.strip() for c in a.components.split(",")],
+                      max_batch_tokens=a.batch_tokens, progress=True)  # fmt: skip
+    print(f"{t.indirect.numel()} cells traced in {time.perf_counter() - t0:.1f} s")
+    a.out.mkdir(parents=True, exist_ok=True)
+    tracing.frame(t).to_csv(a.out / "tracing.csv", index=False)
+    plotting.save_html(plotting.tracing_heatmap(t), a.out / "tracing.html")
+    print(f"{probe.kind} prompt: {probe.prompt!r} -> {true!r}; subject tokens "
+          f"{[t.tokens[i] for i in t.subject_positions]}")  # fmt: skip
+    print(f"σ = {sigma:.4g} (token-embedding std over {len(subjects)} subjects); noise "
+          f"{a.noise:g}σ, {a.samples} samples; P(o_true) clean {t.p_clean:.4f}, corrupted "
+          f"{t.p_corrupted:.4f}")  # fmt: skip
+    _print_best_cells(t, model.cfg.n_layers)
+    print(f"wrote {a.out / 'tracing.html'}, {a.out / 'tracing.csv'}")
+    return 0
+
+
+def _trace_args(p: argparse.ArgumentParser) -> None:
+    from attndrift import tracing
+
     _model_args(p)
     _data_args(p)
     p.add_argument("--record", type=int, default=None, help="record id (default: the first)")
@@ -857,65 +889,40 @@ def trace_command(args) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass")
     p.add_argument("--out", type=Path, required=True, help="directory for the HTML and CSV files")
-    a = p.parse_args(args)
-    windows = None
-    if a.window and "=" in a.window:
-        pairs = [part.split("=") for part in a.window.split(",") if part.strip()]
-        windows = {name.strip(): int(value) for name, value in pairs}
-    elif a.window:
-        windows = int(a.window)
-    ds = _load_data(a)
-    if not len(ds):
-        raise ValueError("no records selected")
-    record = ds.by_id(a.record) if a.record is not None else ds[0]
-    probes = record.probes([a.kind])
-    if not 0 <= a.probe < len(probes):
-        raise ValueError(f"record {record.id} has {len(probes)} {a.kind} probes, not {a.probe + 1}")
-    probe = probes[a.probe]
-    true, _ = drift.answers(probe)
-    model = _load_model(a)
-    everything = data.load_dataset(a.data, lenient=True) if a.data else data.load_embedded()
-    subjects = sorted({r.request.subject for r in everything.records})
-    sigma = tracing.embedding_scale(model, subjects)
-    t0 = time.perf_counter()
-    t = tracing.trace(
-        model,
-        probe.prompt,
-        probe.subject,
-        true,
-        sigma=sigma,
-        noise=a.noise,
-        samples=a.samples,
-        seed=a.seed,
-        components=[c.strip() for c in a.components.split(",")],
-        windows=windows,
-        max_batch_tokens=a.batch_tokens,
-        progress=True,
-    )
-    print(f"{t.indirect.numel()} cells traced in {time.perf_counter() - t0:.1f} s")
-    a.out.mkdir(parents=True, exist_ok=True)
-    tracing.frame(t).to_csv(a.out / "tracing.csv", index=False)
-    plotting.save_html(plotting.tracing_heatmap(t), a.out / "tracing.html")
-    subject = [t.tokens[i] for i in t.subject_positions]
-    print(f"{probe.kind} prompt: {probe.prompt!r} -> {true!r}; subject tokens {subject}")
-    print(
-        f"σ = {sigma:.4g} (token-embedding std over {len(subjects)} subjects); noise "
-        f"{a.noise:g}σ, {a.samples} samples; P(o_true) clean {t.p_clean:.4f}, corrupted "
-        f"{t.p_corrupted:.4f}"
-    )
+
+
+def _windows(text: str | None) -> int | dict[str, int] | None:
+    """``--window``: ``N`` for every component, or ``hidden=1,mlp=10``."""
+    if not text:
+        return None
+    if "=" not in text:
+        return int(text)
+    pairs = [part.split("=") for part in text.split(",") if part.strip()]
+    return {name.strip(): int(value) for name, value in pairs}
+
+
+def _probe(record, kind: str, index: int):
+    """The ``index``-th probe of ``kind`` of the record; a ValueError if there is none."""
+    probes = record.probes([kind])
+    if not 0 <= index < len(probes):
+        raise ValueError(f"record {record.id} has {len(probes)} {kind} probes, not {index + 1}")
+    return probes[index]
+
+
+def _print_best_cells(t, n_layers: int) -> None:
+    from attndrift import tracing
+
     last_subject = t.subject_positions[-1]
     print("largest indirect effect per component (layer = window centre):")
     for c, w in zip(t.components, t.windows, strict=True):
         layer, pos, value = t.best(c)
-        s = tracing.span(layer, w, model.cfg.n_layers)
+        s = tracing.span(layer, w, n_layers)
         text = (
             f"  {c:<8} {value:+.4f} at layer {layer} (layers {s.start}-{s.stop - 1}), "
             f"token {t.tokens[pos]!r} (position {pos})"
         )
         layer, _, value = t.best(c, last_subject)
         print(text + f"; at the subject's last token: {value:+.4f} at layer {layer}")
-    print(f"wrote {a.out / 'tracing.html'}, {a.out / 'tracing.csv'}")
-    return 0
 
 
 @command("knockout", "attention knockout: block last token -> subject per layer window")
@@ -944,10 +951,7 @@ def knockout_command(args) -> int:
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass")
     a = p.parse_args(args)
     record, model, _, edited = _analysis_setup(a)
-    probes = record.probes([a.kind])
-    if not 0 <= a.probe < len(probes):
-        raise ValueError(f"record {record.id} has {len(probes)} {a.kind} probes, not {a.probe + 1}")
-    probe = probes[a.probe]
+    probe = _probe(record, a.kind, a.probe)
     true, new = drift.answers(probe)
     t0 = time.perf_counter()
     k = knockout.run(model, edited, probe.prompt, probe.subject, true, new, window=a.window,
@@ -963,11 +967,17 @@ def knockout_command(args) -> int:
             f"{name}: unblocked P(o_true) {float(k.base_true[i]):.4f} "
             f"P(o_new) {float(k.base_new[i]):.4f}"
         )
+    _print_top_windows(k, a.top)
+    print(f"wrote {a.out / 'knockout.html'}, {a.out / 'knockout.csv'}")
+    return 0
+
+
+def _print_top_windows(k, top: int) -> None:
     removed = k.removed("edited")
     n_layers = k.p_true.shape[1]
     layers = f"{k.window} layers" if k.window > 1 else "1 layer"
     print(f"windows of {layers} where blocking removes most of the edited P(o_new):")
-    for layer in removed.argsort(descending=True)[: a.top].tolist():
+    for layer in removed.argsort(descending=True)[:top].tolist():
         last = min(layer + k.window, n_layers) - 1
         print(
             f"  layers {layer}-{last}: edited P(o_new) {float(k.base_new[1]):.4f} -> "
@@ -976,8 +986,6 @@ def knockout_command(args) -> int:
             f"vanilla P(o_new) -> {float(k.p_new[0, layer]):.4f}, "
             f"P(o_true) -> {float(k.p_true[0, layer]):.4f}"
         )
-    print(f"wrote {a.out / 'knockout.html'}, {a.out / 'knockout.csv'}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -302,50 +302,61 @@ def _drift_table(result: DemoResult) -> pd.DataFrame:
 
 def sections(result: DemoResult) -> list[report.Section]:
     """Report sections of a demo result."""
+    return [
+        report.Section("At a glance", figures=[_headline(result)]),
+        _edit_section(result),
+        _failure_section(result),
+        _drift_section(result),
+        _patch_section(result),
+        _sweep_section(result),
+    ]
+
+
+def _edit_section(result: DemoResult) -> report.Section:
     r = result.record.request
     e_rome, e_sadr = result.edits["ROME"], result.edits["ROME+SADR"]
+    covariance = (
+        "identity covariance (quick and crude: no C⁻¹ adjustment)"
+        if e_rome.run.config.covariance is None
+        else "covariance from the preset's corpus"
+    )
+    return report.Section(
+        "1. The edit",
+        [
+            f"Record {result.record.id} of the embedded dataset: {r.subject!r}, "
+            f"{r.prompt!r}: {r.target_true!r} → {r.target_new!r}.",
+            f"ROME at layer {e_rome.layers[0]} ({e_rome.run.steps_run} steps, "
+            f"{e_rome.run.seconds:.0f} s) and ROME+SADR "
+            f"(γ = {e_sadr.run.sadr.gamma}, {e_sadr.run.steps_run} steps, "
+            f"{e_sadr.run.seconds:.0f} s); {covariance}.",
+        ],
+    )
+
+
+def _failure_section(result: DemoResult) -> report.Section:
     probes, failed = _probe_table(result.probes)
-    sweep_table, small = _sweep_table(result.sweep_lines), _sweep_small_n(result.sweep_lines)
-    n_records = len({x.record for x in result.sweep_lines})
-    n_drift = len(next(iter(result.drifts.values())).prompts) if result.drifts else 0
-    zmax = plotting.common_zmax(list(result.drifts.values())) if result.drifts else None
-    attention = []
-    for name, fig in result.attention.items():
-        heads = len(fig.layout.annotations)  # one subplot title per head
-        prompt = result.attention_prompts.get(name)
-        on = f"{prompt!r} (the prompt with the largest drift factor)" if prompt else "a prompt"
-        attention.append(
-            report.Figure(
-                _paper(go.Figure(fig)).update_layout(
-                    title_text="", height=130 * max(heads, 1) + 100, margin={"t": 50}
-                ),
-                f"{name}: attention of the last token over the tokens of {on}, vanilla (blue) "
-                "vs edited (red), in the heads whose attention to the subject's last token "
-                "grew most.",
-            )
-        )
-    sweep_paragraphs = [
-        f"{n_records} more record{'s' if n_records != 1 else ''} of the embedded dataset, "
-        f"ROME vs ROME+SADR; results in {result.sweep_path}."
-    ]
-    counts = [
-        m.n for x in _sweep_summaries(result.sweep_lines).values() for m in x.metrics.values()
-    ]
-    if max(counts, default=0) < SMALL_N:
-        sweep_paragraphs.append(
-            f"Too few probes to read: every number here rests on fewer than {SMALL_N} probes "
-            f"({n_records} record{'s' if n_records != 1 else ''}), so this table shows that "
-            "the sweep runs, not how the editors compare; attndrift sweep on more records "
-            "gives numbers to compare."
-        )
-    sweep_notes = [
-        "Each cell: % of probes with P(right) > P(wrong) [95 % Wilson score interval] "
-        "(n = number of probes). Score: harmonic mean of ES, PS, NS, RS and DNS.",
-        f"† fewer than {SMALL_N} probes: too few to read (the interval is tens of points wide).",
-    ]
-    drift_figures = []
+    return report.Section(
+        "2. Specificity failure",
+        [
+            "P(right) and P(wrong) of each probe under each model; a probe succeeds when "
+            "P(right) > P(wrong). Efficacy (ES) and paraphrase (PS) probes should flip to "
+            "the new object; neighbour (NS), relation (RS) and distracted probes (DNS, "
+            "RS_D: the same prompts after the edited fact) should keep their answers."
+        ],
+        tables=[report.table(probes, failed, wrap=[("", "prompt")], group=("", "probe"))],
+        notes=[
+            "✗ on red: the probe fails under that model (P(right) ≤ P(wrong)). The "
+            "unedited model fails ES and PS by design: it does not know the new fact yet."
+        ],
+    )
+
+
+def _drift_section(result: DemoResult) -> report.Section:
+    figures = []
     if result.drifts:
-        drift_figures.append(
+        zmax = plotting.common_zmax(list(result.drifts.values()))
+        n_drift = len(next(iter(result.drifts.values())).prompts)
+        figures.append(
             report.Figure(
                 _paper(plotting.drift_heatmaps(result.drifts, zmax=zmax)).update_layout(
                     title_text="", margin={"t": 40}, height=420
@@ -356,7 +367,35 @@ def sections(result: DemoResult) -> list[report.Section]:
                 "edit.",
             )
         )
-    patch_figure = report.Figure(
+    for name, fig in result.attention.items():
+        heads = len(fig.layout.annotations)  # one subplot title per head
+        prompt = result.attention_prompts.get(name)
+        on = f"{prompt!r} (the prompt with the largest drift factor)" if prompt else "a prompt"
+        figures.append(
+            report.Figure(
+                _paper(go.Figure(fig)).update_layout(
+                    title_text="", height=130 * max(heads, 1) + 100, margin={"t": 50}
+                ),
+                f"{name}: attention of the last token over the tokens of {on}, vanilla (blue) "
+                "vs edited (red), in the heads whose attention to the subject's last token "
+                "grew most.",
+            )
+        )
+    return report.Section(
+        "3. Attention drift",
+        [
+            "Per layer and head: the change of attention from the last token to the "
+            "subject's last token (edited − vanilla), averaged over the record's relation "
+            "and distracting-neighbour prompts. The drift factor of a prompt is the "
+            "largest such change over heads and layers."
+        ],
+        tables=[report.table(_drift_table(result))],
+        figures=figures,
+    )
+
+
+def _patch_section(result: DemoResult) -> report.Section:
+    figure = report.Figure(
         _paper(plotting.patching_heatmap(result.patches, "p_true")).update_layout(
             title_text="", margin={"t": 50}
         ),
@@ -364,68 +403,46 @@ def sections(result: DemoResult) -> list[report.Section]:
         "output (right) of one layer window at one token restored to its vanilla value; "
         "bright cells restore the true answer.",
     )
-    covariance = (
-        "identity covariance (quick and crude: no C⁻¹ adjustment)"
-        if e_rome.run.config.covariance is None
-        else "covariance from the preset's corpus"
+    return report.Section(
+        "4. Restoring patches (ROME edit)",
+        [
+            f"Prompt {result.patch_prompt!r}: the ROME-edited model runs with one "
+            "component replaced by the vanilla model's value at one layer window and "
+            "position. P(o_true) after patching (higher = restored)."
+        ],
+        tables=[report.table(_best_patches(result.patches))],
+        figures=[figure],
     )
-    out = [
-        report.Section("At a glance", figures=[_headline(result)]),
-        report.Section(
-            "1. The edit",
-            [
-                f"Record {result.record.id} of the embedded dataset: {r.subject!r}, "
-                f"{r.prompt!r}: {r.target_true!r} → {r.target_new!r}.",
-                f"ROME at layer {e_rome.layers[0]} ({e_rome.run.steps_run} steps, "
-                f"{e_rome.run.seconds:.0f} s) and ROME+SADR "
-                f"(γ = {e_sadr.run.sadr.gamma}, {e_sadr.run.steps_run} steps, "
-                f"{e_sadr.run.seconds:.0f} s); {covariance}.",
-            ],
-        ),
-        report.Section(
-            "2. Specificity failure",
-            [
-                "P(right) and P(wrong) of each probe under each model; a probe succeeds when "
-                "P(right) > P(wrong). Efficacy (ES) and paraphrase (PS) probes should flip to "
-                "the new object; neighbour (NS), relation (RS) and distracted probes (DNS, "
-                "RS_D: the same prompts after the edited fact) should keep their answers."
-            ],
-            tables=[report.table(probes, failed, wrap=[("", "prompt")], group=("", "probe"))],
-            notes=[
-                "✗ on red: the probe fails under that model (P(right) ≤ P(wrong)). The "
-                "unedited model fails ES and PS by design: it does not know the new fact yet."
-            ],
-        ),
-        report.Section(
-            "3. Attention drift",
-            [
-                "Per layer and head: the change of attention from the last token to the "
-                "subject's last token (edited − vanilla), averaged over the record's relation "
-                "and distracting-neighbour prompts. The drift factor of a prompt is the "
-                "largest such change over heads and layers."
-            ],
-            tables=[report.table(_drift_table(result))],
-            figures=[*drift_figures, *attention],
-        ),
-        report.Section(
-            "4. Restoring patches (ROME edit)",
-            [
-                f"Prompt {result.patch_prompt!r}: the ROME-edited model runs with one "
-                "component replaced by the vanilla model's value at one layer window and "
-                "position. P(o_true) after patching (higher = restored)."
-            ],
-            tables=[report.table(_best_patches(result.patches))],
-            figures=[patch_figure],
-        ),
-        report.Section(
-            "5. Small sweep",
-            sweep_paragraphs,
-            # metrics as rows: the Wilson cells are wide
-            tables=[report.table(sweep_table.T.rename_axis("metric"), uncertain=small.T)],
-            notes=sweep_notes,
-        ),
+
+
+def _sweep_section(result: DemoResult) -> report.Section:
+    lines = result.sweep_lines
+    n_records = len({x.record for x in lines})
+    paragraphs = [
+        f"{n_records} more record{'s' if n_records != 1 else ''} of the embedded dataset, "
+        f"ROME vs ROME+SADR; results in {result.sweep_path}."
     ]
-    return out
+    counts = [m.n for x in _sweep_summaries(lines).values() for m in x.metrics.values()]
+    if max(counts, default=0) < SMALL_N:
+        paragraphs.append(
+            f"Too few probes to read: every number here rests on fewer than {SMALL_N} probes "
+            f"({n_records} record{'s' if n_records != 1 else ''}), so this table shows that "
+            "the sweep runs, not how the editors compare; attndrift sweep on more records "
+            "gives numbers to compare."
+        )
+    table, small = _sweep_table(lines), _sweep_small_n(lines)
+    return report.Section(
+        "5. Small sweep",
+        paragraphs,
+        # metrics as rows: the Wilson cells are wide
+        tables=[report.table(table.T.rename_axis("metric"), uncertain=small.T)],
+        notes=[
+            "Each cell: % of probes with P(right) > P(wrong) [95 % Wilson score interval] "
+            "(n = number of probes). Score: harmonic mean of ES, PS, NS, RS and DNS.",
+            f"† fewer than {SMALL_N} probes: too few to read (the interval is tens of points "
+            "wide).",
+        ],
+    )
 
 
 def _best_patches(results: tuple[patching.Patching, ...]) -> pd.DataFrame:

@@ -37,12 +37,12 @@ def sample_data_path() -> Path:
 
 @pytest.fixture(scope="session")
 def dev_data_path() -> Path:
-    """The full 1,200-record development file, when it lies beside the repository (or at
-    ``$ATTNDRIFT_DEV_DATA``); tests that need it skip with a reason otherwise."""
-    default = (
-        Path(__file__).resolve().parents[2] / "shared" / "data" / "merged_counterfact_dev.json"
-    )
-    path = Path(os.environ.get("ATTNDRIFT_DEV_DATA", default))
+    """The full 1,200-record development file ``merged_counterfact_dev.json``, named by
+    ``$ATTNDRIFT_DEV_DATA``; tests that need it skip with a reason when it is not given."""
+    given = os.environ.get("ATTNDRIFT_DEV_DATA")
+    if not given:
+        pytest.skip("the full dev data is not given (set ATTNDRIFT_DEV_DATA to its path)")
+    path = Path(given)
     if not path.exists():
-        pytest.skip(f"the full dev data is not at {path} (set ATTNDRIFT_DEV_DATA to run this)")
+        pytest.skip(f"the full dev data is not at {path} (ATTNDRIFT_DEV_DATA)")
     return path

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The SADR study of docs/RESULTS.md §13 on the embedded SmolLM2: the selection rows on the
+# selection slice, or the evaluation rows on the evaluation records. Resumable; raw lines go
+# to runs/, gzipped copies to results/.
+#   scripts/sadr_study.sh DATA selection              (dev records 1100-1179)
+#   scripts/sadr_study.sh DATA evaluation GAMMA VARIANT_FLAGS   (dev records 0-199)
+#   RECORDS=1100-1115 ROWS="baseline paper" PAPER_GAMMAS=0.2 scripts/sadr_study.sh DATA selection
+#     (a part: some records, some rows, some γ; OWN_GAMMAS likewise)
+# Every row runs under the calibrated ROME preset (§12); SADR rows and the same-budget
+# baseline have 80 steps at most. NPROC=2 torchrun ranks; SWEEP_FLAGS=… passed on.
+set -euo pipefail
+data=${1:?usage: $0 path/to/merged_counterfact_dev.json selection|evaluation [GAMMA FLAGS]}
+what=${2:?selection or evaluation}
+nproc=${NPROC:-2}
+run() { OMP_NUM_THREADS=1 torchrun --nproc_per_node "$nproc" --master_port 29542 \
+          -m attndrift.cli sweep --data "$data" ${SWEEP_FLAGS:-} "$@"; }
+if [[ $what == selection ]]; then
+  records=${RECORDS:-1100-1179}
+  out=runs/sadr_selection.jsonl
+  budget=(--records "$records" --steps 80 --out "$out")
+  for row in ${ROWS:-preset baseline paper threshold relations after_subject subject_keys all_heads}; do
+    case $row in
+      preset)        run --records "$records" --out "$out" ;;
+      baseline)      run "${budget[@]}" --sadr-gamma 0 ;;
+      paper)         run "${budget[@]}" --sadr-gamma "${PAPER_GAMMAS:-0.2,0.05,0.5}" ;;
+      threshold)     run "${budget[@]}" --sadr-gamma "${OWN_GAMMAS:-0.2,1.0}" --sadr-threshold own ;;
+      relations)     run "${budget[@]}" --sadr-gamma 0.2 --sadr-relations ;;
+      after_subject) run "${budget[@]}" --sadr-gamma 0.2 --sadr-queries after_subject ;;
+      subject_keys)  run "${budget[@]}" --sadr-gamma 0.2 --sadr-keys subject ;;
+      all_heads)     run "${budget[@]}" --sadr-gamma 0.2 --all-heads ;;
+      *) echo "unknown row $row" >&2; exit 2 ;;
+    esac
+  done
+elif [[ $what == evaluation ]]; then
+  gamma=${3:?the chosen γ}
+  variant=${4:-}
+  records=${RECORDS:-0-199}
+  out=runs/sadr_evaluation.jsonl
+  run --records "$records" --out "$out"
+  run --records "$records" --steps 80 --sadr-gamma "0,$gamma" --out "$out"
+  [[ -z $variant ]] || run --records "$records" --steps 80 --sadr-gamma "$gamma" $variant --out "$out"
+  half=$(python -c "print(float('$gamma') / 2)")
+  run --records "$records" --editor memit --sadr-gamma "0,$half" --out "$out"
+else
+  echo "selection or evaluation, not $what" >&2; exit 2
+fi
+mkdir -p results
+for f in runs/sadr_*.rank*-of-*.jsonl; do gzip -9 -c "$f" > "results/$(basename "$f").gz"; done
