@@ -49,7 +49,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, editors, interrupts, models, value
+from attndrift import checks, covariance, editors, interrupts, models
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.editors import EditorConfig, TemplateConfig
@@ -115,18 +115,7 @@ PRESETS: dict[str, AlphaEditConfig] = {
 
 def preset(model: HookedTransformer | str) -> AlphaEditConfig:
     """The documented default :class:`AlphaEditConfig` for a model (by name)."""
-    name = model if isinstance(model, str) else model.cfg.model_name
-    key = name.lower()
-    for pattern, preset_key in (
-        ("tiny", "tiny"),
-        ("smollm2", "smollm2-135m"),
-        ("gpt2-xl", "gpt2-xl"),
-        ("gpt-j", "gpt-j"),
-        ("llama", "llama"),
-    ):
-        if pattern in key:
-            return PRESETS[preset_key]
-    raise ValueError(f"no AlphaEdit preset for {name!r}: pass an AlphaEditConfig")
+    return editors.preset_for(PRESETS, model, "AlphaEdit")
 
 
 @dataclass(frozen=True, eq=False)
@@ -245,15 +234,8 @@ def edit_in_sequence(
         progress: show progress bars.
     """
     cfg = cfg or preset(model)
-    requests = list(requests)
-    if not requests:
-        raise ValueError("AlphaEdit needs at least one request")
-    for layer in cfg.layers:
-        models.check_layer(model, layer)
-    clock = editors.Clock()
-    if templates is None:
-        templates = editors.context_templates(model, cfg.templates)
-    clock.lap("templates")
+    requests = editors.requests_of(requests, "AlphaEdit")
+    clock, templates = editors.begin(model, cfg.layers, cfg, templates)
     if state is None:  # every P from the weights before this edit (and its layer loop)
         state = initial_state(model, cfg, covs, progress)
     elif set(state.projections) != set(cfg.layers):
@@ -261,10 +243,8 @@ def edit_in_sequence(
     clock.lap("covariance")
     z_layer = cfg.layers[-1]
     z_name, value_cfg = models.resid_post_hook(z_layer), editors.value_config(cfg, sadr)
-    results = []
-    for i, r in enumerate(requests):
-        objective = value.ValueObjective(model, r, z_name, z_layer, templates, value_cfg, sadr)
-        results.append(value.optimise_value(objective, progress=progress, desc=f"AlphaEdit z {i}"))
+    results = editors.optimise_targets(model, requests, z_name, z_layer, templates, value_cfg,
+                                       sadr, progress=progress, desc="AlphaEdit z")  # fmt: skip
     z = torch.stack([x.target for x in results])  # [n, d_model]
     clock.lap("value_steps")
     factors, added = _spread(model, requests, z, cfg, state, templates)

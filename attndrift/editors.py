@@ -18,8 +18,9 @@ and the assembly of the result (:func:`finish`: an :class:`attndrift.edits.Edit`
 import dataclasses
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -181,3 +182,72 @@ def finish(
         model_name=model.cfg.model_name,
         model_fingerprint=models.fingerprint(model),
     )
+
+
+C = TypeVar("C")
+#: model-name patterns and the preset each selects, tried in order (tiny test models first)
+PRESET_KEYS = (("smollm2", "smollm2-135m"), ("gpt2-xl", "gpt2-xl"), ("gpt-j", "gpt-j"),
+               ("llama", "llama"))  # fmt: skip
+
+
+def begin(
+    model: HookedTransformer,
+    layers: Sequence[int],
+    cfg: EditorConfig,
+    templates: Sequence[str] | None,
+) -> tuple["Clock", tuple[str, ...]]:
+    """What every editor does first: check its layers, start the clock, and take the context
+    templates given (or sample them per ``cfg.templates``); the clock's first lap is
+    ``templates``."""
+    for layer in layers:
+        models.check_layer(model, layer)
+    clock = Clock()
+    if templates is None:
+        templates = context_templates(model, cfg.templates)
+    clock.lap("templates")
+    return clock, tuple(templates)
+
+
+def requests_of(requests: Sequence[EditRequest], editor: str) -> list[EditRequest]:
+    """The requests of a batch editor as a list; a ValueError if there is none."""
+    out = list(requests)
+    if not out:
+        raise ValueError(f"{editor} needs at least one request")
+    return out
+
+
+def optimise_targets(
+    model: HookedTransformer,
+    requests: Sequence[EditRequest],
+    hook: str,
+    layer: int,
+    templates: Sequence[str],
+    cfg: ValueConfig,
+    sadr: SadrConfig | None,
+    *,
+    progress: bool,
+    desc: str,
+) -> list[value.ValueResult]:
+    """The optimised value of each request at ``hook`` (MEMIT's z_i: METHOD §3.3), one
+    optimisation per request."""
+    return [
+        value.optimise_value(
+            value.ValueObjective(model, r, hook, layer, templates, cfg, sadr),
+            progress=progress,
+            desc=f"{desc} {i}",
+        )
+        for i, r in enumerate(requests)
+    ]
+
+
+def preset_for(presets: Mapping[str, C], model: HookedTransformer | str, editor: str) -> C:
+    """The documented default config of ``editor`` for a model (by name) from its ``presets``;
+    a ValueError naming the presets there are otherwise."""
+    name = model if isinstance(model, str) else model.cfg.model_name
+    key = name.lower()
+    found = "tiny" if key.startswith("tiny") else next((k for p, k in PRESET_KEYS if p in key), "")
+    if found not in presets:
+        raise ValueError(
+            f"no {editor} preset for {name!r}: pass a config (presets: {sorted(presets)})"
+        )
+    return presets[found]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, editors, interrupts, models, value
+from attndrift import checks, covariance, editors, interrupts, models
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.editors import EditorConfig, TemplateConfig
@@ -92,18 +92,7 @@ SADR_GAMMA = 0.005
 
 def preset(model: HookedTransformer | str) -> MemitConfig:
     """The documented default :class:`MemitConfig` for a model (by name)."""
-    name = model if isinstance(model, str) else model.cfg.model_name
-    key = name.lower()
-    for pattern, preset_key in (
-        ("tiny", "tiny"),
-        ("smollm2", "smollm2-135m"),
-        ("gpt2-xl", "gpt2-xl"),
-        ("gpt-j", "gpt-j"),
-        ("llama", "llama"),
-    ):
-        if pattern in key:
-            return PRESETS[preset_key]
-    raise ValueError(f"no MEMIT preset for {name!r}: pass a MemitConfig")
+    return editors.preset_for(PRESETS, model, "MEMIT")
 
 
 def _layer_cov(model, layer, cfg: MemitConfig, given, progress) -> torch.Tensor:
@@ -138,22 +127,13 @@ def edit(
         progress: show progress bars.
     """
     cfg = cfg or preset(model)
-    requests = list(requests)
-    if not requests:
-        raise ValueError("MEMIT needs at least one request")
-    for layer in cfg.layers:
-        models.check_layer(model, layer)
-    clock = editors.Clock()
-    if templates is None:
-        templates = editors.context_templates(model, cfg.templates)
-    clock.lap("templates")
+    requests = editors.requests_of(requests, "MEMIT")
+    clock, templates = editors.begin(model, cfg.layers, cfg, templates)
     z_layer = cfg.layers[-1]
     z_name = models.resid_post_hook(z_layer)
     value_cfg = editors.value_config(cfg, sadr)
-    results = []
-    for i, r in enumerate(requests):
-        objective = value.ValueObjective(model, r, z_name, z_layer, templates, value_cfg, sadr)
-        results.append(value.optimise_value(objective, progress=progress, desc=f"MEMIT z {i}"))
+    results = editors.optimise_targets(model, requests, z_name, z_layer, templates, value_cfg,
+                                       sadr, progress=progress, desc="MEMIT z")  # fmt: skip
     z = torch.stack([x.target for x in results])  # [n, d_model]
     clock.lap("value_steps")
     # every C from the unedited weights, before the loop below changes the lower layers (also

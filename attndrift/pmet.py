@@ -122,17 +122,7 @@ SADR_GAMMA = 0.08
 
 def preset(model: HookedTransformer | str) -> PmetConfig:
     """The documented default :class:`PmetConfig` for a model (by name)."""
-    name = model if isinstance(model, str) else model.cfg.model_name
-    key = name.lower()
-    for pattern, preset_key in (
-        ("tiny", "tiny"),
-        ("smollm2", "smollm2-135m"),
-        ("gpt-j", "gpt-j"),
-        ("llama", "llama"),
-    ):
-        if pattern in key:
-            return PRESETS[preset_key]
-    raise ValueError(f"no PMET preset for {name!r}: pass a PmetConfig")
+    return editors.preset_for(PRESETS, model, "PMET")
 
 
 def delta_hooks(layer: int) -> tuple[str, str]:
@@ -280,15 +270,8 @@ def edit(
         progress: show progress bars.
     """
     cfg = cfg or preset(model)
-    requests = list(requests)
-    if not requests:
-        raise ValueError("PMET needs at least one request")
-    for layer in cfg.layers:
-        models.check_layer(model, layer)
-    clock = editors.Clock()
-    if templates is None:
-        templates = editors.context_templates(model, cfg.templates)
-    clock.lap("templates")
+    requests = editors.requests_of(requests, "PMET")
+    clock, templates = editors.begin(model, cfg.layers, cfg, templates)
     z_layer, value_cfg = cfg.layers[-1], editors.value_config(cfg, sadr)
     results = []  # the MLP delta's result per request (the attention delta is not written)
     for i, r in enumerate(requests):

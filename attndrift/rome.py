@@ -83,19 +83,7 @@ PRESETS: dict[str, RomeConfig] = {
 
 def preset(model: HookedTransformer | str) -> RomeConfig:
     """The documented default :class:`RomeConfig` for a model (by name)."""
-    name = model if isinstance(model, str) else model.cfg.model_name
-    key = name.lower()
-    if key.startswith("tiny"):
-        return PRESETS["tiny"]
-    if "smollm2" in key:
-        return PRESETS["smollm2-135m"]
-    if "gpt2-xl" in key:
-        return PRESETS["gpt2-xl"]
-    if "gpt-j" in key:
-        return PRESETS["gpt-j"]
-    if "llama" in key:
-        return PRESETS["llama"]
-    raise ValueError(f"no ROME preset for {name!r}: pass a RomeConfig (presets: {sorted(PRESETS)})")
+    return editors.preset_for(PRESETS, model, "ROME")
 
 
 def rank_one(
@@ -146,11 +134,7 @@ def edit(
     """
     cfg = cfg or preset(model)
     layer = cfg.layer
-    models.check_layer(model, layer)
-    clock = editors.Clock()
-    if templates is None:
-        templates = editors.context_templates(model, cfg.templates)
-    clock.lap("templates")
+    clock, templates = editors.begin(model, (layer,), cfg, templates)
     if cov is None and cfg.covariance is not None:
         cov = covariance.layer_covariance(model, layer, cfg.covariance, progress=progress)
     clock.lap("covariance")
