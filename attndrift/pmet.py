@@ -54,7 +54,7 @@ from attndrift.data import EditRequest
 from attndrift.editors import EditorConfig, TemplateConfig
 from attndrift.edits import Edit, restored
 from attndrift.sadr import SadrConfig
-from attndrift.value import StepLog, ValueConfig, ValueObjective, ValueResult
+from attndrift.value import ValueConfig, ValueObjective, ValueResult
 
 log = logging.getLogger(__name__)
 
@@ -130,33 +130,6 @@ def delta_hooks(layer: int) -> tuple[str, str]:
     return models.attn_out_hook(layer), models.mlp_out_hook(layer)
 
 
-def _log(step: int, terms: value.LossTerms) -> StepLog:
-    """The step's terms (``delta_norm`` is filled in per delta by :func:`optimise_deltas`)."""
-    return StepLog(
-        step=step,
-        loss=terms.total.item(),
-        nll=terms.nll.item(),
-        kl=terms.kl.item(),
-        weight_decay=terms.weight_decay.item(),
-        sadr=terms.sadr.item(),
-        p_new=terms.p_new.item(),
-        delta_norm=0.0,
-        heads=tuple(round(h, 3) for h in terms.heads.tolist()),
-    )
-
-
-def _check_finite(desc: str, step: int, entry: StepLog, delta: Tensor | None = None) -> None:
-    """Stop on a NaN / inf loss term (or δ after an update): every later step would be junk."""
-    values = {n: getattr(entry, n) for n in ("loss", "nll", "kl", "weight_decay", "sadr", "p_new")}
-    bad = [n for n, v in {**values, "heads": sum(entry.heads)}.items() if not math.isfinite(v)]
-    if bad:
-        raise FloatingPointError(
-            f"{desc}: loss term {bad[0]} is not finite at step {step}; lower lr or check weights"
-        )
-    if delta is not None and not torch.isfinite(delta).all():
-        raise FloatingPointError(f"{desc}: δ is not finite after the update of step {step}")
-
-
 def optimise_deltas(
     objective: ValueObjective, cfg: PmetConfig, progress: bool = False, desc: str = "PMET"
 ) -> tuple[ValueResult, ...]:
@@ -179,9 +152,9 @@ def optimise_deltas(
         for step in bar:
             opt.zero_grad()
             terms = objective(delta)
-            entries.append(_log(step, terms))
+            entries.append(value.step_log(step, terms, 0.0))  # ‖δ_h‖: per hook, below
             norms.append(delta.detach().norm(dim=-1).tolist())
-            _check_finite(desc, step, entries[-1])
+            value.check_finite(desc, entries[-1], vcfg.lr)
             watched = terms.total if vcfg.early_stop_on == "loss" else terms.nll
             if watched.item() < vcfg.early_stop_loss:
                 break
@@ -192,7 +165,7 @@ def optimise_deltas(
             terms.total.backward()
             opt.step()
             with torch.no_grad():
-                _check_finite(desc, step, entries[-1], delta)
+                value.check_finite(desc, entries[-1], vcfg.lr, delta)
                 norm = delta.norm(dim=-1, keepdim=True)  # [n_hooks, 1]
                 delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
     seconds = time.perf_counter() - t0

@@ -448,6 +448,39 @@ class ValueObjective:
 _TERMS = ("loss", "nll", "kl", "weight_decay", "sadr", "p_new", "delta_norm")
 
 
+def step_log(step: int, terms: LossTerms, delta_norm: float) -> StepLog:
+    """One step's loss terms as numbers."""
+    return StepLog(
+        step=step,
+        loss=terms.total.item(),
+        nll=terms.nll.item(),
+        kl=terms.kl.item(),
+        weight_decay=terms.weight_decay.item(),
+        sadr=terms.sadr.item(),
+        p_new=terms.p_new.item(),
+        delta_norm=delta_norm,
+        heads=tuple(round(h, 3) for h in terms.heads.tolist()),
+    )
+
+
+def check_finite(desc: str, entry: StepLog, lr: float, delta: Tensor | None = None) -> None:
+    """Stop with a FloatingPointError naming the term and the step when a loss term (or δ,
+    after an update, or its norm, which the clamp divides by) is NaN or inf: every later step,
+    and the edit, would be garbage."""
+    bad = [k for k in _TERMS if not math.isfinite(getattr(entry, k))]
+    if bad or not math.isfinite(sum(entry.heads)):
+        term = (bad or ["heads"])[0]
+        raise FloatingPointError(
+            f"{desc}: loss term {term} is {getattr(entry, term, 'NaN')} at step {entry.step}"
+            f" (not finite); lower lr (now {lr:g}) or check the model's weights"
+        )
+    if delta is not None and not (torch.isfinite(delta).all() and torch.isfinite(delta.norm())):
+        raise FloatingPointError(
+            f"{desc}: δ is not finite (‖δ‖ = {delta.norm().item()}) after the update of step "
+            f"{entry.step}; lower lr (now {lr:g})"
+        )
+
+
 def optimise_value(
     objective: ValueObjective, progress: bool = False, desc: str = "value"
 ) -> ValueResult:
@@ -469,28 +502,9 @@ def optimise_value(
             for step in bar:
                 opt.zero_grad()
                 terms = objective(delta)
-                trace.append(
-                    StepLog(
-                        step=step,
-                        loss=terms.total.item(),
-                        nll=terms.nll.item(),
-                        kl=terms.kl.item(),
-                        weight_decay=terms.weight_decay.item(),
-                        sadr=terms.sadr.item(),
-                        p_new=terms.p_new.item(),
-                        delta_norm=delta.norm().item(),
-                        heads=tuple(round(h, 3) for h in terms.heads.tolist()),
-                    )
-                )
+                trace.append(step_log(step, terms, delta.norm().item()))
                 log.debug("%s", trace[-1])
-                # a NaN/inf loss would make every later step (and the edit) garbage: stop here
-                bad = [k for k in _TERMS if not math.isfinite(getattr(trace[-1], k))]
-                if bad or not math.isfinite(sum(trace[-1].heads)):
-                    term = (bad or ["heads"])[0]
-                    raise FloatingPointError(
-                        f"{desc}: loss term {term} is {getattr(trace[-1], term)} at step {step}"
-                        f" (not finite); lower lr (now {cfg.lr:g}) or check the model's weights"
-                    )
+                check_finite(desc, trace[-1], cfg.lr)
                 bar.set_postfix(loss=f"{trace[-1].loss:.3f}", p_new=f"{trace[-1].p_new:.2f}")
                 watched = terms.total if cfg.early_stop_on == "loss" else terms.nll
                 if watched.item() < cfg.early_stop_loss or step == cfg.steps - 1:
@@ -498,12 +512,8 @@ def optimise_value(
                 terms.total.backward()
                 opt.step()
                 with torch.no_grad():
+                    check_finite(desc, trace[-1], cfg.lr, delta)
                     norm = delta.norm()
-                    if not (torch.isfinite(norm) and torch.isfinite(delta).all()):
-                        raise FloatingPointError(
-                            f"{desc}: δ is not finite (‖δ‖ = {norm.item()}) after the update of "
-                            f"step {step}; lower lr (now {cfg.lr:g})"
-                        )
                     if norm > max_norm:
                         delta.mul_(max_norm / norm)
     finally:
