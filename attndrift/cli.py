@@ -256,11 +256,16 @@ def _table_text(lines, interval: str = "normal", markdown: bool = False) -> str:
 
 
 def _markdown(frame) -> str:
-    """A DataFrame as a Markdown table (index first), for docs/RESULTS.md."""
-    cols = [frame.index.name or "", *map(str, frame.columns)]
+    """A DataFrame as a Markdown table (index first), for docs/RESULTS.md; ``|`` inside a cell
+    (setting keys) is escaped, so it does not split the cell."""
+
+    def cell(x) -> str:
+        return str(x).replace("|", "\\|")
+
+    cols = [cell(frame.index.name or ""), *map(cell, frame.columns)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for idx, row in frame.iterrows():
-        lines.append("| " + " | ".join([str(idx), *map(str, row.tolist())]) + " |")
+        lines.append("| " + " | ".join([cell(idx), *map(cell, row.tolist())]) + " |")
     return "\n".join(lines)
 
 
