@@ -22,10 +22,12 @@ Writes one JSON line per record (``--out``, gzipped by the caller) and prints th
 tables. Usage::
 
     python scripts/relation_mechanism.py DATA --records 1100-1139 --out runs/mechanism.jsonl
+    python scripts/relation_mechanism.py DATA --out results/mechanism_1100-1119.jsonl.gz
 """
 
 import argparse
 import dataclasses
+import gzip
 import json
 from pathlib import Path
 
@@ -139,9 +141,17 @@ def summarize(lines: list[dict]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("data", type=Path)
-    p.add_argument("--records", required=True, help="record ids, e.g. 1100-1139")
-    p.add_argument("--out", type=Path, required=True, help="JSON lines (one per record)")
+    p.add_argument("--records", default=None, help="record ids, e.g. 1100-1139")
+    p.add_argument(
+        "--out", type=Path, required=True, help="JSON lines; a committed .jsonl.gz: summarise it"
+    )
     a = p.parse_args()
+    if a.out.suffix == ".gz":
+        with gzip.open(a.out, "rt", encoding="utf-8") as f:
+            summarize([json.loads(x) for x in f if x.strip()])
+        return
+    if a.records is None:
+        p.error("--records is required unless --out is a committed .jsonl.gz")
     model = models.load_model("smollm2-135m")
     ds = data.load_dataset(a.data).select(ids=_ids(a.records))
     done = set()
