@@ -8,6 +8,22 @@ import torch
 
 from attndrift import data, edits, models, results, rome, setting, value
 
+#: two requests edited together by the batch editors' tests (MEMIT, PMET, AlphaEdit)
+BATCH_REQUESTS = [
+    data.EditRequest(
+        subject="Eiffel Tower",
+        prompt="The Eiffel Tower is located in the city of",
+        target_true="Paris",
+        target_new="Rome",
+    ),
+    data.EditRequest(
+        subject="Louvre",
+        prompt="The Louvre is located in the city of",
+        target_true="Paris",
+        target_new="London",
+    ),
+]
+BATCH_TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
 REQUEST = data.EditRequest(
     subject="Eiffel Tower",
     prompt="The Eiffel Tower is located in the city of",

@@ -8,23 +8,9 @@ import pytest
 import torch
 
 from attndrift import alphaedit, data, editors, edits, encoding, models, sadr, setting
+from tests.helpers import BATCH_REQUESTS as REQS
+from tests.helpers import BATCH_TEMPLATES as TEMPLATES
 from tests.helpers import hook_free
-
-REQS = [
-    data.EditRequest(
-        subject="Eiffel Tower",
-        prompt="The Eiffel Tower is located in the city of",
-        target_true="Paris",
-        target_new="Rome",
-    ),
-    data.EditRequest(
-        subject="Louvre",
-        prompt="The Louvre is located in the city of",
-        target_true="Paris",
-        target_new="London",
-    ),
-]
-TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
 
 
 def _known_cov(d_mlp: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

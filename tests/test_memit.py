@@ -4,22 +4,8 @@ import pytest
 import torch
 
 from attndrift import covariance, data, editors, edits, memit, models, sadr, scoring, value
-
-REQS = [
-    data.EditRequest(
-        subject="Eiffel Tower",
-        prompt="The Eiffel Tower is located in the city of",
-        target_true="Paris",
-        target_new="Rome",
-    ),
-    data.EditRequest(
-        subject="Louvre",
-        prompt="The Louvre is located in the city of",
-        target_true="Paris",
-        target_new="London",
-    ),
-]
-TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
+from tests.helpers import BATCH_REQUESTS as REQS
+from tests.helpers import BATCH_TEMPLATES as TEMPLATES
 
 
 def _cfg(model, **changes):

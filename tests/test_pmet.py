@@ -9,22 +9,9 @@ import pytest
 import torch
 
 from attndrift import data, editors, edits, encoding, models, pmet, sadr, setting, value
+from tests.helpers import BATCH_REQUESTS as REQS
 from tests.helpers import assert_same_run, hook_free
 
-REQS = [
-    data.EditRequest(
-        subject="Eiffel Tower",
-        prompt="The Eiffel Tower is located in the city of",
-        target_true="Paris",
-        target_new="Rome",
-    ),
-    data.EditRequest(
-        subject="Louvre",
-        prompt="The Louvre is located in the city of",
-        target_true="Paris",
-        target_new="London",
-    ),
-]
 # prefixes of different lengths, so that the cached prefixes need padding
 TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}", "The the the the the the. {}")
 
