@@ -76,18 +76,10 @@ class AlphaEditConfig(EditorConfig):
     l2_weight: int | float = 10.0  # α in (P (K₁K₁ᵀ + K_pK_pᵀ) + α I) (AlphaEdit's "L2")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.layers, tuple | list) or not self.layers:
-            raise ValueError(f"AlphaEdit layers must be a non-empty tuple, got {self.layers!r}")
-        for layer in self.layers:
-            checks.number("AlphaEdit layer", layer, low=0, integer=True)
-        if list(self.layers) != sorted(set(self.layers)):
-            raise ValueError(
-                f"AlphaEdit layers must be ascending without repeats, got {self.layers}"
-            )
+        checks.layers("AlphaEdit", self.layers)
         checks.number("null_threshold", self.null_threshold, low=0, above=True)
         checks.number("l2_weight", self.l2_weight, low=0, above=True)
-        if self.sadr_steps is not None:
-            checks.number("sadr_steps", self.sadr_steps, low=1, integer=True)
+        checks.optional_steps("sadr_steps", self.sadr_steps)
 
 
 #: Documented defaults: AlphaEdit's released GPT-J, GPT-2 XL and Llama-3-8B settings (its

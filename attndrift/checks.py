@@ -49,3 +49,20 @@ def choice(name: str, value: object, allowed: tuple) -> None:
     """Raise a ValueError unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def layers(editor: str, value: object) -> None:
+    """Raise a ValueError unless ``value`` is a non-empty tuple (or list) of layer indices >= 0
+    in ascending order without repeats (the layer range of a batch editor)."""
+    if not isinstance(value, tuple | list) or not value:
+        raise ValueError(f"{editor} layers must be a non-empty ascending tuple, got {value!r}")
+    for layer in value:
+        number(f"{editor} layer", layer, low=0, integer=True)
+    if list(value) != sorted(set(value)):
+        raise ValueError(f"{editor} layers must be ascending without repeats, got {value}")
+
+
+def optional_steps(name: str, value: object) -> None:
+    """Raise a ValueError unless ``value`` is None or a step count >= 1."""
+    if value is not None:
+        number(name, value, low=1, integer=True)

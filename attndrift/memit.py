@@ -50,17 +50,9 @@ class MemitConfig(EditorConfig):
     mom2_update_weight: float = 15000.0  # λ in (λ C + K Kᵀ)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.layers, tuple | list) or not self.layers:
-            raise ValueError(
-                f"MEMIT layers must be a non-empty ascending tuple, got {self.layers!r}"
-            )
-        for layer in self.layers:
-            checks.number("MEMIT layer", layer, low=0, integer=True)
-        if list(self.layers) != sorted(set(self.layers)):
-            raise ValueError(f"MEMIT layers must be ascending without repeats, got {self.layers}")
+        checks.layers("MEMIT", self.layers)
         checks.number("mom2_update_weight", self.mom2_update_weight, low=0, above=True)
-        if self.sadr_steps is not None:
-            checks.number("sadr_steps", self.sadr_steps, low=1, integer=True)
+        checks.optional_steps("sadr_steps", self.sadr_steps)
 
 
 #: Documented defaults (MEMIT's released GPT-J and GPT-2 XL settings; Llama per the SADR

@@ -80,18 +80,12 @@ class PmetConfig(EditorConfig):
     sadr_steps: int | None = 40
 
     def __post_init__(self) -> None:
-        if not isinstance(self.layers, tuple | list) or not self.layers:
-            raise ValueError(f"PMET layers must be a non-empty tuple, got {self.layers!r}")
-        for layer in self.layers:
-            checks.number("PMET layer", layer, low=0, integer=True)
-        if list(self.layers) != sorted(set(self.layers)):
-            raise ValueError(f"PMET layers must be ascending without repeats, got {self.layers}")
+        checks.layers("PMET", self.layers)
         checks.number("mom2_update_weight", self.mom2_update_weight, low=0, above=True)
         checks.choice("spread", self.spread, ("sqrt", "layers_left"))
         checks.number("greedy_nll_factor", self.greedy_nll_factor, low=0)
         checks.number("greedy_kl_stop", self.greedy_kl_stop, low=0)
-        if self.sadr_steps is not None:
-            checks.number("sadr_steps", self.sadr_steps, low=1, integer=True)
+        checks.optional_steps("sadr_steps", self.sadr_steps)
 
 
 #: Documented defaults. GPT-J: PMET's hyper-parameters in EasyEdit, which the SADR paper's

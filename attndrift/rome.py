@@ -51,8 +51,7 @@ class RomeConfig(EditorConfig):
     def __post_init__(self) -> None:
         checks.number("layer", self.layer, low=0, integer=True)
         checks.choice("denominator", self.denominator, ("k0", "mean_key"))
-        if self.sadr_steps is not None:
-            checks.number("sadr_steps", self.sadr_steps, low=1, integer=True)
+        checks.optional_steps("sadr_steps", self.sadr_steps)
 
     @property
     def editor(self) -> str:

@@ -118,7 +118,8 @@ def test_smollm_rome_edit_with_and_without_sadr(smollm, sample_data_path):
     ds = data.load_dataset(sample_data_path)
     record = next(r for r in ds.records if r.neighborhood)  # a CounterFact record
     req = record.request
-    cfg = dataclasses.replace(rome.preset(smollm), covariance=None, sadr_steps=None)  # 20 steps
+    # the preset's step budget with and without SADR
+    cfg = dataclasses.replace(rome.preset(smollm), covariance=None, sadr_steps=None)
     templates = editors.context_templates(smollm, cfg.templates)
     ids = torch.tensor([encoding.encode_prompt(smollm, req.prompt).ids])
     first_new = encoding.encode_answer(smollm, req.target_new)[0]
