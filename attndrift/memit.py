@@ -18,7 +18,7 @@ For a batch of requests:
 """
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +96,40 @@ def _layer_cov(model, layer, cfg: MemitConfig, given, progress) -> torch.Tensor:
     return torch.eye(model.cfg.d_mlp, dtype=torch.float64, device=models.model_device(model))
 
 
+def spread(
+    model: HookedTransformer,
+    requests: Sequence[EditRequest],
+    targets: torch.Tensor,
+    hook: str,
+    layers: Sequence[int],
+    mom2_weight: float,
+    covs: dict[int, torch.Tensor],
+    templates: Sequence[str],
+    share: Callable[[int], float] = float,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """MEMIT's layer loop (METHOD §3.5). For each of ``layers`` in turn, the residual between
+    ``targets`` [n, d_model] and what ``hook`` (at the last layer) now reads at the subjects,
+    divided by ``share(layers left)``, is written into that layer's MLP by a least-squares
+    solve over the requests' mean keys, regularised by ``mom2_weight`` · C; each update is
+    applied before the next layer's keys are read (the weights are restored on return).
+    Returns the factors (left [d_mlp, n], right [n, d_model]) per layer."""
+    z_layer = layers[-1]
+    prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
+    factors = []
+    with restored(model, layers):
+        for i, layer in enumerate(layers):
+            keys = editors.mean_keys(model, requests, layer, templates).double().T  # [d_mlp, n]
+            now = editors.keys_at_subject(model, prompts, subjects, [hook], z_layer + 1)[hook]
+            resid = (targets - now).double() / share(len(layers) - i)  # [n, d_model]
+            lhs = mom2_weight * covs[layer] + keys @ keys.T  # [d_mlp, d_mlp]
+            left = torch.linalg.solve(lhs, keys)  # [d_mlp, n]
+            factors.append((left.to(model.cfg.dtype), resid.to(model.cfg.dtype)))
+            w = models.mlp_out_weight(model, layer)
+            with torch.no_grad():
+                w.add_((left @ resid).to(w.dtype))
+    return factors
+
+
 @interrupts.keeps_grad_mode  # an interrupt inside a no_grad block cannot leave it off
 def edit(
     model: HookedTransformer,
@@ -132,19 +166,8 @@ def edit(
     # keeps the on-disk cache key, which hashes the weights, the same for every layer)
     cov_of = {layer: _layer_cov(model, layer, cfg, covs, progress) for layer in cfg.layers}
     clock.lap("covariance")
-    factors = []
-    with restored(model, cfg.layers):
-        for i, layer in enumerate(cfg.layers):
-            keys = editors.mean_keys(model, requests, layer, templates).double().T  # [d_mlp, n]
-            prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
-            current = editors.keys_at_subject(model, prompts, subjects, [z_name], z_layer + 1)
-            resid = (z - current[z_name]).double() / (len(cfg.layers) - i)  # [n, d_model]
-            lhs = cfg.mom2_update_weight * cov_of[layer] + keys @ keys.T  # [d_mlp, d_mlp]
-            left = torch.linalg.solve(lhs, keys)  # [d_mlp, n]
-            factors.append((left.to(model.cfg.dtype), resid.to(model.cfg.dtype)))
-            w = models.mlp_out_weight(model, layer)
-            with torch.no_grad():
-                w.add_((left @ resid).to(w.dtype))
+    factors = spread(model, requests, z, z_name, cfg.layers, cfg.mom2_update_weight, cov_of,
+                     templates)  # fmt: skip
     clock.lap("keys_and_solve")
     return editors.finish(
         model, "memit", cfg, sadr, requests, cfg.layers, factors, results, clock, len(templates)

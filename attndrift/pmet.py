@@ -48,11 +48,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, editors, interrupts, models, value
+from attndrift import checks, covariance, editors, interrupts, memit, models, value
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.editors import EditorConfig, TemplateConfig
-from attndrift.edits import Edit, restored
+from attndrift.edits import Edit
 from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig, ValueObjective, ValueResult
 
@@ -195,23 +195,9 @@ def _covariances(model, cfg: PmetConfig, given, progress) -> dict[int, Tensor]:
 
 def _spread(model, requests, targets, cfg: PmetConfig, covs, templates) -> list:
     """MEMIT's layer loop on the MLP output of the last layer; the factors (left, right)."""
-    z_layer, m_name = cfg.layers[-1], models.mlp_out_hook(cfg.layers[-1])
-    prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
-    factors = []
-    with restored(model, cfg.layers):
-        for i, layer in enumerate(cfg.layers):
-            keys = editors.mean_keys(model, requests, layer, templates).double().T  # [d_mlp, n]
-            now = editors.keys_at_subject(model, prompts, subjects, [m_name], z_layer + 1)[m_name]
-            left_layers = len(cfg.layers) - i
-            share = math.sqrt(left_layers) if cfg.spread == "sqrt" else left_layers
-            resid = (targets - now).double() / share  # [n, d_model]
-            lhs = cfg.mom2_update_weight * covs[layer] + keys @ keys.T  # [d_mlp, d_mlp]
-            left = torch.linalg.solve(lhs, keys)  # [d_mlp, n]
-            factors.append((left.to(model.cfg.dtype), resid.to(model.cfg.dtype)))
-            w = models.mlp_out_weight(model, layer)
-            with torch.no_grad():
-                w.add_((left @ resid).to(w.dtype))
-    return factors
+    share = math.sqrt if cfg.spread == "sqrt" else float
+    return memit.spread(model, requests, targets, models.mlp_out_hook(cfg.layers[-1]), cfg.layers,
+                        cfg.mom2_update_weight, covs, templates, share)  # fmt: skip
 
 
 @interrupts.keeps_grad_mode  # an interrupt inside a no_grad block cannot leave it off
