@@ -4,6 +4,8 @@
 # to runs/, gzipped copies to results/.
 #   scripts/sadr_study.sh DATA selection              (dev records 1100-1179)
 #   scripts/sadr_study.sh DATA evaluation GAMMA VARIANT_FLAGS   (dev records 0-199)
+#   RECORDS=0-19 ROWS="preset budget variant" VARIANT_GAMMA=0.2 scripts/sadr_study.sh DATA \
+#     evaluation 0.2 --sadr-relations   (a part: rows preset, budget, variant, memit)
 #   RECORDS=1100-1115 ROWS="baseline paper" PAPER_GAMMAS=0.2 scripts/sadr_study.sh DATA selection
 #     (a part: some records, some rows, some γ; OWN_GAMMAS likewise)
 # Every row runs under the calibrated ROME preset (§12); SADR rows and the same-budget
@@ -36,11 +38,19 @@ elif [[ $what == evaluation ]]; then
   variant=${4:-}
   records=${RECORDS:-0-199}
   out=runs/sadr_evaluation.jsonl
-  run --records "$records" --out "$out"
-  run --records "$records" --steps 80 --sadr-gamma "0,$gamma" --out "$out"
-  [[ -z $variant ]] || run --records "$records" --steps 80 --sadr-gamma "$gamma" $variant --out "$out"
-  half=$(python -c "print(float('$gamma') / 2)")
-  run --records "$records" --editor memit --sadr-gamma "0,$half" --out "$out"
+  for row in ${ROWS:-preset budget variant memit}; do
+    case $row in
+      preset) run --records "$records" --out "$out" ;;
+      budget) run --records "$records" --steps 80 --sadr-gamma "0,$gamma" --out "$out" ;;
+      variant)
+        [[ -z $variant ]] || run --records "$records" --steps 80 \
+          --sadr-gamma "${VARIANT_GAMMA:-$gamma}" $variant --out "$out" ;;
+      memit)
+        half=$(python -c "print(float('$gamma') / 2)")
+        run --records "$records" --editor memit --sadr-gamma "0,$half" --out "$out" ;;
+      *) echo "unknown row $row" >&2; exit 2 ;;
+    esac
+  done
 else
   echo "selection or evaluation, not $what" >&2; exit 2
 fi
