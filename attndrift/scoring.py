@@ -4,8 +4,10 @@ The score of an answer (METHOD §5) is the mean per-token negative log-likelihoo
 teacher-forced after ``prompt + " " + answer``; ``P = exp(-NLL)``. The scorer
 
 * encodes every distinct prompt and answer once (:mod:`attndrift.encoding` conventions);
-* runs every distinct prompt once: prompts sorted by length (little padding), left-padded into
-  batches under a token budget (``max_batch_tokens``), keeping each batch's key-value cache.
+* runs every distinct prompt once: prompts sorted by length, left-padded into batches under a
+  token budget (``max_batch_tokens``), keeping each batch's key-value cache. Which prompts
+  share a batch is chosen to cost the fewest padded tokens plus a fixed price per forward pass
+  (``_batches``): one batch of very different lengths would be half padding;
   The last prompt position predicts every answer's first token, so the right and wrong
   single-token answers of a probe cost nothing more;
 * runs the rest of each multi-token answer (its tokens but the last) as a short continuation
@@ -92,20 +94,47 @@ def plan(model: HookedTransformer, pairs: Sequence[tuple[str, str]]) -> Plan:
     )
 
 
-def _batches(lengths: list[int], max_tokens: int, max_size: int | None = None) -> list[list[int]]:
-    """Group indices (longest first) so that rows x longest row <= max_tokens."""
+PASS_OVERHEAD_TOKENS = 96
+"""What one more forward pass costs, in padded tokens: a pass runs every layer whatever its
+size, and small matrix products run below full speed. Measured on SmolLM2 on CPU
+(``benchmarks/bench_scoring.py``); it decides when splitting a batch to cut its padding pays."""
+
+
+def _batches(
+    lengths: list[int],
+    max_tokens: int,
+    max_size: int | None = None,
+    overhead: int | None = None,
+) -> list[list[int]]:
+    """Group indices into forward passes of at most ``max_tokens`` padded tokens (rows x
+    longest row) and ``max_size`` rows, at the least cost ``sum(overhead + rows x longest)``.
+
+    Rows are sorted longest first and each pass takes a run of them, so padding only fills a
+    row up to the longest of its pass. Which runs, is chosen by dynamic programming over the
+    sorted order: one big batch of very different lengths pays for its padding, many small
+    ones pay ``overhead`` each (default :data:`PASS_OVERHEAD_TOKENS`).
+    """
+    overhead = PASS_OVERHEAD_TOKENS if overhead is None else overhead
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    # best[j]: least cost of the first j sorted rows; cut[j]: where its last pass starts
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for i in range(n):
+        width = lengths[order[i]]  # the longest row of any pass starting at i
+        rows = max(1, max_tokens // max(width, 1))
+        if max_size is not None:
+            rows = min(rows, max_size)
+        for j in range(i + 1, min(n, i + rows) + 1):
+            cost = best[i] + overhead + (j - i) * width
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
     groups: list[list[int]] = []
-    for i in order:
-        if groups:
-            g = groups[-1]
-            width = lengths[g[0]]  # longest of the group (sorted)
-            fits = (len(g) + 1) * width <= max_tokens
-            if fits and (max_size is None or len(g) < max_size):
-                g.append(i)
-                continue
-        groups.append([i])
-    return groups
+    j = n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def answer_nll(

@@ -33,10 +33,56 @@ def test_batched_equals_definition(tiny):
     torch.testing.assert_close(batched, ref, atol=1e-5, rtol=0)
 
 
-def test_batched_equals_one_at_a_time_under_every_padding(tiny):
+@pytest.mark.parametrize("overhead", [0, 96, 10**9])  # no padding ... the most padding
+def test_batched_equals_one_at_a_time_under_every_padding(tiny, monkeypatch, overhead):
+    monkeypatch.setattr(scoring, "PASS_OVERHEAD_TOKENS", overhead)
     one = scoring.answer_nll(tiny, PAIRS, max_batch_size=1)
     for budget in (8, 40, 10_000):  # many small batches ... one big batch
         torch.testing.assert_close(scoring.answer_nll(tiny, PAIRS, max_batch_tokens=budget), one)
+
+
+def _partitions(n):
+    """Every split of range(n) into consecutive runs."""
+    if n == 0:
+        yield []
+        return
+    for k in range(1, n + 1):
+        for rest in _partitions(n - k):
+            yield [k, *rest]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_batches_are_the_cheapest_valid_split(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 30, size=int(rng.integers(1, 9))).tolist()
+    budget, size, overhead = int(rng.integers(20, 120)), int(rng.integers(1, 5)), int(rng.integers(0, 60))
+    groups = scoring._batches(lengths, budget, size, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+
+    def cost(gs):
+        return sum(overhead + len(g) * max(lengths[i] for i in g) for g in gs)
+
+    for g in groups:  # within the budget (a row longer than it runs alone) and the size cap
+        assert len(g) <= size
+        assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= budget
+    # no split of the longest-first order into valid runs is cheaper
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best = math.inf
+    for runs in _partitions(len(order)):
+        gs, at = [], 0
+        for k in runs:
+            gs.append(order[at : at + k])
+            at += k
+        if all(len(g) <= size and (len(g) == 1 or len(g) * lengths[g[0]] <= budget) for g in gs):
+            best = min(best, cost(gs))
+    assert cost(groups) == best
+
+
+def test_batches_cut_padding_when_passes_are_cheap():
+    lengths = [40] * 4 + [5] * 60
+    one_pass = scoring._batches(lengths, 10_000, overhead=10**6)
+    split = scoring._batches(lengths, 10_000, overhead=50)
+    assert len(one_pass) == 1 and sorted(map(len, split)) == [4, 60]
 
 
 def test_answer_span_is_exactly_the_answer(tiny):
