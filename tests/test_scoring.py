@@ -55,7 +55,8 @@ def _partitions(n):
 def test_batches_are_the_cheapest_valid_split(seed):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 30, size=int(rng.integers(1, 9))).tolist()
-    budget, size, overhead = int(rng.integers(20, 120)), int(rng.integers(1, 5)), int(rng.integers(0, 60))
+    budget, size = int(rng.integers(20, 120)), int(rng.integers(1, 5))
+    overhead = int(rng.integers(0, 60))
     groups = scoring._batches(lengths, budget, size, overhead)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
 
