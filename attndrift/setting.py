@@ -71,6 +71,10 @@ class Setting:
     batch: int | None = _opt("edit this many records at once (MEMIT, PMET, AlphaEdit)")
     sequential: int | None = _opt("edit this many records one after another, each edit on the "
                                   "weights the previous ones left")  # fmt: skip
+    relation_kl: float | None = _opt(
+        "variant: weight of a KL term keeping the next token after generic relation prompts of "
+        "the subject (its other facts) at the unedited model's"
+    )
 
     def __post_init__(self) -> None:
         checks.choice("editor", self.editor, EDITORS)
@@ -104,6 +108,7 @@ class Setting:
             "weight_decay": {"low": 0},
             "clamp": {"low": 0, "above": True},
             "kl_factor": {"low": 0},
+            "relation_kl": {"low": 0},
             "early_stop": {"low": 0},
             "mom2_weight": {"low": 0, "above": True},
             "null_threshold": {"low": 0, "above": True},
@@ -181,6 +186,7 @@ class Setting:
                 ("weight_decay", "weight_decay"),
                 ("clamp_norm_factor", "clamp"),
                 ("kl_factor", "kl_factor"),
+                ("relation_kl", "relation_kl"),
                 ("early_stop_loss", "early_stop"),
                 ("early_stop_on", "early_stop_on"),
             )

@@ -12,8 +12,14 @@ and Adam minimises
 
     L(δ) = mean_j NLL(o_new | rewriting prompt j)                      (per-token mean)
          + kl_factor · KL(p_δ(·|essence) ‖ p_0(·|essence))              at s_last
+         + relation_kl · mean_r KL(p_δ(·|relation r) ‖ p_0(·|relation r)) at the last token
          + weight_decay · ‖δ‖ / ‖v_0‖²
          + γ · L_SADR                                                   (optional, sadr.py)
+
+The relation term (a variant, off by default: ``relation_kl = 0``) keeps the subject's other
+facts: the next-token distribution after generic relation prompts of the subject
+(:data:`attndrift.sadr.RELATION_TEMPLATES`, none of the evaluation's prompts) stays where the
+unedited model had it. The loss terms report it inside ``kl``.
 
 projecting δ onto ``‖δ‖ ≤ clamp_norm_factor · ‖v_0‖`` after each step and stopping once
 ``L < early_stop_loss`` (ROME's rule; ``early_stop_on="nll"`` compares the NLL term alone,
@@ -55,6 +61,7 @@ class ValueConfig:
     early_stop_loss: float = 0.05  # stop once the watched quantity falls below this
     early_stop_on: str = "loss"  # "loss" (ROME: the whole L) or "nll" (the NLL term alone)
     essence_prompt: str = "{} is a"
+    relation_kl: float = 0.0  # variant: weight of the relation prompts' KL (0: ROME's loss)
     prefix_cache: bool = True  # each step runs only what δ reaches (False: full reference)
 
     def __post_init__(self) -> None:
@@ -63,6 +70,7 @@ class ValueConfig:
         checks.number("weight_decay", self.weight_decay, low=0)
         checks.number("clamp_norm_factor", self.clamp_norm_factor, low=0, above=True)
         checks.number("kl_factor", self.kl_factor, low=0)
+        checks.number("relation_kl", self.relation_kl, low=0)
         checks.number("early_stop_loss", self.early_stop_loss, low=0)
         checks.choice("early_stop_on", self.early_stop_on, ("loss", "nll"))
         if not isinstance(self.essence_prompt, str) or "{}" not in self.essence_prompt:
@@ -132,7 +140,8 @@ def frozen(model: HookedTransformer) -> Iterator[None]:
 class _Rows:
     """The rows of the optimisation batch: the rewriting prompts (each context template
     filled with the edit prompt, then o_new's tokens but the last), the essence prompt, and
-    (SADR's relation-prompts variant) generic relation prompts of the subject."""
+    (SADR's relation-prompts variant, or the relation KL term) generic relation prompts of the
+    subject."""
 
     ids: list[tuple[int, ...]]
     subject_first: list[int]
@@ -140,6 +149,7 @@ class _Rows:
     prompt_last: list[int]  # t_j: the last prompt token (predicts o_new's first token)
     n_rewrite: int  # rows 0 .. n_rewrite - 1 are rewriting prompts; then the essence row
     sadr_rows: list[int]  # the rows whose attention SADR restrains
+    relation_rows: list[int]  # the generic relation prompts (empty unless a variant uses them)
 
 
 def _encode_rows(model, request, templates, target, cfg, sadr_cfg) -> _Rows:
@@ -151,12 +161,16 @@ def _encode_rows(model, request, templates, target, cfg, sadr_cfg) -> _Rows:
     encoded.append((encoding.encode_prompt(model, essence, request.subject), False))
     n_rewrite = len(templates)
     sadr_rows = list(range(n_rewrite))
-    if sadr_cfg is not None and sadr_cfg.relation_prompts:
+    restrained = sadr_cfg is not None and sadr_cfg.relation_prompts
+    relation_rows = []
+    if restrained or cfg.relation_kl > 0:
         for t in sadr.RELATION_TEMPLATES:
-            sadr_rows.append(len(encoded))
+            relation_rows.append(len(encoded))
             encoded.append(
                 (encoding.encode_prompt(model, fill(t, request.subject), request.subject), False)
             )
+        if restrained:
+            sadr_rows += relation_rows
     return _Rows(
         ids=[e.ids + target[:-1] if rewrite else e.ids for e, rewrite in encoded],
         subject_first=[e.subject_first for e, _ in encoded],
@@ -164,6 +178,7 @@ def _encode_rows(model, request, templates, target, cfg, sadr_cfg) -> _Rows:
         prompt_last=[e.last for e, _ in encoded],
         n_rewrite=n_rewrite,
         sadr_rows=sadr_rows,
+        relation_rows=relation_rows,
     )
 
 
@@ -260,6 +275,7 @@ class ValueObjective:
             zero = torch.zeros(shape, device=device, dtype=model.cfg.dtype)
             hidden, rows_now = self._forward(zero)
             self.essence_logp0 = self._essence_logp(hidden)
+            self.relation_logp0 = self._relation_logp(hidden)
             self.vanilla_rows = rows_now  # [prompt, layer, head, query, key] at delta = 0
 
     def _check_block_hooks(self, layer: int) -> None:
@@ -289,6 +305,11 @@ class ValueObjective:
         self.nll_rows = torch.arange(self.n_rewrite, device=device).repeat_interleave(n_t)
         self.nll_pos = (self.query[:, None] + torch.arange(n_t, device=device)).flatten()
         self.nll_target = torch.tensor(self.target, device=device).repeat(self.n_rewrite)
+        # the relation prompts' last tokens (the relation KL term reads them)
+        self.relation_rows = torch.tensor(rows.relation_rows, device=device, dtype=torch.long)
+        self.relation_query = torch.tensor(
+            [t[j] for j in rows.relation_rows], device=device, dtype=torch.long
+        )
         if self.sadr_cfg is not None:
             self._place_sadr(q_shift, k_shift)
 
@@ -409,7 +430,14 @@ class ValueObjective:
 
     def _essence_logp(self, hidden: Tensor) -> Tensor:
         h = hidden[self.n_rewrite, self.delta_pos[self.n_rewrite]]
-        return torch.log_softmax(models.unembed(self.model, h).float(), -1)
+        return torch.log_softmax(_logits(self.model, h), -1)
+
+    def _relation_logp(self, hidden: Tensor) -> Tensor | None:
+        """Next-token log-probabilities after each relation prompt (None: the term is off)."""
+        if self.cfg.relation_kl == 0:
+            return None
+        h = hidden[self.relation_rows, self.relation_query]
+        return torch.log_softmax(_logits(self.model, h), -1)
 
     def __call__(self, delta: Float[Tensor, "*hooks d_model"]) -> LossTerms:
         """All loss terms at ``delta`` (``[d_model]``, or ``[n_hooks, d_model]`` with several
@@ -418,7 +446,7 @@ class ValueObjective:
         # one unembedding (W_U is read once) for the target positions and the essence row
         essence = hidden[self.n_rewrite, self.delta_pos[self.n_rewrite]][None]
         picked = torch.cat([hidden[self.nll_rows, self.nll_pos], essence])
-        logits = models.unembed(self.model, picked).float()  # [target tokens + 1, d_vocab]
+        logits = _logits(self.model, picked)  # [target tokens + 1, d_vocab]
         token_nll = torch.nn.functional.cross_entropy(
             logits[:-1], self.nll_target, reduction="none"
         )
@@ -429,6 +457,11 @@ class ValueObjective:
             self.greedy = (target_logit >= logits[:-1].max(-1).values).all()
         ess = torch.log_softmax(logits[-1], -1)
         kl = self.cfg.kl_factor * (ess.exp() * (ess - self.essence_logp0)).sum()
+        if self.relation_logp0 is not None:  # the relation variant: mean over its prompts
+            rel = self._relation_logp(hidden)
+            kl = (
+                kl + self.cfg.relation_kl * (rel.exp() * (rel - self.relation_logp0)).sum(-1).mean()
+            )
         if self.stacked:  # one term per delta, each relative to its own ‖v_0‖² (PMET)
             wd = self.cfg.weight_decay * (delta.norm(dim=-1) / self.init.norm(dim=-1) ** 2).sum()
         else:
@@ -443,6 +476,13 @@ class ValueObjective:
             if self.sadr_cfg.gamma > 0:
                 total = total + self.sadr_cfg.gamma * sadr_term
         return LossTerms(total, nll, kl, wd, sadr_term, heads, torch.exp(-per_prompt).mean())
+
+
+def _logits(model: HookedTransformer, h: Tensor) -> Tensor:
+    """Logits of hidden states ``h``, in float32 at least (half precision is upcast; a float64
+    model keeps float64, which the gradient checks need)."""
+    logits = models.unembed(model, h)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 _TERMS = ("loss", "nll", "kl", "weight_decay", "sadr", "p_new", "delta_norm")

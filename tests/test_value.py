@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from attndrift import data, editors, memit, metrics, models, rome, sadr, value
+from attndrift import data, editors, encoding, memit, metrics, models, rome, sadr, value
 from tests.helpers import assert_same_run
 
 REQ = data.EditRequest(
@@ -145,3 +145,82 @@ def test_smollm_prefix_cache_follows_the_full_forward(smollm, restrain):
             smollm, hook, value_cfg, SADR[restrain], layer, record.request, templates
         )
         assert_same_run(value.optimise_value(full), value.optimise_value(cached))
+
+
+def _relation_objective(model, relation_kl, prefix_cache=True, kl_factor=0.0):
+    cfg = value.ValueConfig(relation_kl=relation_kl, kl_factor=kl_factor, prefix_cache=prefix_cache)
+    return value.ValueObjective(model, REQ, models.mlp_out_hook(1), 1, TEMPLATES, cfg)
+
+
+def _relation_kl_by_hand(model, delta, weight):
+    """weight · mean over the relation prompts of KL(p_δ ‖ p_0) at their last token, each
+    prompt run on its own with δ added to layer 1's MLP output at the subject's last token."""
+    kls = []
+    for t in sadr.RELATION_TEMPLATES:
+        enc = encoding.encode_prompt(model, t.format(REQ.subject), REQ.subject)
+        tokens = torch.tensor([enc.ids])
+
+        def add(x, hook, at=enc.subject_last):
+            x = x.clone()
+            x[0, at] += delta
+            return x
+
+        with torch.no_grad():
+            p0 = torch.log_softmax(model(tokens)[0, -1].double(), -1)
+            with models.hooked(model, [(models.mlp_out_hook(1), add)]):
+                p = torch.log_softmax(model(tokens)[0, -1].double(), -1)
+        kls.append((p.exp() * (p - p0)).sum())
+    return weight * torch.stack(kls).mean()
+
+
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_relation_kl_matches_hand_computation(tiny_llama, prefix_cache):
+    obj = _relation_objective(tiny_llama, 2.0, prefix_cache)
+    assert len(obj.rows.relation_rows) == len(sadr.RELATION_TEMPLATES)
+    zero = torch.zeros(tiny_llama.cfg.d_model)
+    assert obj(zero).kl.item() == pytest.approx(0.0, abs=1e-6)
+    delta = torch.randn(tiny_llama.cfg.d_model, generator=torch.Generator().manual_seed(3)) * 5
+    expected = _relation_kl_by_hand(tiny_llama, delta, 2.0)
+    assert expected.item() > 1e-3
+    assert obj(delta).kl.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_relation_kl_gradient_matches_finite_differences():
+    model = models.tiny_model("llama", seed=0, dtype=torch.float64)
+    obj = _relation_objective(model, 1.0)
+    g = torch.Generator().manual_seed(4)
+    delta = (torch.randn(model.cfg.d_model, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    with value.frozen(model):
+        (grad,) = torch.autograd.grad(obj(delta).kl, delta)
+        assert grad.abs().max() > 0
+        direction = torch.randn(model.cfg.d_model, generator=g, dtype=torch.float64)
+        eps = 1e-5
+        with torch.no_grad():
+            up, down = obj(delta + eps * direction).kl, obj(delta - eps * direction).kl
+    numeric = (up - down) / (2 * eps)
+    assert numeric.item() == pytest.approx((grad @ direction).item(), rel=1e-5, abs=1e-9)
+
+
+def test_relation_kl_zero_is_plain_rome_and_positive_holds_the_relations(tiny_llama):
+    cfg = value.ValueConfig()  # kl_factor 0.0625, as below
+    plain = value.optimise_value(
+        value.ValueObjective(tiny_llama, REQ, models.mlp_out_hook(1), 1, TEMPLATES, cfg)
+    )
+    off = value.optimise_value(_relation_objective(tiny_llama, 0.0, kl_factor=0.0625))
+    assert torch.equal(plain.delta, off.delta)  # no relation rows, the same steps
+    on = value.optimise_value(_relation_objective(tiny_llama, 50.0, kl_factor=0.0625))
+    assert not torch.equal(plain.delta, on.delta)
+    weight = 1.0  # measured the same way for both: the relations drift less under the term
+    assert _relation_kl_by_hand(tiny_llama, on.delta, weight) < _relation_kl_by_hand(
+        tiny_llama, plain.delta, weight
+    )
+
+
+def test_relation_kl_is_a_setting_and_rejects_negative_weights():
+    from attndrift import setting
+
+    s = setting.Setting(sadr_gamma=0.2, relation_kl=1.0)
+    assert "relation_kl=1" in s.key
+    assert s.config("smollm2-135m").value.relation_kl == 1.0
+    with pytest.raises(ValueError, match="relation_kl"):
+        value.ValueConfig(relation_kl=-1.0)
