@@ -7,7 +7,7 @@
 #   RECORDS=0-19 ROWS="preset budget variant" VARIANT_GAMMA=0.2 scripts/sadr_study.sh DATA \
 #     evaluation 0.2 --sadr-relations   (a part: rows preset, budget, variant, memit)
 #   RECORDS=1100-1115 ROWS="baseline paper" PAPER_GAMMAS=0.2 scripts/sadr_study.sh DATA selection
-#     (a part: some records, some rows, some γ; OWN_GAMMAS likewise)
+#     (a part: some records, some rows, some γ; OWN_GAMMAS and RELATION_KLS likewise)
 # Every row runs under the calibrated ROME preset (§12); SADR rows and the same-budget
 # baseline have 80 steps at most. NPROC=2 torchrun ranks; SWEEP_FLAGS=… passed on.
 set -euo pipefail
@@ -20,13 +20,14 @@ if [[ $what == selection ]]; then
   records=${RECORDS:-1100-1179}
   out=runs/sadr_selection.jsonl
   budget=(--records "$records" --steps 80 --out "$out")
-  for row in ${ROWS:-preset baseline paper threshold relations after_subject subject_keys all_heads}; do
+  for row in ${ROWS:-preset baseline paper threshold relations relation_kl after_subject subject_keys all_heads}; do
     case $row in
       preset)        run --records "$records" --out "$out" ;;
       baseline)      run "${budget[@]}" --sadr-gamma 0 ;;
       paper)         run "${budget[@]}" --sadr-gamma "${PAPER_GAMMAS:-0.2,0.05,0.5}" ;;
       threshold)     run "${budget[@]}" --sadr-gamma "${OWN_GAMMAS:-0.2,1.0}" --sadr-threshold own ;;
       relations)     run "${budget[@]}" --sadr-gamma 0.2 --sadr-relations ;;
+      relation_kl)   run "${budget[@]}" --sadr-gamma 0.2 --relation-kl "${RELATION_KLS:-5,25}" ;;
       after_subject) run "${budget[@]}" --sadr-gamma 0.2 --sadr-queries after_subject ;;
       subject_keys)  run "${budget[@]}" --sadr-gamma 0.2 --sadr-keys subject ;;
       all_heads)     run "${budget[@]}" --sadr-gamma 0.2 --all-heads ;;
