@@ -311,7 +311,7 @@ def summarize_command(args) -> int:
         if a.plot:
             from attndrift import plotting
 
-            plotting.save_html(plotting.tradeoff(frame), a.plot)
+            plotting.save_html([plotting.tradeoff(frame), plotting.tradeoff_map(frame)], a.plot)
             print(f"trade-off plot: {a.plot}")
     return 0
 

@@ -11,7 +11,9 @@ Figures present numbers computed elsewhere (:mod:`attndrift.drift`, :mod:`attndr
 * :func:`patching_heatmap`: layer x token for each direction (rows) and component (columns);
 * :func:`attention_rows`: vanilla vs edited attention of chosen (layer, head)s over the tokens;
 * :func:`drift_scatter`: drift factor vs P(o_new) with a least-squares line and ρ in the title;
-* :func:`tradeoff`: ES/PS vs NS/RS/DNS across SADR's γ, with and without head selection;
+* :func:`tradeoff`: ES/PS vs NS/RS/DNS across SADR's γ, with and without head selection, one
+  curve per variant; :func:`tradeoff_map`: PS against the harmonic mean of RS and DNS, one
+  point per setting;
 * :func:`tracing_heatmap`: causal tracing, token x layer per component (ROME's Fig. 1);
 * :func:`knockout_figure`: ΔP(o_new), ΔP(o_true) per blocked window, vanilla vs edited;
 * :func:`save_html` (standalone, plotly.js embedded) and :func:`save_png` (needs kaleido and a
@@ -485,12 +487,22 @@ def tradeoff(frame, editor: str | None = None) -> go.Figure:
     fig = make_subplots(
         rows=1, cols=2, subplot_titles=("edit success", "specificity"), shared_yaxes=True
     )
+    if "variant" not in frame:
+        frame = frame.assign(variant="")
     gammas = sorted(frame["gamma"].unique())
     labels = [f"{g:g}" for g in gammas]
-    for (ed, selection), part in frame.groupby(["editor", "selection"], sort=True):
+    for (ed, selection, variant), part in frame.groupby(
+        ["editor", "selection", "variant"], sort=True
+    ):
+        if part["gamma"].duplicated().any():
+            raise ValueError(
+                f"two settings of {ed} (variant {variant or 'none'}) at one γ: choose the "
+                "settings to plot (summarize --settings)"
+            )
         part = part.set_index("gamma").reindex(gammas)
         style = "solid" if selection else "dash"
         suffix = f"{ed}, {'selected heads' if selection else 'all heads'}"
+        suffix += f", {variant}" if variant else ""
         for col, kinds in ((1, ("ES", "PS")), (2, ("NS", "RS", "DNS"))):
             for kind in kinds:
                 y = part[kind].to_numpy(float)
@@ -516,6 +528,36 @@ def tradeoff(frame, editor: str | None = None) -> go.Figure:
     fig.update_xaxes(title_text="SADR γ", type="category")
     fig.update_yaxes(title_text="% of probes right (95 % interval)", row=1, col=1)
     fig.update_layout(title="SADR trade-off: edit success vs specificity across γ")
+    return fig
+
+
+def tradeoff_map(frame) -> go.Figure:
+    """Every setting as one point: paraphrase success (PS) against the harmonic mean of RS and
+    DNS (what the SADR rule maximises), with ES in the hover text; up and right is better.
+
+    Args:
+        frame: :func:`attndrift.summary.tradeoff`.
+    """
+    if frame.empty:
+        raise ValueError("no settings to plot")
+    rs, dns = frame["RS"].to_numpy(float), frame["DNS"].to_numpy(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hm = np.where((rs > 0) & (dns > 0), 2 * rs * dns / (rs + dns), 0.0)
+    hm = np.where(np.isnan(rs) | np.isnan(dns), np.nan, hm)
+    fig = go.Figure(
+        go.Scatter(
+            x=100 * hm,
+            y=100 * frame["PS"].to_numpy(float),
+            mode="markers+text",
+            text=list(frame["setting"]),
+            textposition="top center",
+            hovertext=[f"ES {100 * e:.1f}" for e in frame["ES"].to_numpy(float)],
+            name="settings",
+        )
+    )
+    fig.update_xaxes(title_text="harmonic mean of RS and DNS (%)")
+    fig.update_yaxes(title_text="PS (%)")
+    fig.update_layout(title="Specificity against generalisation, one point per setting")
     return fig
 
 

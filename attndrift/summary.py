@@ -82,9 +82,26 @@ def records_per_setting(lines: Sequence[Line]) -> dict[str, int]:
     return counts
 
 
+#: the setting fields that make a SADR variant (or the relation KL term of the value loss)
+VARIANT_FIELDS = ("sadr_queries", "sadr_keys", "sadr_threshold", "sadr_relations", "relation_kl")
+
+
+def variant_of(s: Setting) -> str:
+    """The variant a setting runs, e.g. ``"relation_kl=5"`` (``""``: the paper's SADR)."""
+    parts = []
+    for name in VARIANT_FIELDS:
+        v = getattr(s, name)
+        if v is None or v is False:
+            continue
+        parts.append(
+            name if v is True else f"{name}={v:g}" if isinstance(v, float) else f"{name}={v}"
+        )
+    return ",".join(parts)
+
+
 def tradeoff(lines: Sequence[Line]) -> pd.DataFrame:
-    """One row per setting: ``setting, editor, gamma, selection, steps``, each metric with
-    ``_low``/``_high`` interval bounds (fractions in [0, 1]), and ``Score``."""
+    """One row per setting: ``setting, editor, gamma, selection, variant, steps``, each metric
+    with ``_low``/``_high`` interval bounds (fractions in [0, 1]), and ``Score``."""
     summaries = by_setting(lines)
     settings = {line.setting.key: line for line in lines}
     rows = []
@@ -97,6 +114,7 @@ def tradeoff(lines: Sequence[Line]) -> pd.DataFrame:
             "editor": line.setting.editor,
             "gamma": line.setting.sadr_gamma,
             "selection": not line.setting.all_heads,
+            "variant": variant_of(line.setting),
             "steps": line.config.get("value", {}).get("steps"),
         }
         for k in PROBE_KINDS:
@@ -105,7 +123,8 @@ def tradeoff(lines: Sequence[Line]) -> pd.DataFrame:
         row["Score"] = s.score
         rows.append(row)
     frame = pd.DataFrame(rows)
-    return frame.sort_values(["editor", "selection", "gamma"]).reset_index(drop=True)
+    order = ["editor", "selection", "variant", "gamma"]
+    return frame.sort_values(order).reset_index(drop=True)
 
 
 def drift_vs_failure(

@@ -174,3 +174,28 @@ def test_tradeoff_plot():
     assert fig.layout.xaxis.title.text == "SADR γ"
     with pytest.raises(ValueError, match="no settings"):
         plotting.tradeoff(pd.DataFrame(rows), editor="memit")
+    # a variant is its own curve; two settings of one curve at one γ are refused
+    variant = dict(rows[1], variant="relation_kl=5", ES=0.7)
+    frame = pd.DataFrame([dict(r, variant="") for r in rows] + [variant])
+    names = [t.name for t in plotting.tradeoff(frame).data]
+    assert "ES (rome, selected heads, relation_kl=5)" in names
+    with pytest.raises(ValueError, match="at one γ"):
+        plotting.tradeoff(pd.DataFrame([*rows, rows[1]]))
+
+
+def test_tradeoff_map_places_each_setting():
+    import pandas as pd
+
+    from attndrift import plotting
+
+    rows = [
+        {"setting": "a", "ES": 1.0, "PS": 0.9, "RS": 0.2, "DNS": 0.6},
+        {"setting": "b", "ES": 1.0, "PS": 0.5, "RS": 0.0, "DNS": 0.8},
+    ]
+    fig = plotting.tradeoff_map(pd.DataFrame(rows))
+    (points,) = fig.data
+    assert list(points.text) == ["a", "b"]
+    assert list(points.x) == pytest.approx([100 * 2 * 0.2 * 0.6 / 0.8, 0.0])
+    assert list(points.y) == pytest.approx([90.0, 50.0])
+    with pytest.raises(ValueError, match="no settings"):
+        plotting.tradeoff_map(pd.DataFrame(rows).iloc[:0])

@@ -101,6 +101,12 @@ def test_summary_matches_direct_evaluation(tiny_llama, records, tmp_path):
         assert s["none"].metrics[k].n == direct.metrics[k].n
     frame = summary.tradeoff(results.load([out]))
     assert list(frame["setting"]) == ["rome|g=0|steps=3|identity_cov"]
+    assert list(frame["variant"]) == [""]
+    both = setting.Setting(sadr_gamma=0.2, sadr_relations=True, relation_kl=5.0)
+    assert summary.variant_of(both) == "sadr_relations,relation_kl=5"
+    assert summary.variant_of(setting.Setting(sadr_gamma=0.2, sadr_threshold="own")) == (
+        "sadr_threshold=own"
+    )
 
 
 def test_failure_analysis_from_sweep_lines(tiny_llama, records, tmp_path, capsys):
