@@ -4,13 +4,15 @@
 # to runs/, gzipped copies to results/.
 #   scripts/sadr_study.sh DATA selection              (dev records 1100-1179)
 #   scripts/sadr_study.sh DATA evaluation GAMMA VARIANT_FLAGS   (dev records 0-199)
-#   RECORDS=0-19 ROWS="preset budget variant" VARIANT_GAMMA=0.2 scripts/sadr_study.sh DATA \
-#     evaluation 0.2 --sadr-relations   (a part: rows preset, budget, variant, memit)
+#   BLOCKS="0-19 20-39" ROWS="preset budget variant" VARIANT_GAMMA=0.2 scripts/sadr_study.sh \
+#     DATA evaluation 0.2 --sadr-relations   (a part: rows preset, budget, variant, memit;
+#     every row of a block before the next block; results/ refreshed after each block)
 #   RECORDS=1100-1115 ROWS="baseline paper" PAPER_GAMMAS=0.2 scripts/sadr_study.sh DATA selection
 #     (a part: some records, some rows, some γ; OWN_GAMMAS and RELATION_KLS likewise)
 # Every row runs under the calibrated ROME preset (§12); SADR rows and the same-budget
 # baseline have 80 steps at most. NPROC=2 torchrun ranks; SWEEP_FLAGS=… passed on.
 set -euo pipefail
+mkdir -p results
 data=${1:?usage: $0 path/to/merged_counterfact_dev.json selection|evaluation [GAMMA FLAGS]}
 what=${2:?selection or evaluation}
 nproc=${NPROC:-2}
@@ -37,8 +39,9 @@ if [[ $what == selection ]]; then
 elif [[ $what == evaluation ]]; then
   gamma=${3:?the chosen γ}
   variant=${4:-}
-  records=${RECORDS:-0-199}
   out=runs/sadr_evaluation.jsonl
+  # BLOCKS="0-19 20-39 …": every row of a block runs before the next block starts
+  for records in ${BLOCKS:-${RECORDS:-0-199}}; do
   for row in ${ROWS:-preset budget variant memit}; do
     case $row in
       preset) run --records "$records" --out "$out" ;;
@@ -51,6 +54,8 @@ elif [[ $what == evaluation ]]; then
         run --records "$records" --editor memit --sadr-gamma "0,$half" --out "$out" ;;
       *) echo "unknown row $row" >&2; exit 2 ;;
     esac
+  done
+  for f in runs/sadr_*.rank*-of-*.jsonl; do gzip -9 -c "$f" > "results/$(basename "$f").gz"; done
   done
 else
   echo "selection or evaluation, not $what" >&2; exit 2
