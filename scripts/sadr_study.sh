@@ -10,14 +10,22 @@
 #   RECORDS=1100-1115 ROWS="baseline paper" PAPER_GAMMAS=0.2 scripts/sadr_study.sh DATA selection
 #     (a part: some records, some rows, some γ; OWN_GAMMAS and RELATION_KLS likewise)
 # Every row runs under the calibrated ROME preset (§12); SADR rows and the same-budget
-# baseline have 80 steps at most. NPROC=2 torchrun ranks; SWEEP_FLAGS=… passed on.
+# baseline have 80 steps at most. NPROC=2 torchrun ranks (NPROC=1: one plain process, e.g.
+# two instances on different BLOCKS, each with its own OUT); SWEEP_FLAGS=… passed on.
 set -euo pipefail
 mkdir -p results
 data=${1:?usage: $0 path/to/merged_counterfact_dev.json selection|evaluation [GAMMA FLAGS]}
 what=${2:?selection or evaluation}
 nproc=${NPROC:-2}
-run() { OMP_NUM_THREADS=1 torchrun --nproc_per_node "$nproc" --master_port 29542 \
-          -m attndrift.cli sweep --data "$data" ${SWEEP_FLAGS:-} "$@"; }
+run() {
+  if [[ $nproc == 1 ]]; then  # one process: no torchrun (two instances need no port)
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -m attndrift.cli sweep --data "$data" \
+      ${SWEEP_FLAGS:-} "$@"
+  else
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node "$nproc" --master_port 29542 \
+      -m attndrift.cli sweep --data "$data" ${SWEEP_FLAGS:-} "$@"
+  fi
+}
 if [[ $what == selection ]]; then
   records=${RECORDS:-1100-1179}
   out=runs/sadr_selection.jsonl
@@ -39,7 +47,7 @@ if [[ $what == selection ]]; then
 elif [[ $what == evaluation ]]; then
   gamma=${3:?the chosen γ}
   variant=${4:-}
-  out=runs/sadr_evaluation.jsonl
+  out=${OUT:-runs/sadr_evaluation.jsonl}
   # BLOCKS="0-19 20-39 …": every row of a block runs before the next block starts
   for records in ${BLOCKS:-${RECORDS:-0-199}}; do
   for row in ${ROWS:-preset budget variant memit}; do
