@@ -292,6 +292,8 @@ def summarize_command(args) -> int:
     p.add_argument("--drift", action="append", default=[], metavar="SETTING",
                    help="drift vs P(o_new) of SETTING's RS/DNS probes (repeatable)")  # fmt: skip
     p.add_argument("--drift-plot", type=Path, default=None, help="scatter plot of the first")
+    p.add_argument("--drift-table", action="store_true",
+                   help="drift vs P(o_new) of every setting, RS and DNS apart")  # fmt: skip
     p.add_argument("--plot", type=Path, default=None, help="write the γ trade-off plot (HTML)")
     p.add_argument("--csv", type=Path, default=None, help="write the trade-off numbers (CSV)")
     a = p.parse_args(args)
@@ -303,6 +305,10 @@ def summarize_command(args) -> int:
         _print_paired(lines, pair, a.markdown)
     for i, key in enumerate(a.drift):
         _print_drift(lines, key, a.drift_plot if i == 0 else None)
+    if a.drift_table:
+        frame = summary.drift_table(lines)
+        print("\ndrift factor vs P(o_new) per setting and probe kind (paper Fig. 4):")
+        print(_markdown(frame) if a.markdown else frame.to_string())
     if a.plot or a.csv:
         frame = summary.tradeoff(lines)
         if a.csv:

@@ -159,6 +159,35 @@ def drift_vs_failure(
     return drift.failure_analysis(pd.DataFrame(rows), torch.tensor(per_layer), layers)
 
 
+def drift_table(lines: Sequence[Line], kinds: Sequence[str] = ("RS", "DNS")) -> pd.DataFrame:
+    """Drift versus failure for every edited setting, one row per (setting, probe kind): the
+    edits and probes measured, the mean drift factor and P(o_new), and the Pearson and
+    Spearman correlation of the two over the probes (:func:`drift_vs_failure`)."""
+    rows = []
+    for key in dict.fromkeys(line.setting.key for line in lines):
+        for kind in kinds:
+            try:
+                fa = drift_vs_failure(lines, key, [kind])
+            except ValueError:  # no drift measured for this kind
+                continue
+            c = fa.overall
+            rows.append(
+                {
+                    "setting": key,
+                    "kind": kind,
+                    "edits": int(fa.probes["record"].nunique()),
+                    "probes": c.n,
+                    "drift factor": f"{fa.probes['factor'].mean():.2f}",
+                    "P(o_new)": f"{fa.probes['p_new'].mean():.3f}",
+                    "Pearson (p)": f"{c.pearson:.2f} ({c.pearson_p:.1e})",
+                    "Spearman (p)": f"{c.spearman:.2f} ({c.spearman_p:.1e})",
+                }
+            )
+    if not rows:
+        raise ValueError("no drift measurements in these lines")
+    return pd.DataFrame(rows).set_index("setting")
+
+
 # --------------------------------------------------------------------------------------------
 # Paired comparisons
 # --------------------------------------------------------------------------------------------

@@ -140,6 +140,17 @@ def test_failure_analysis_from_sweep_lines(tiny_llama, records, tmp_path, capsys
     printed = capsys.readouterr().out
     c = analysis.overall
     assert f"{len(records)} edits, {n} RS/DNS probes: Pearson {c.pearson:.3f}" in printed
+    # the one-table form: a row per probe kind measured, each kind's own correlation
+    table = summary.drift_table(lines)
+    for _, row in table.iterrows():
+        fa = summary.drift_vs_failure(lines, quick.key, [row["kind"]])
+        assert row["probes"] == fa.overall.n and row["edits"] == fa.probes["record"].nunique()
+        assert row["drift factor"] == f"{fa.probes['factor'].mean():.2f}"
+        assert row["P(o_new)"] == f"{fa.probes['p_new'].mean():.3f}"
+    assert set(table["kind"]) == {k for x in lines for k in x.drift.kinds} & {"RS", "DNS"}
+    assert table["probes"].sum() == sum(k in ("RS", "DNS") for x in lines for k in x.drift.kinds)
+    assert cli.main(["summarize", str(out), "--drift-table", "--markdown"]) == 0
+    assert "| setting | kind | edits | probes |" in capsys.readouterr().out
     assert f"Spearman {c.spearman:.3f}" in printed and plot.stat().st_size > 1_000_000
 
 
