@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 from jaxtyping import Float
 from plotly.subplots import make_subplots
@@ -472,13 +473,23 @@ def drift_scatter(analysis: FailureAnalysis) -> go.Figure:
     return fig
 
 
+#: one colour per metric in the trade-off figures, one line style per curve
+METRIC_COLOURS = {"ES": "#1f77b4", "PS": "#d62728", "NS": "#2ca02c", "RS": "#9467bd",
+                  "DNS": "#ff7f0e"}  # fmt: skip
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+
+
 def tradeoff(frame, editor: str | None = None) -> go.Figure:
     """The γ trade-off: edit success (ES, PS) and specificity (NS, RS, DNS) against γ.
 
+    One curve per editor, head selection and variant (a colour per metric, a line style per
+    curve); an editor's γ = 0 row (its baseline) starts every curve of that editor.
+
     Args:
         frame: :func:`attndrift.summary.tradeoff` — one row per setting with ``editor``,
-            ``gamma``, ``selection`` and each metric with ``_low``/``_high`` interval bounds.
-        editor: plot one editor's rows only (default: all, distinguished by line style).
+            ``gamma``, ``selection`` (``variant``: optional) and each metric with
+            ``_low``/``_high`` interval bounds.
+        editor: plot one editor's rows only (default: all).
     """
     if editor is not None:
         frame = frame[frame["editor"] == editor]
@@ -491,16 +502,23 @@ def tradeoff(frame, editor: str | None = None) -> go.Figure:
         frame = frame.assign(variant="")
     gammas = sorted(frame["gamma"].unique())
     labels = [f"{g:g}" for g in gammas]
-    for (ed, selection, variant), part in frame.groupby(
-        ["editor", "selection", "variant"], sort=True
-    ):
+    sadr_rows = frame[frame["gamma"] > 0]
+    curves = sadr_rows.groupby(["editor", "selection", "variant"], sort=True)
+    keys = [k for k, _ in curves] or [(ed, True, "") for ed in sorted(set(frame["editor"]))]
+    for i, (ed, selection, variant) in enumerate(keys):
+        part = sadr_rows[
+            (sadr_rows["editor"] == ed)
+            & (sadr_rows["selection"] == selection)
+            & (sadr_rows["variant"] == variant)
+        ]
+        base = frame[(frame["editor"] == ed) & (frame["gamma"] == 0)]
+        part = pd.concat([base, part])
         if part["gamma"].duplicated().any():
             raise ValueError(
                 f"two settings of {ed} (variant {variant or 'none'}) at one γ: choose the "
                 "settings to plot (summarize --settings)"
             )
         part = part.set_index("gamma").reindex(gammas)
-        style = "solid" if selection else "dash"
         suffix = f"{ed}, {'selected heads' if selection else 'all heads'}"
         suffix += f", {variant}" if variant else ""
         for col, kinds in ((1, ("ES", "PS")), (2, ("NS", "RS", "DNS"))):
@@ -519,7 +537,8 @@ def tradeoff(frame, editor: str | None = None) -> go.Figure:
                             "arrayminus": 100 * (y - part[f"{kind}_low"].to_numpy(float)),
                         },
                         mode="lines+markers",
-                        line={"dash": style},
+                        connectgaps=True,
+                        line={"dash": DASHES[i % len(DASHES)], "color": METRIC_COLOURS[kind]},
                         name=f"{kind} ({suffix})",
                     ),
                     row=1,
@@ -529,6 +548,13 @@ def tradeoff(frame, editor: str | None = None) -> go.Figure:
     fig.update_yaxes(title_text="% of probes right (95 % interval)", row=1, col=1)
     fig.update_layout(title="SADR trade-off: edit success vs specificity across γ")
     return fig
+
+
+def _short_keys(keys: list[str]) -> list[str]:
+    """Setting keys without the ``|``-parts they all share (``rome``, ``steps=80``, …)."""
+    parts = [k.split("|") for k in keys]
+    shared = set.intersection(*map(set, parts)) if len(keys) > 1 else set()
+    return ["|".join(p for p in ps if p not in shared) or "|".join(ps) for ps in parts]
 
 
 def tradeoff_map(frame) -> go.Figure:
@@ -549,8 +575,9 @@ def tradeoff_map(frame) -> go.Figure:
             x=100 * hm,
             y=100 * frame["PS"].to_numpy(float),
             mode="markers+text",
-            text=list(frame["setting"]),
-            textposition="top center",
+            text=_short_keys(list(frame["setting"])),
+            textposition=[("top center", "bottom center")[i % 2] for i in range(len(frame))],
+            customdata=list(frame["setting"]),
             hovertext=[f"ES {100 * e:.1f}" for e in frame["ES"].to_numpy(float)],
             name="settings",
         )

@@ -170,7 +170,8 @@ def test_tradeoff_plot():
     assert list(es.x) == ["0", "0.01"] and list(es.y) == [100.0, 90.0]
     assert list(es.error_y.array) == pytest.approx([5.0, 5.0])
     rs_all = next(t for t in fig.data if t.name == "RS (rome, all heads)")
-    assert np.isnan(rs_all.y[0]) and rs_all.y[1] == pytest.approx(60.0)
+    assert list(rs_all.y) == pytest.approx([20.0, 60.0])  # from the γ = 0 baseline
+    assert rs_all.line.dash != es.line.dash and rs_all.line.color != es.line.color
     assert fig.layout.xaxis.title.text == "SADR γ"
     with pytest.raises(ValueError, match="no settings"):
         plotting.tradeoff(pd.DataFrame(rows), editor="memit")
@@ -194,8 +195,11 @@ def test_tradeoff_map_places_each_setting():
     ]
     fig = plotting.tradeoff_map(pd.DataFrame(rows))
     (points,) = fig.data
-    assert list(points.text) == ["a", "b"]
+    assert list(points.text) == ["a", "b"] and list(points.customdata) == ["a", "b"]
     assert list(points.x) == pytest.approx([100 * 2 * 0.2 * 0.6 / 0.8, 0.0])
     assert list(points.y) == pytest.approx([90.0, 50.0])
     with pytest.raises(ValueError, match="no settings"):
         plotting.tradeoff_map(pd.DataFrame(rows).iloc[:0])
+    # labels leave out what every setting shares
+    keys = ["rome|g=0|steps=80", "rome|g=0.2|steps=80", "rome|g=0.2|sadr_relations|steps=80"]
+    assert plotting._short_keys(keys) == ["g=0", "g=0.2", "g=0.2|sadr_relations"]
