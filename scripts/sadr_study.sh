@@ -37,7 +37,8 @@ if [[ $what == selection ]]; then
       paper)         run "${budget[@]}" --sadr-gamma "${PAPER_GAMMAS:-0.2,0.05,0.5}" ;;
       threshold)     run "${budget[@]}" --sadr-gamma "${OWN_GAMMAS:-0.2,1.0}" --sadr-threshold own ;;
       relations)     run "${budget[@]}" --sadr-gamma 0.2 --sadr-relations ;;
-      relation_kl)   run "${budget[@]}" --sadr-gamma 0.2 --relation-kl "${RELATION_KLS:-5,25}" ;;
+      relation_kl)   run "${budget[@]}" --sadr-gamma "${VARIANT_GAMMA:-0.2}" \
+                       --relation-kl "${RELATION_KLS:-5,25}" ;;
       after_subject) run "${budget[@]}" --sadr-gamma 0.2 --sadr-queries after_subject ;;
       subject_keys)  run "${budget[@]}" --sadr-gamma 0.2 --sadr-keys subject ;;
       all_heads)     run "${budget[@]}" --sadr-gamma 0.2 --all-heads ;;
