@@ -22,7 +22,12 @@ Writes one JSON line per record (``--out``, gzipped by the caller) and prints th
 tables. Usage::
 
     python scripts/relation_mechanism.py DATA --records 1100-1139 --out runs/mechanism.jsonl
-    python scripts/relation_mechanism.py DATA --out results/mechanism_1100-1119.jsonl.gz
+    python scripts/relation_mechanism.py DATA --out results/mechanism_1100-1119.jsonl.gz \
+        --plot mechanism.html
+
+``--plot`` writes the figures: the failing probes fixed by each patch, and per head, its mean
+drift on the rewriting prompts against its drift on the RS (DNS) probes, coloured by how often
+SADR's rule restrains it.
 """
 
 import argparse
@@ -108,8 +113,7 @@ def summarize(lines: list[dict]) -> None:
         ps = [p for p in probes if p["kind"] == kind]
         if not ps:
             continue
-        failing = [p for p in ps if p["restore_source"]["p_true"] > p["restore_source"]["p_new"]
-                   and not p["restore_none"]["ok"]]  # fmt: skip
+        failing = _failing(ps)
         fixed_attn = sum(p["restore_attn"]["ok"] for p in failing)
         fixed_mlp = sum(p["restore_mlp"]["ok"] for p in failing)
         caused = sum(not p["contaminate_attn"]["ok"] for p in failing)
@@ -138,6 +142,56 @@ def summarize(lines: list[dict]) -> None:
               f"{rewrite[list(top(target))].mean():.3f} on the rewriting prompts")  # fmt: skip
 
 
+def _failing(probes: list[dict]) -> list[dict]:
+    """Probes the vanilla model gets right (P(o_true) > P(o_new)) and the edited one wrong."""
+    return [p for p in probes if p["restore_source"]["p_true"] > p["restore_source"]["p_new"]
+            and not p["restore_none"]["ok"]]  # fmt: skip
+
+
+def figures(lines: list[dict]) -> list:
+    """The patch outcomes of the failing probes, and the per-head drift scatter per kind."""
+    import plotly.graph_objects as go
+
+    probes = [p for line in lines for p in line["probes"]]
+    bars = go.Figure()
+    patches = (("fixed by restoring attention", "restore_attn", True),
+               ("fixed by restoring the MLP", "restore_mlp", True),
+               ("caused by edited attention alone", "contaminate_attn", False))  # fmt: skip
+    for label, key, want in patches:
+        ys, texts = [], []
+        for kind in ("RS", "DNS"):
+            failing = _failing([p for p in probes if p["kind"] == kind])
+            k = sum(p[key]["ok"] == want for p in failing)
+            ys.append(100 * k / max(len(failing), 1))
+            texts.append(f"{k}/{len(failing)}")
+        bars.add_trace(go.Bar(x=["RS", "DNS"], y=ys, text=texts, name=label))
+    bars.update_layout(title="Failing probes (vanilla right, edited wrong): what each patch does",
+                       yaxis_title="% of failing probes", barmode="group")  # fmt: skip
+    out = [bars]
+    for kind in ("RS", "DNS"):
+        rows = [x for x in lines if f"heads_{kind}" in x]
+        if not rows:
+            continue
+        rewrite = np.mean([np.ravel(x["heads_rewrite"]) for x in rows], 0)
+        target = np.mean([np.ravel(x[f"heads_{kind}"]) for x in rows], 0)
+        restrained = np.mean([np.ravel(x["sadr_rewrite"]) for x in rows], 0)
+        layer, n_heads = rows[0]["layer"], np.shape(rows[0]["heads_rewrite"])[1]
+        names = [f"L{layer + 1 + i // n_heads}H{i % n_heads}" for i in range(len(rewrite))]
+        fig = go.Figure(go.Scatter(
+            x=rewrite, y=target, mode="markers", text=names,
+            marker={"color": restrained, "colorscale": "Viridis", "showscale": True,
+                    "colorbar": {"title": "restrained<br>by SADR"}},
+        ))  # fmt: skip
+        fig.update_layout(
+            title=f"Per head: attention drift to the subject on the rewriting prompts vs on "
+                  f"{kind} probes ({len(rows)} edits)",
+            xaxis_title="mean Δ attention last → s_last, rewriting prompts",
+            yaxis_title=f"mean Δ attention last → s_last, {kind} probes",
+        )  # fmt: skip
+        out.append(fig)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("data", type=Path)
@@ -145,10 +199,17 @@ def main() -> None:
     p.add_argument(
         "--out", type=Path, required=True, help="JSON lines; a committed .jsonl.gz: summarise it"
     )
+    p.add_argument("--plot", type=Path, default=None, help="write the figures (HTML)")
     a = p.parse_args()
     if a.out.suffix == ".gz":
         with gzip.open(a.out, "rt", encoding="utf-8") as f:
-            summarize([json.loads(x) for x in f if x.strip()])
+            lines = [json.loads(x) for x in f if x.strip()]
+        summarize(lines)
+        if a.plot:
+            from attndrift import plotting
+
+            plotting.save_html(figures(lines), a.plot)
+            print(f"figures: {a.plot}")
         return
     if a.records is None:
         p.error("--records is required unless --out is a committed .jsonl.gz")
