@@ -294,7 +294,7 @@ def summarize_command(args) -> int:
     p.add_argument("--drift-plot", type=Path, default=None, help="scatter plot of the first")
     p.add_argument("--drift-table", action="store_true",
                    help="drift vs P(o_new) of every setting, RS and DNS apart")  # fmt: skip
-    p.add_argument("--plot", type=Path, default=None, help="write the γ trade-off plot (HTML)")
+    p.add_argument("--plot", type=Path, default=None, help="write the trade-off figures (HTML)")
     p.add_argument("--csv", type=Path, default=None, help="write the trade-off numbers (CSV)")
     a = p.parse_args(args)
     lines = _selected_lines(results.load(a.results), a)
@@ -317,7 +317,12 @@ def summarize_command(args) -> int:
         if a.plot:
             from attndrift import plotting
 
-            plotting.save_html([plotting.tradeoff(frame), plotting.tradeoff_map(frame)], a.plot)
+            figures = [plotting.tradeoff_map(frame)]
+            try:  # the γ curves need one setting per (curve, γ); the map takes any settings
+                figures.insert(0, plotting.tradeoff(frame))
+            except ValueError as e:
+                print(f"γ curves not drawn ({e}); the map is")
+            plotting.save_html(figures, a.plot)
             print(f"trade-off plot: {a.plot}")
     return 0
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -107,6 +108,27 @@ def test_summary_matches_direct_evaluation(tiny_llama, records, tmp_path):
     assert summary.variant_of(setting.Setting(sadr_gamma=0.2, sadr_threshold="own")) == (
         "sadr_threshold=own"
     )
+
+
+def test_summarize_plot_draws_the_map_when_gamma_curves_cannot_be(tiny_llama, records, tmp_path,
+                                                                 capsys):  # fmt: skip
+    from attndrift import cli
+
+    out = tmp_path / "r.jsonl"
+    two = [setting.Setting(**QUICK), setting.Setting(**(QUICK | {"steps": 4}))]  # both γ = 0
+    sweep.run(tiny_llama, records, two, out, progress=False)
+    plot, csv = tmp_path / "t.html", tmp_path / "t.csv"
+    assert cli.main(["summarize", str(out), "--plot", str(plot), "--csv", str(csv)]) == 0
+    printed = capsys.readouterr().out
+    assert "γ curves not drawn (two settings of rome" in printed
+    html = plot.read_text()
+    assert "one point per setting" in html and "edit success vs specificity" not in html
+    assert len(pd.read_csv(csv)) == 2
+    one = ["summarize", str(out), "--settings", two[0].key, "--plot", str(plot)]
+    assert cli.main(one) == 0  # one setting per γ: both figures
+    printed = capsys.readouterr().out
+    assert "γ curves not drawn" not in printed, printed[-300:]
+    assert "edit success vs specificity" in plot.read_text()
 
 
 def test_failure_analysis_from_sweep_lines(tiny_llama, records, tmp_path, capsys):
