@@ -503,14 +503,11 @@ def tradeoff(frame, editor: str | None = None) -> go.Figure:
     gammas = sorted(frame["gamma"].unique())
     labels = [f"{g:g}" for g in gammas]
     sadr_rows = frame[frame["gamma"] > 0]
-    curves = sadr_rows.groupby(["editor", "selection", "variant"], sort=True)
-    keys = [k for k, _ in curves] or [(ed, True, "") for ed in sorted(set(frame["editor"]))]
-    for i, (ed, selection, variant) in enumerate(keys):
-        part = sadr_rows[
-            (sadr_rows["editor"] == ed)
-            & (sadr_rows["selection"] == selection)
-            & (sadr_rows["variant"] == variant)
-        ]
+    curves = list(sadr_rows.groupby(["editor", "selection", "variant"], sort=True)) or [
+        ((ed, True, ""), sadr_rows)
+        for ed in sorted(set(frame["editor"]))  # baselines only
+    ]
+    for i, ((ed, selection, variant), part) in enumerate(curves):
         base = frame[(frame["editor"] == ed) & (frame["gamma"] == 0)]
         part = pd.concat([base, part])
         if part["gamma"].duplicated().any():
@@ -559,20 +556,17 @@ def _short_keys(keys: list[str]) -> list[str]:
 
 def tradeoff_map(frame) -> go.Figure:
     """Every setting as one point: paraphrase success (PS) against the harmonic mean of RS and
-    DNS (what the SADR rule maximises), with ES in the hover text; up and right is better.
+    DNS (``RS_DNS``, what the SADR rule maximises), with ES in the hover text; up and right is
+    better.
 
     Args:
         frame: :func:`attndrift.summary.tradeoff`.
     """
     if frame.empty:
         raise ValueError("no settings to plot")
-    rs, dns = frame["RS"].to_numpy(float), frame["DNS"].to_numpy(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        hm = np.where((rs > 0) & (dns > 0), 2 * rs * dns / (rs + dns), 0.0)
-    hm = np.where(np.isnan(rs) | np.isnan(dns), np.nan, hm)
     fig = go.Figure(
         go.Scatter(
-            x=100 * hm,
+            x=100 * frame["RS_DNS"].to_numpy(float),
             y=100 * frame["PS"].to_numpy(float),
             mode="markers+text",
             text=_short_keys(list(frame["setting"])),

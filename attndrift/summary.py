@@ -101,7 +101,8 @@ def variant_of(s: Setting) -> str:
 
 def tradeoff(lines: Sequence[Line]) -> pd.DataFrame:
     """One row per setting: ``setting, editor, gamma, selection, variant, steps``, each metric
-    with ``_low``/``_high`` interval bounds (fractions in [0, 1]), and ``Score``."""
+    with ``_low``/``_high`` interval bounds (fractions in [0, 1]), ``RS_DNS`` (their harmonic
+    mean, what the SADR rule maximises) and ``Score``."""
     summaries = by_setting(lines)
     settings = {line.setting.key: line for line in lines}
     rows = []
@@ -120,6 +121,7 @@ def tradeoff(lines: Sequence[Line]) -> pd.DataFrame:
         for k in PROBE_KINDS:
             m = s.metrics[k]
             row |= {k: m.mean, f"{k}_low": m.low, f"{k}_high": m.high}
+        row["RS_DNS"] = metrics.harmonic_mean([row["RS"], row["DNS"]])  # the SADR rule's aim
         row["Score"] = s.score
         rows.append(row)
     frame = pd.DataFrame(rows)

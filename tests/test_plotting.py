@@ -190,13 +190,13 @@ def test_tradeoff_map_places_each_setting():
     from attndrift import plotting
 
     rows = [
-        {"setting": "a", "ES": 1.0, "PS": 0.9, "RS": 0.2, "DNS": 0.6},
-        {"setting": "b", "ES": 1.0, "PS": 0.5, "RS": 0.0, "DNS": 0.8},
+        {"setting": "a", "ES": 1.0, "PS": 0.9, "RS_DNS": 0.3},
+        {"setting": "b", "ES": 1.0, "PS": 0.5, "RS_DNS": 0.0},
     ]
     fig = plotting.tradeoff_map(pd.DataFrame(rows))
     (points,) = fig.data
     assert list(points.text) == ["a", "b"] and list(points.customdata) == ["a", "b"]
-    assert list(points.x) == pytest.approx([100 * 2 * 0.2 * 0.6 / 0.8, 0.0])
+    assert list(points.x) == pytest.approx([30.0, 0.0])
     assert list(points.y) == pytest.approx([90.0, 50.0])
     with pytest.raises(ValueError, match="no settings"):
         plotting.tradeoff_map(pd.DataFrame(rows).iloc[:0])

@@ -103,6 +103,10 @@ def test_summary_matches_direct_evaluation(tiny_llama, records, tmp_path):
     frame = summary.tradeoff(results.load([out]))
     assert list(frame["setting"]) == ["rome|g=0|steps=3|identity_cov"]
     assert list(frame["variant"]) == [""]
+    from attndrift import metrics
+
+    row = frame.iloc[0]
+    assert row["RS_DNS"] == metrics.harmonic_mean([row["RS"], row["DNS"]]) and row["RS_DNS"] > 0
     both = setting.Setting(sadr_gamma=0.2, sadr_relations=True, relation_kl=5.0)
     assert summary.variant_of(both) == "sadr_relations,relation_kl=5"
     assert summary.variant_of(setting.Setting(sadr_gamma=0.2, sadr_threshold="own")) == (
