@@ -443,10 +443,15 @@ class ValueObjective:
         """All loss terms at ``delta`` (``[d_model]``, or ``[n_hooks, d_model]`` with several
         hooks; differentiable w.r.t. ``delta``)."""
         hidden, rows = self._forward(delta)
-        # one unembedding (W_U is read once) for the target positions and the essence row
+        # one unembedding (W_U is read once) for the target positions, the essence row and
+        # (relation KL term) the relation prompts' last tokens
         essence = hidden[self.n_rewrite, self.delta_pos[self.n_rewrite]][None]
-        picked = torch.cat([hidden[self.nll_rows, self.nll_pos], essence])
-        logits = _logits(self.model, picked)  # [target tokens + 1, d_vocab]
+        picked = [hidden[self.nll_rows, self.nll_pos], essence]
+        if self.relation_logp0 is not None:
+            picked.append(hidden[self.relation_rows, self.relation_query])
+        n_rel = len(self.relation_rows) if self.relation_logp0 is not None else 0
+        logits = _logits(self.model, torch.cat(picked))  # [target tokens + 1 + n_rel, d_vocab]
+        logits, rel_logits = logits[: len(logits) - n_rel], logits[len(logits) - n_rel :]
         token_nll = torch.nn.functional.cross_entropy(
             logits[:-1], self.nll_target, reduction="none"
         )
@@ -458,7 +463,7 @@ class ValueObjective:
         ess = torch.log_softmax(logits[-1], -1)
         kl = self.cfg.kl_factor * (ess.exp() * (ess - self.essence_logp0)).sum()
         if self.relation_logp0 is not None:  # the relation variant: mean over its prompts
-            rel = self._relation_logp(hidden)
+            rel = torch.log_softmax(rel_logits, -1)
             kl = (
                 kl + self.cfg.relation_kl * (rel.exp() * (rel - self.relation_logp0)).sum(-1).mean()
             )
