@@ -205,6 +205,7 @@ def edit_in_sequence(
     covs: dict[int, Tensor] | None = None,
     templates: Sequence[str] | None = None,
     progress: bool = False,
+    memo: editors.TargetMemo | None = None,
 ) -> tuple[Edit, AlphaEditState]:
     """Compute an AlphaEdit edit of ``requests`` and the state a next edit takes.
 
@@ -224,6 +225,8 @@ def edit_in_sequence(
         covs: precomputed C per layer, for a new state (default: ``cfg.covariance``, cached).
         templates: precomputed context templates.
         progress: show progress bars.
+        memo: targets already optimised (:class:`attndrift.editors.TargetMemo`), reused
+            where everything they depend on is the same.
     """
     cfg = cfg or preset(model)
     requests = editors.requests_of(requests, "AlphaEdit")
@@ -235,10 +238,12 @@ def edit_in_sequence(
     clock.lap("covariance")
     z_layer = cfg.layers[-1]
     z_name, value_cfg = models.resid_post_hook(z_layer), editors.value_config(cfg, sadr)
-    results = editors.optimise_targets(model, requests, z_name, z_layer, templates, value_cfg,
-                                       sadr, progress=progress, desc="AlphaEdit z")  # fmt: skip
+    results, reused = editors.optimise_targets(
+        model, requests, z_name, z_layer, templates, value_cfg, sadr, progress=progress,
+        desc="AlphaEdit z", memo=memo,
+    )  # fmt: skip
     z = torch.stack([x.target for x in results])  # [n, d_model]
-    clock.lap("value_steps")
+    clock.lap("value_steps_reused" if reused else "value_steps")
     factors, added = _spread(model, requests, z, cfg, state, templates)
     clock.lap("keys_and_solve")
     e = editors.finish(
@@ -256,9 +261,11 @@ def edit(
     covs: dict[int, Tensor] | None = None,
     templates: Sequence[str] | None = None,
     progress: bool = False,
+    memo: editors.TargetMemo | None = None,
 ) -> Edit:
     """One AlphaEdit edit of ``requests`` from the model's current weights (no earlier edits
     to keep); the arguments as :func:`edit_in_sequence`'s."""
     return edit_in_sequence(
-        model, requests, cfg, sadr=sadr, covs=covs, templates=templates, progress=progress
-    )[0]
+        model, requests, cfg, sadr=sadr, covs=covs, templates=templates, progress=progress,
+        memo=memo,
+    )[0]  # fmt: skip

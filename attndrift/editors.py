@@ -18,6 +18,7 @@ and the assembly of the result (:func:`finish`: an :class:`attndrift.edits.Edit`
 import dataclasses
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -216,6 +217,30 @@ def requests_of(requests: Sequence[EditRequest], editor: str) -> list[EditReques
     return out
 
 
+class TargetMemo:
+    """Optimised targets already computed, keyed by everything the optimisation reads: the
+    weights (:func:`attndrift.models.fingerprint`), the request, the hook and layer, the
+    context templates, the value config and SADR. The optimisation is deterministic, so a
+    grid that varies only what comes after it (MEMIT's λ and layers below the last,
+    AlphaEdit's threshold) computes each target once. Keeps the ``size`` most recent."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size, self.hits = size, 0
+        self._results: OrderedDict[tuple, value.ValueResult] = OrderedDict()
+
+    def get(self, key: tuple) -> value.ValueResult | None:
+        found = self._results.get(key)
+        if found is not None:
+            self._results.move_to_end(key)
+            self.hits += 1
+        return found
+
+    def put(self, key: tuple, result: value.ValueResult) -> None:
+        self._results[key] = result
+        while len(self._results) > self.size:
+            self._results.popitem(last=False)
+
+
 def optimise_targets(
     model: HookedTransformer,
     requests: Sequence[EditRequest],
@@ -227,17 +252,27 @@ def optimise_targets(
     *,
     progress: bool,
     desc: str,
-) -> list[value.ValueResult]:
+    memo: TargetMemo | None = None,
+) -> tuple[list[value.ValueResult], bool]:
     """The optimised value of each request at ``hook`` (MEMIT's z_i: METHOD §3.3), one
-    optimisation per request."""
-    return [
-        value.optimise_value(
-            value.ValueObjective(model, r, hook, layer, templates, cfg, sadr),
-            progress=progress,
-            desc=f"{desc} {i}",
-        )
-        for i, r in enumerate(requests)
-    ]
+    optimisation per request, and whether every one came from ``memo`` (then the edit's
+    clock names the lap ``value_steps_reused``)."""
+    out, reused = [], True
+    weights = models.fingerprint(model) if memo is not None else None
+    for i, r in enumerate(requests):
+        key = (weights, r, hook, layer, tuple(templates), cfg, sadr)
+        found = memo.get(key) if memo is not None else None
+        if found is None:
+            reused = False
+            found = value.optimise_value(
+                value.ValueObjective(model, r, hook, layer, templates, cfg, sadr),
+                progress=progress,
+                desc=f"{desc} {i}",
+            )
+            if memo is not None:
+                memo.put(key, found)
+        out.append(found)
+    return out, reused
 
 
 def preset_for(presets: Mapping[str, C], model: HookedTransformer | str, editor: str) -> C:

@@ -140,6 +140,7 @@ def edit(
     covs: dict[int, torch.Tensor] | None = None,
     templates: Sequence[str] | None = None,
     progress: bool = False,
+    memo: editors.TargetMemo | None = None,
 ) -> Edit:
     """Compute a MEMIT edit of ``requests`` (the model is unchanged on return).
 
@@ -151,6 +152,8 @@ def edit(
         covs: precomputed C per layer (default: from ``cfg.covariance``, cached).
         templates: precomputed context templates.
         progress: show progress bars.
+        memo: targets already optimised (:class:`attndrift.editors.TargetMemo`), reused
+            where everything they depend on is the same (a grid over λ optimises z once).
     """
     cfg = cfg or preset(model)
     requests = editors.requests_of(requests, "MEMIT")
@@ -158,10 +161,12 @@ def edit(
     z_layer = cfg.layers[-1]
     z_name = models.resid_post_hook(z_layer)
     value_cfg = editors.value_config(cfg, sadr)
-    results = editors.optimise_targets(model, requests, z_name, z_layer, templates, value_cfg,
-                                       sadr, progress=progress, desc="MEMIT z")  # fmt: skip
+    results, reused = editors.optimise_targets(
+        model, requests, z_name, z_layer, templates, value_cfg, sadr, progress=progress,
+        desc="MEMIT z", memo=memo,
+    )  # fmt: skip
     z = torch.stack([x.target for x in results])  # [n, d_model]
-    clock.lap("value_steps")
+    clock.lap("value_steps_reused" if reused else "value_steps")
     # every C from the unedited weights, before the loop below changes the lower layers (also
     # keeps the on-disk cache key, which hashes the weights, the same for every layer)
     cov_of = {layer: _layer_cov(model, layer, cfg, covs, progress) for layer in cfg.layers}

@@ -259,12 +259,14 @@ def grid(**options: Sequence) -> list[Setting]:
 
 
 class Editor:
-    """Makes edits for settings on one model, reusing context templates and covariances."""
+    """Makes edits for settings on one model, reusing context templates, covariances and the
+    optimised targets of MEMIT and AlphaEdit (:class:`attndrift.editors.TargetMemo`)."""
 
     def __init__(self, model: HookedTransformer, progress: bool = False):
         self.model, self.progress = model, progress
         self._templates: dict = {}
         self._covs: dict = {}
+        self.memo = editors.TargetMemo()
 
     def templates(self, cfg) -> tuple[str, ...]:
         if cfg.templates not in self._templates:
@@ -293,7 +295,7 @@ class Editor:
                 covs = {layer: self.covariance(cfg, layer) for layer in cfg.layers}
                 e, state = alphaedit.edit_in_sequence(
                     self.model, [request], cfg, state=state, sadr=setting.sadr(), covs=covs,
-                    templates=self.templates(cfg), progress=self.progress,
+                    templates=self.templates(cfg), progress=self.progress, memo=self.memo,
                 )  # fmt: skip
             else:
                 e = self(setting, [request])
@@ -318,6 +320,7 @@ class Editor:
             )
         covs = {layer: self.covariance(cfg, layer) for layer in cfg.layers}
         edit = {"memit": memit.edit, "pmet": pmet.edit, "alphaedit": alphaedit.edit}
+        memo = {} if setting.editor == "pmet" else {"memo": self.memo}  # PMET: two deltas
         return edit[setting.editor](
             self.model,
             requests,
@@ -326,4 +329,5 @@ class Editor:
             covs={k: v for k, v in covs.items() if v is not None},
             templates=templates,
             progress=self.progress,
+            **memo,
         )

@@ -104,3 +104,50 @@ def test_memit_takes_every_covariance_from_the_unedited_weights(tiny, tmp_path, 
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     # one cache file per layer: no layer's C was keyed to (or computed on) edited weights
     assert len(list((tmp_path / "covariance").glob("*.safetensors"))) == len(cfg.layers)
+
+
+def _counting(monkeypatch) -> list:
+    """Patch the value optimisation to record each objective it optimises."""
+    calls, real = [], value.optimise_value
+    monkeypatch.setattr(
+        value, "optimise_value", lambda obj, **kw: calls.append(obj) or real(obj, **kw)
+    )
+    return calls
+
+
+def test_a_lambda_grid_optimises_each_target_once(tiny, monkeypatch):
+    from attndrift import setting
+
+    calls = _counting(monkeypatch)
+    editor = setting.Editor(tiny)
+    quick = dict(editor="memit", identity_cov=True, steps=4)
+    first = editor(setting.Setting(mom2_weight=1.0, **quick), REQS)
+    assert len(calls) == len(REQS) and dict(first.run.timings).keys() >= {"value_steps"}
+    second = editor(setting.Setting(mom2_weight=5.0, **quick), REQS)
+    assert len(calls) == len(REQS)  # z reused: λ comes after the optimisation
+    assert "value_steps_reused" in dict(second.run.timings)
+    # and the edit is the one a fresh MEMIT computes, bit for bit
+    cfg = setting.Setting(mom2_weight=5.0, **quick).config(tiny)
+    fresh = memit.edit(tiny, REQS, cfg, templates=editor.templates(cfg))
+    for a, b in zip((*second.left, *second.right), (*fresh.left, *fresh.right), strict=True):
+        assert torch.equal(a, b)
+    assert second.run.traces == fresh.run.traces
+
+
+def test_the_target_memo_misses_on_anything_the_optimisation_reads(tiny, monkeypatch):
+    from attndrift import setting
+
+    calls = _counting(monkeypatch)
+    editor = setting.Editor(tiny)
+    base = dict(editor="memit", identity_cov=True, mom2_weight=1.0)
+    editor(setting.Setting(steps=3, **base), REQS[:1])
+    editor(setting.Setting(steps=4, **base), REQS[:1])  # another value config
+    editor(setting.Setting(steps=4, sadr_gamma=0.1, **base), REQS[:1])  # SADR
+    editor(setting.Setting(steps=4, layers=(0,), **base), REQS[:1])  # another z layer
+    editor(setting.Setting(steps=4, **base), REQS[1:])  # another request
+    assert len(calls) == 5
+    # other weights: a sequence computes its second edit on the first's weights
+    with edits.restored(tiny, (0, 1)):
+        editor.sequence(setting.Setting(steps=4, sequential=2, **base), [REQS[0], REQS[0]])
+    assert len(calls) == 6  # the first edit of the sequence was memoised, the second was not
+    assert editor.memo.hits == 1
