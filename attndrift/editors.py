@@ -224,7 +224,7 @@ class TargetMemo:
     grid that varies only what comes after it (MEMIT's λ and layers below the last,
     AlphaEdit's threshold) computes each target once. Keeps the ``size`` most recent."""
 
-    def __init__(self, size: int = 16) -> None:
+    def __init__(self, size: int = 1024) -> None:
         self.size, self.hits = size, 0
         self._results: OrderedDict[tuple, value.ValueResult] = OrderedDict()
 

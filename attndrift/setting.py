@@ -130,6 +130,9 @@ class Setting:
             raise ValueError("batch and sequential exclude each other")
         if self.batch is not None and self.batch > 1 and self.editor in ("rome",):
             raise ValueError("batch editing needs a batch editor (memit, pmet, alphaedit)")
+        for name in ("batch", "sequential"):  # a group of one is the plain edit: one key
+            if getattr(self, name) == 1:
+                object.__setattr__(self, name, None)
 
     @property
     def group(self) -> int:

@@ -376,6 +376,27 @@ def test_sequential_and_batch_groups(tiny_llama, records, tmp_path):
         setting.Setting(batch=2)
 
 
+def test_a_group_of_one_is_the_plain_edit():
+    plain = setting.Setting("memit", mom2_weight=1.0)
+    assert setting.Setting("memit", batch=1, mom2_weight=1.0) == plain
+    assert setting.Setting("rome", sequential=1).key == setting.Setting("rome").key == "rome|g=0"
+    assert setting.grid(editor=["memit"], batch=[1, 3]) == [
+        setting.Setting("memit"), setting.Setting("memit", batch=3)
+    ]  # fmt: skip
+
+
+def test_a_batch_grid_optimises_each_target_once(tiny_llama, records, tmp_path, monkeypatch):
+    from attndrift import value
+
+    calls, real = [], value.optimise_value
+    monkeypatch.setattr(value, "optimise_value", lambda o, **k: calls.append(o) or real(o, **k))
+    settings = setting.grid(editor=["memit"], batch=[1, 3], mom2_weight=[1.0], **{
+        k: [v] for k, v in QUICK.items()})  # fmt: skip
+    sweep.run(tiny_llama, records, settings, tmp_path / "b.jsonl", progress=False)
+    assert len(results.read(tmp_path / "b.jsonl")) == 2 * len(records.records)
+    assert len(calls) == len(records.records)  # each record's z once, for both batch sizes
+
+
 def test_alphaedit_sequences_carry_the_previous_keys(tiny_llama, records, tmp_path, monkeypatch):
     from attndrift import alphaedit
 
