@@ -363,6 +363,11 @@ def _print_choice(lines, rule: str, markdown: bool) -> None:
     print("chosen: " + (chosen["setting"].iloc[0] if len(chosen) else "none is eligible"))
 
 
+def _p_boot(p: float, n_boot: int = 10_000) -> str:
+    """A bootstrap p-value; 0 (no resample crossed 0) is only below 1 / n_boot."""
+    return f"< {1 / n_boot:.0e}" if p == 0 else f"{p:.3g}"
+
+
 def _print_paired(lines, pair: str, markdown: bool) -> None:
     import pandas as pd
 
@@ -379,7 +384,7 @@ def _print_paired(lines, pair: str, markdown: bool) -> None:
             "B": f"{100 * t.mean_b:.1f}",
             "B − A [95 % bootstrap]": f"{100 * t.diff:+.1f} [{100 * t.diff_low:+.1f}, "
             f"{100 * t.diff_high:+.1f}]",
-            "p (bootstrap)": f"{t.p_bootstrap:.3g}",
+            "p (bootstrap)": _p_boot(t.p_bootstrap),
             "only A / only B": f"{t.only_a} / {t.only_b}",
             "p (McNemar)": f"{t.p_mcnemar:.3g}",
         }
@@ -388,6 +393,25 @@ def _print_paired(lines, pair: str, markdown: bool) -> None:
     frame = pd.DataFrame(rows).T
     frame.index.name = "metric"
     print(f"\npaired: A = {a.strip()}, B = {b.strip()} (same probes)")
+    print(_markdown(frame) if markdown else frame.to_string())
+    try:
+        drifts = summary.paired_drift(lines, a.strip(), b.strip())
+    except ValueError:  # no drift measured under one of them
+        return
+    rows = {
+        d.kind: {
+            "n probes": d.n_probes,
+            "A": f"{d.mean_a:.3f}",
+            "B": f"{d.mean_b:.3f}",
+            "B − A [95 % bootstrap]": f"{d.diff:+.3f} [{d.diff_low:+.3f}, {d.diff_high:+.3f}]",
+            "p (bootstrap)": _p_boot(d.p_bootstrap),
+            "p (Wilcoxon)": f"{d.p_wilcoxon:.3g}",
+        }
+        for d in drifts
+    }
+    frame = pd.DataFrame(rows).T
+    frame.index.name = "drift factor"
+    print("\npaired drift factor of the same RS/DNS probes (B − A < 0: B drifts less)")
     print(_markdown(frame) if markdown else frame.to_string())
 
 

@@ -8,7 +8,7 @@ computes; the CLI prints and plots.
 * :func:`tradeoff`: one row per setting (γ, head selection, every metric with its interval);
 * :func:`drift_vs_failure`: paper Fig. 4 over a sweep's RS/DNS probes (or one kind of them);
 * :func:`paired_tests`: two settings on the same probes, per metric: McNemar's exact test and a
-  paired bootstrap over records (METHOD §5);
+  paired bootstrap over records (METHOD §5); :func:`paired_drift`: their drift factors;
 * :func:`choose`: the selection rules of the SmolLM2 study (:data:`RULES`), applied to a sweep.
 """
 
@@ -248,40 +248,101 @@ def paired_tests(
         part = both[both["kind"] == kind]
         if part.empty:
             continue
-        records = part["record"].to_numpy()
-        ids, index = np.unique(records, return_inverse=True)
         sa = part["success_a"].to_numpy(float)
         sb = part["success_b"].to_numpy(float)
-        # per record sums, so that a resample of records is a weighted sum
-        n_r = np.bincount(index, minlength=len(ids)).astype(float)
-        a_r = np.bincount(index, weights=sa, minlength=len(ids))
-        b_r = np.bincount(index, weights=sb, minlength=len(ids))
-        draws = rng.multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=n_boot)
-        n_probes = draws @ n_r
-        diffs = (draws @ b_r - draws @ a_r) / np.maximum(n_probes, 1)
+        n_records, low, high, p_boot = _bootstrap(part["record"].to_numpy(), sa, sb, rng, n_boot)
         only_a = int(((sa == 1) & (sb == 0)).sum())
         only_b = int(((sa == 0) & (sb == 1)).sum())
         flips = only_a + only_b
         p_mcnemar = 1.0 if flips == 0 else stats.binomtest(only_b, flips, 0.5).pvalue
-        p_boot = min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean()))
         out.append(
             PairedTest(
                 metric=kind,
                 a=a,
                 b=b,
                 n_probes=len(part),
-                n_records=len(ids),
+                n_records=n_records,
                 mean_a=float(sa.mean()),
                 mean_b=float(sb.mean()),
                 diff=float(sb.mean() - sa.mean()),
-                diff_low=float(np.quantile(diffs, 0.025)),
-                diff_high=float(np.quantile(diffs, 0.975)),
-                p_bootstrap=float(p_boot),
+                diff_low=low,
+                diff_high=high,
+                p_bootstrap=p_boot,
                 only_a=only_a,
                 only_b=only_b,
                 p_mcnemar=float(p_mcnemar),
             )
         )
+    return out
+
+
+def _bootstrap(records: np.ndarray, xa: np.ndarray, xb: np.ndarray, rng, n_boot: int):
+    """Paired bootstrap of mean(xb) − mean(xa) over probes, resampling records (a record's
+    probes move together): (records, 2.5 % and 97.5 % quantiles, two-sided p)."""
+    ids, index = np.unique(records, return_inverse=True)
+    # per record sums, so that a resample of records is a weighted sum
+    n_r = np.bincount(index, minlength=len(ids)).astype(float)
+    a_r = np.bincount(index, weights=xa, minlength=len(ids))
+    b_r = np.bincount(index, weights=xb, minlength=len(ids))
+    draws = rng.multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=n_boot)
+    diffs = (draws @ b_r - draws @ a_r) / np.maximum(draws @ n_r, 1)
+    p = min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean()))
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    return len(ids), float(low), float(high), float(p)
+
+
+@dataclass(frozen=True)
+class PairedDrift:
+    """The drift factor of the same RS/DNS probes under setting ``b`` against ``a``."""
+
+    kind: str  # "RS", "DNS" or "all"
+    a: str
+    b: str
+    n_probes: int
+    n_records: int
+    mean_a: float
+    mean_b: float
+    diff: float  # mean_b − mean_a
+    diff_low: float  # 95 % paired-bootstrap interval (records resampled)
+    diff_high: float
+    p_bootstrap: float
+    p_wilcoxon: float  # signed-rank test of the per-probe differences
+
+
+def _drift_frame(lines: Sequence[Line], key: str) -> pd.DataFrame:
+    rows = []
+    for line in lines:
+        if line.setting.key != key:
+            continue
+        seen: dict[str, int] = {}
+        for kind, factor in zip(line.drift.kinds, line.drift.factor, strict=True):
+            seen[kind] = seen.get(kind, -1) + 1  # the probe's place among its kind
+            rows.append({"record": line.record, "kind": kind, "n": seen[kind], "factor": factor})
+    return pd.DataFrame(rows, columns=["record", "kind", "n", "factor"])
+
+
+def paired_drift(
+    lines: Sequence[Line], a: str, b: str, n_boot: int = 10_000, seed: int = 0
+) -> list[PairedDrift]:
+    """Does ``b`` drift less than ``a``? The drift factor (:class:`~attndrift.results.
+    DriftScores`) of each RS/DNS probe measured under both, per kind and over both: the mean
+    difference with a paired bootstrap over records, and Wilcoxon's signed-rank test."""
+    both = _drift_frame(lines, a).merge(
+        _drift_frame(lines, b), on=["record", "kind", "n"], suffixes=("_a", "_b")
+    )
+    if both.empty:
+        raise ValueError(f"settings {a!r} and {b!r} share no probe with a drift measurement")
+    rng = np.random.default_rng(seed)
+    out = []
+    for kind in (*dict.fromkeys(both["kind"]), "all"):
+        part = both if kind == "all" else both[both["kind"] == kind]
+        fa, fb = part["factor_a"].to_numpy(float), part["factor_b"].to_numpy(float)
+        n_records, low, high, p_boot = _bootstrap(part["record"].to_numpy(), fa, fb, rng, n_boot)
+        p_w = 1.0 if np.all(fa == fb) else float(stats.wilcoxon(fb, fa).pvalue)
+        out.append(
+            PairedDrift(kind, a, b, len(part), n_records, float(fa.mean()), float(fb.mean()),
+                        float(fb.mean() - fa.mean()), low, high, p_boot, p_w)
+        )  # fmt: skip
     return out
 
 

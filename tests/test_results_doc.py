@@ -7,6 +7,8 @@ command that prints it::
     <!-- attndrift summarize results/NAME.jsonl --markdown ... -->
     ...the command's output...
     <!-- end -->
+
+`python scripts/refresh_results_doc.py` reprints every table after new lines are committed.
 """
 
 import re

@@ -1,12 +1,13 @@
 """Summaries of sweep lines: paired tests, the selection rules, the drift split by kind."""
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from attndrift import summary
+from attndrift import results, summary
 from tests.helpers import make_line
 
 
@@ -44,6 +45,35 @@ def test_paired_tests_need_shared_probes():
     lines = [make_line(0, [("ES", 1)]), make_line(1, [("ES", 0)], sadr_gamma=0.1)]
     with pytest.raises(ValueError, match="share no scored probe"):
         summary.paired_tests(lines, "rome|g=0", "rome|g=0.1")
+
+
+def _with_drift(line, kinds, factors):
+    return dataclasses.replace(line, drift=results.DriftScores(
+        tuple(kinds), tuple(factors), (0,) * len(kinds), (0,), tuple((f,) for f in factors),
+        (0.1,) * len(kinds)))  # fmt: skip
+
+
+def test_paired_drift_pairs_the_same_probes():
+    kinds = ["RS", "DNS", "DNS"]
+    fa = {0: [1.0, 2.0, 3.0], 1: [2.0, 2.0, 4.0], 2: [0.5, 1.5, 2.5]}
+    fb = {0: [0.5, 2.0, 2.0], 1: [1.0, 1.0, 4.5], 2: [0.5, 1.0, 2.0]}
+    lines = []
+    for r in fa:
+        lines.append(_with_drift(make_line(r, [("ES", 1)]), kinds, fa[r]))
+        lines.append(_with_drift(make_line(r, [("ES", 1)], sadr_gamma=0.1), kinds, fb[r]))
+    lines.append(_with_drift(make_line(3, [("ES", 1)]), kinds, [9.0, 9.0, 9.0]))  # a only
+    rs, dns, both = summary.paired_drift(lines, "rome|g=0", "rome|g=0.1", n_boot=2000)
+    assert (rs.kind, dns.kind, both.kind) == ("RS", "DNS", "all")
+    assert (rs.n_probes, dns.n_probes, both.n_probes, both.n_records) == (3, 6, 9, 3)
+    flat_a = [x for r in fa.values() for x in r]
+    flat_b = [x for r in fb.values() for x in r]
+    assert both.mean_a == pytest.approx(np.mean(flat_a))
+    assert both.diff == pytest.approx(np.mean(flat_b) - np.mean(flat_a))
+    assert rs.diff == pytest.approx(np.mean([-0.5, -1.0, 0.0]))
+    assert both.p_wilcoxon == pytest.approx(stats.wilcoxon(flat_b, flat_a).pvalue)
+    assert both.diff_low <= both.diff <= both.diff_high
+    with pytest.raises(ValueError, match="no probe with a drift"):
+        summary.paired_drift(lines[:1], "rome|g=0", "rome|g=0.1")
 
 
 def test_sadr_rule_picks_the_best_eligible_harmonic_mean():
