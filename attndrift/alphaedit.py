@@ -142,11 +142,16 @@ def solve(
     l2_weight: int | float,
 ) -> Float[Tensor, "d_mlp n"]:
     """``left = (P (K₁K₁ᵀ + K_pK_pᵀ) + α I)⁻¹ P K₁`` (float64): ΔW = left @ R (module
-    docstring); ``previous`` may have no columns (a first edit)."""
-    k, p, kp = keys.double(), projection.double(), previous.double()
-    a = k @ k.T + kp @ kp.T  # [d_mlp, d_mlp]
-    eye = torch.eye(k.shape[0], dtype=torch.float64, device=k.device)
-    return torch.linalg.solve(p @ a + l2_weight * eye, p @ k)
+    docstring); ``previous`` may have no columns (a first edit).
+
+    With W = [K₁ K_p] (r columns) and U = P W the matrix is α I + U Wᵀ, so Woodbury's identity
+    gives ``left = (b − U (α I_r + Wᵀ U)⁻¹ Wᵀ b) / α`` with b = P K₁: an r × r solve instead
+    of a d_mlp × d_mlp one (r = the keys of this and the earlier edits)."""
+    w = torch.cat([keys.double(), previous.double().to(keys.device)], dim=1)  # [d_mlp, r]
+    u = projection.double().to(keys.device) @ w  # P W
+    b = u[:, : keys.shape[1]]  # P K₁
+    small = l2_weight * torch.eye(w.shape[1], dtype=torch.float64, device=w.device) + w.T @ u
+    return (b - u @ torch.linalg.solve(small, w.T @ b)) / l2_weight
 
 
 def initial_state(

@@ -2,9 +2,10 @@
 
 k is the input of ``W_out`` (``blocks.{L}.mlp.hook_post``) at every real token of a text
 corpus (BOS and padding excluded). ROME's update direction is ``C⁻¹ k``; MEMIT solves
-``(λ C + K Kᵀ)⁻¹ K``. C is streamed in batches (accumulated in float64) and cached on disk,
-keyed by the model's fingerprint, the layer, the corpus and the token count. A cache file whose
-key or checksum does not match is recomputed, never used.
+``(λ C + K Kᵀ)⁻¹ K`` (both through :func:`solve`, which factors each C once). C is streamed in
+batches (accumulated in float64) and cached on disk, keyed by the model's fingerprint, the
+layer, the corpus and the token count. A cache file whose key or checksum does not match is
+recomputed, never used.
 
 Corpora (:func:`corpus_texts`):
 
@@ -20,6 +21,7 @@ import hashlib
 import json
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,37 @@ SAMPLE_OPENINGS = (
 
 
 _CHUNK = 128
+
+#: id(C) -> (weak reference to C, C's version, its float64 Cholesky factor or None)
+_FACTORS: dict[int, tuple[weakref.ref, int, Tensor | None]] = {}
+
+
+def cholesky(cov: Tensor) -> Tensor | None:
+    """C's lower Cholesky factor in float64, or None if C is not positive definite. Computed
+    once and remembered for as long as that tensor lives unchanged (a sweep factors each
+    layer's C once)."""
+    found = _FACTORS.get(id(cov))
+    if found is None or found[0]() is not cov or found[1] != cov._version:
+        factor, info = torch.linalg.cholesky_ex(cov.detach().double())
+        found = (weakref.ref(cov), cov._version, factor if int(info) == 0 else None)
+        _FACTORS[id(cov)] = found
+        weakref.finalize(cov, _FACTORS.pop, id(cov), None)
+    return found[2]
+
+
+def solve(cov: Tensor | None, rhs: Tensor) -> Tensor:
+    """``C⁻¹ rhs`` in float64 (``cov=None``: C = I) by C's remembered Cholesky factor
+    (:func:`cholesky`): triangular solves, O(d² n), not a dense solve, O(d³). A C that is
+    not positive definite falls back to the dense solve."""
+    rhs = rhs.double()
+    if cov is None:
+        return rhs
+    factor = cholesky(cov)
+    if factor is None:
+        return torch.linalg.solve(cov.double(), rhs)
+    column = rhs.dim() == 1
+    out = torch.cholesky_solve(rhs.to(factor.device).reshape(len(rhs), -1), factor)
+    return out[:, 0] if column else out
 
 
 @dataclass(frozen=True)

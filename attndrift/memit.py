@@ -87,13 +87,26 @@ def preset(model: HookedTransformer | str) -> MemitConfig:
     return editors.preset_for(PRESETS, model, "MEMIT")
 
 
-def _layer_cov(model, layer, cfg: MemitConfig, given, progress) -> torch.Tensor:
-    """C of ``layer`` in float64: given, from ``cfg.covariance`` (cached), or the identity."""
+def _layer_cov(model, layer, cfg: MemitConfig, given, progress) -> torch.Tensor | None:
+    """C of ``layer``: given, from ``cfg.covariance`` (cached), or None (the identity)."""
     if given is not None and layer in given:
-        return given[layer].double()
+        return given[layer]
     if cfg.covariance is not None:
-        return covariance.layer_covariance(model, layer, cfg.covariance, progress=progress).double()
-    return torch.eye(model.cfg.d_mlp, dtype=torch.float64, device=models.model_device(model))
+        return covariance.layer_covariance(model, layer, cfg.covariance, progress=progress)
+    return None
+
+
+def least_squares(cov: torch.Tensor | None, keys: torch.Tensor, mom2_weight: float) -> torch.Tensor:
+    """``(λ C + K Kᵀ)⁻¹ K`` (float64, ``[d_mlp, n]``; ``cov=None``: C = I), by Woodbury's
+    identity ``(λC + KKᵀ)⁻¹K = (λC)⁻¹K (I + Kᵀ(λC)⁻¹K)⁻¹``: with C factored once
+    (:func:`attndrift.covariance.solve`), n triangular solves and an n × n solve. A C that is
+    not positive definite takes the dense solve."""
+    keys = keys.double()
+    if cov is not None and covariance.cholesky(cov) is None:
+        return torch.linalg.solve(mom2_weight * cov.double() + keys @ keys.T, keys)
+    ck = covariance.solve(cov, keys).to(keys.device) / mom2_weight  # (λC)⁻¹K  [d_mlp, n]
+    small = torch.eye(keys.shape[1], dtype=torch.float64, device=keys.device) + keys.T @ ck
+    return torch.linalg.solve(small, ck.T).T  # small is symmetric
 
 
 def spread(
@@ -103,16 +116,17 @@ def spread(
     hook: str,
     layers: Sequence[int],
     mom2_weight: float,
-    covs: dict[int, torch.Tensor],
+    covs: dict[int, torch.Tensor | None],
     templates: Sequence[str],
     share: Callable[[int], float] = float,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """MEMIT's layer loop (METHOD §3.5). For each of ``layers`` in turn, the residual between
     ``targets`` [n, d_model] and what ``hook`` (at the last layer) now reads at the subjects,
     divided by ``share(layers left)``, is written into that layer's MLP by a least-squares
-    solve over the requests' mean keys, regularised by ``mom2_weight`` · C; each update is
-    applied before the next layer's keys are read (the weights are restored on return).
-    Returns the factors (left [d_mlp, n], right [n, d_model]) per layer."""
+    solve over the requests' mean keys, regularised by ``mom2_weight`` · C
+    (:func:`least_squares`; a C of None is the identity); each update is applied before the
+    next layer's keys are read (the weights are restored on return). Returns the factors
+    (left [d_mlp, n], right [n, d_model]) per layer."""
     z_layer = layers[-1]
     prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
     factors = []
@@ -121,8 +135,7 @@ def spread(
             keys = editors.mean_keys(model, requests, layer, templates).double().T  # [d_mlp, n]
             now = editors.keys_at_subject(model, prompts, subjects, [hook], z_layer + 1)[hook]
             resid = (targets - now).double() / share(len(layers) - i)  # [n, d_model]
-            lhs = mom2_weight * covs[layer] + keys @ keys.T  # [d_mlp, d_mlp]
-            left = torch.linalg.solve(lhs, keys)  # [d_mlp, n]
+            left = least_squares(covs[layer], keys, mom2_weight)  # [d_mlp, n]
             factors.append((left.to(model.cfg.dtype), resid.to(model.cfg.dtype)))
             w = models.mlp_out_weight(model, layer)
             with torch.no_grad():

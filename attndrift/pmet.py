@@ -176,20 +176,19 @@ def optimise_deltas(
     )
 
 
-def _covariances(model, cfg: PmetConfig, given, progress) -> dict[int, Tensor]:
-    """C per layer in float64 (given, from ``cfg.covariance`` cached, or the identity), all
-    from the weights as they are now (before the layer loop edits any)."""
-    out = {}
+def _covariances(model, cfg: PmetConfig, given, progress) -> dict[int, Tensor | None]:
+    """C per layer (given, from ``cfg.covariance`` cached, or None: the identity), all from
+    the weights as they are now (before the layer loop edits any)."""
+    out: dict[int, Tensor | None] = {}
     for layer in cfg.layers:
         if given is not None and layer in given:
-            out[layer] = given[layer].double()
+            out[layer] = given[layer]
         elif cfg.covariance is not None:
-            c = covariance.layer_covariance(model, layer, cfg.covariance, progress=progress)
-            out[layer] = c.double()
-        else:
-            out[layer] = torch.eye(
-                model.cfg.d_mlp, dtype=torch.float64, device=models.model_device(model)
+            out[layer] = covariance.layer_covariance(
+                model, layer, cfg.covariance, progress=progress
             )
+        else:
+            out[layer] = None
     return out
 
 

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -102,7 +101,7 @@ def rank_one(
     ``left = C⁻¹ ū`` (normalised; the product does not depend on its scale), ``k`` = k₀ or ū.
     """
     key = mean_key.double()
-    left = key if cov is None else torch.linalg.solve(cov.double(), key)
+    left = covariance.solve(cov, key)  # C⁻¹ū (C factored once per C)
     left = left / left.norm()
     k = k0 if denominator == "k0" else mean_key
     denom = left @ k.double()

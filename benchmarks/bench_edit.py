@@ -13,7 +13,11 @@ covariance; the printed ratios are what the targets refer to:
    + drift: the old loop (full-forward edits, the unedited scores and the vanilla attention
    recomputed for every setting) vs :func:`attndrift.sweep.run`;
 4. **steps run** under each preset (ROME, ROME+SADR, MEMIT, MEMIT+SADR) on a few records:
-   how often early stopping triggers.
+   how often early stopping triggers;
+5. **the closed-form solves** of MEMIT (``(λC + KKᵀ)⁻¹K``) and AlphaEdit
+   (``(P(KKᵀ + K_pK_pᵀ) + αI)⁻¹PK``) at the model's C of the MEMIT preset's last layer, for
+   n = 1, 10, 50 keys: the dense d_mlp × d_mlp solve (old) against Woodbury's identity with C
+   factored once (new), and the largest relative difference of the two.
 
     python benchmarks/bench_edit.py [--data merged_counterfact_dev.json --record 1]
         [--model smollm2-135m | gpt2-random] [--device cuda] [--reps 5] [--steps-records 3]
@@ -93,6 +97,50 @@ def whole_edits(model, req, cfg, templates, cov) -> None:
             steps = e.run.steps_run
         print(f"  {name:<9} old {t['old']:6.1f} s, new {t['new']:6.1f} s ({steps} steps): "
               f"old / new {t['old'] / t['new']:.2f}x")  # fmt: skip
+
+
+def solves(model, editor, reps: int = 3) -> None:
+    from attndrift import alphaedit, memit
+
+    mcfg = memit.preset(model)
+    layer = mcfg.layers[-1]
+    cov = editor.covariance(mcfg, layer)
+    if cov is None:
+        print("solves: the MEMIT preset has no C (identity): nothing to compare")
+        return
+    lam = mcfg.mom2_update_weight
+    p = alphaedit.null_space_projection(cov, alphaedit.preset(model).null_threshold)
+    g = torch.Generator().manual_seed(0)
+    d = cov.shape[0]
+    print(f"closed-form solves at layer {layer} (d_mlp {d}), median of {reps}:")
+
+    def timed(f, *args):
+        out, times = None, []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = f(*args)
+            times.append(time.perf_counter() - t0)
+        return out, statistics.median(times)
+
+    def memit_dense(c64, keys):
+        return torch.linalg.solve(lam * c64 + keys @ keys.T, keys)
+
+    def alpha_dense(p64, keys, w):
+        return torch.linalg.solve(p64 @ (w @ w.T) + 10.0 * torch.eye(d, dtype=w.dtype), p64 @ keys)
+
+    c64, p64 = cov.double(), p.double()
+    for n in (1, 10, 50):
+        keys = torch.randn(d, n, generator=g, dtype=torch.float64)
+        prev = torch.randn(d, 2 * n, generator=g, dtype=torch.float64)
+        for name, (old, t_old), (new, t_new), extra in (
+            ("MEMIT", timed(memit_dense, c64, keys), timed(memit.least_squares, cov, keys, lam),
+             ""),
+            ("AlphaEdit", timed(alpha_dense, p64, keys, torch.cat([keys, prev], dim=1)),
+             timed(alphaedit.solve, keys, p, prev, 10.0), f"; {2 * n} earlier keys"),
+        ):  # fmt: skip
+            err = ((new - old).norm() / old.norm()).item()
+            print(f"  {name:<9} n={n:<3} old {1e3 * t_old:7.1f} ms, new {1e3 * t_new:6.1f} ms: "
+                  f"old / new {t_old / t_new:6.1f}x (rel. diff {err:.1e}{extra})")  # fmt: skip
 
 
 def _old_record(model, record, settings) -> float:
@@ -180,6 +228,8 @@ def main() -> None:
         sweep_record(model, record)
     if 4 not in skip and a.steps_records:
         steps_per_preset(model, list(ds.records[: a.steps_records]))
+    if 5 not in skip:
+        solves(model, editor)
 
 
 if __name__ == "__main__":

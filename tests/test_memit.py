@@ -151,3 +151,44 @@ def test_the_target_memo_misses_on_anything_the_optimisation_reads(tiny, monkeyp
         editor.sequence(setting.Setting(steps=4, sequential=2, **base), [REQS[0], REQS[0]])
     assert len(calls) == 6  # the first edit of the sequence was memoised, the second was not
     assert editor.memo.hits == 1
+
+
+def test_woodbury_solves_equal_the_dense_ones():
+    from attndrift import alphaedit
+
+    g = torch.Generator().manual_seed(0)
+    d, n, m = 48, 3, 5
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    cov = a @ a.T / d + 1e-3 * torch.eye(d, dtype=torch.float64)  # PD, condition ~1e4
+    keys = torch.randn(d, n, generator=g, dtype=torch.float64)
+    for lam in (1e4, 1.0, 1e-3):
+        dense = torch.linalg.solve(lam * cov + keys @ keys.T, keys)
+        torch.testing.assert_close(memit.least_squares(cov, keys, lam), dense, rtol=1e-6, atol=0)
+    ident = torch.linalg.solve(2.0 * torch.eye(d, dtype=torch.float64) + keys @ keys.T, keys)
+    torch.testing.assert_close(memit.least_squares(None, keys, 2.0), ident, rtol=1e-10, atol=0)
+    # a C that is not positive definite (here singular): the dense solve of the whole system
+    singular = torch.diag(torch.linspace(-1, 1, d + 1, dtype=torch.float64)[1:])
+    dense = torch.linalg.solve(3.0 * singular + keys @ keys.T, keys)
+    torch.testing.assert_close(memit.least_squares(singular, keys, 3.0), dense, rtol=1e-6, atol=0)
+    # AlphaEdit's (P (K Kᵀ + K_p K_pᵀ) + α I)⁻¹ P K, with and without earlier keys
+    p = alphaedit.null_space_projection(cov, threshold=0.5).double()
+    for previous in (keys[:, :0], torch.randn(d, m, generator=g, dtype=torch.float64)):
+        lhs = p @ (keys @ keys.T + previous @ previous.T) + 10.0 * torch.eye(d, dtype=torch.float64)
+        dense = torch.linalg.solve(lhs, p @ keys)
+        got = alphaedit.solve(keys, p, previous, 10.0)
+        torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-12)
+
+
+def test_c_is_factored_once_and_again_when_it_changes(monkeypatch):
+    from attndrift import covariance
+
+    calls, real = [], torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda c: calls.append(1) or real(c))
+    cov = torch.eye(6) * 2
+    x = torch.ones(6, 2)
+    assert torch.allclose(covariance.solve(cov, x), torch.full((6, 2), 0.5, dtype=torch.float64))
+    covariance.solve(cov, x)
+    assert len(calls) == 1
+    cov.mul_(2)  # changed in place: factored again
+    assert torch.allclose(covariance.solve(cov, x), torch.full((6, 2), 0.25, dtype=torch.float64))
+    assert len(calls) == 2
