@@ -49,7 +49,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, editors, interrupts, models
+from attndrift import checks, covariance, editors, interrupts, memit, models
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.editors import EditorConfig, TemplateConfig
@@ -84,7 +84,8 @@ class AlphaEditConfig(EditorConfig):
 
 #: Documented defaults: AlphaEdit's released GPT-J, GPT-2 XL and Llama-3-8B settings (its
 #: z optimisation is MEMIT's; threshold 2e-2, α = 10); SmolLM2: MEMIT's SmolLM2 layers with
-#: the released threshold and α as a starting point, to be calibrated on a tuning slice.
+#: the released threshold and α (not calibrated further: docs/RESULTS.md §16); its z
+#: optimisation is MEMIT's calibrated one, so a sweep shares z between the two editors.
 PRESETS: dict[str, AlphaEditConfig] = {
     "gpt-j": AlphaEditConfig(layers=(3, 4, 5, 6, 7, 8)),
     "gpt2-xl": AlphaEditConfig(
@@ -93,8 +94,10 @@ PRESETS: dict[str, AlphaEditConfig] = {
     "llama": AlphaEditConfig(
         layers=(4, 5, 6, 7, 8), value=ValueConfig(steps=25, lr=0.1, clamp_norm_factor=0.75)
     ),
-    "smollm2-135m": AlphaEditConfig(
-        layers=(4, 5, 6, 7, 8), covariance=CovarianceConfig(n_tokens=32_768, text_tokens=128)
+    "smollm2-135m": AlphaEditConfig(  # MEMIT's calibrated layers and z optimisation
+        layers=memit.PRESETS["smollm2-135m"].layers,
+        value=memit.PRESETS["smollm2-135m"].value,
+        covariance=memit.PRESETS["smollm2-135m"].covariance,
     ),
     "tiny": AlphaEditConfig(
         layers=(0, 1),
