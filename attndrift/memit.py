@@ -91,13 +91,21 @@ def preset(model: HookedTransformer | str) -> MemitConfig:
     return editors.preset_for(PRESETS, model, "MEMIT")
 
 
-def _layer_cov(model, layer, cfg: MemitConfig, given, progress) -> torch.Tensor | None:
-    """C of ``layer``: given, from ``cfg.covariance`` (cached), or None (the identity)."""
-    if given is not None and layer in given:
-        return given[layer]
-    if cfg.covariance is not None:
-        return covariance.layer_covariance(model, layer, cfg.covariance, progress=progress)
-    return None
+def covariances(model, cfg: EditorConfig, given, progress) -> dict[int, torch.Tensor | None]:
+    """C of each of ``cfg.layers`` (MEMIT's or PMET's config): given, from ``cfg.covariance``
+    (cached), or None (the identity); all from the weights as they are now (before a layer
+    loop edits any)."""
+    out: dict[int, torch.Tensor | None] = {}
+    for layer in cfg.layers:
+        if given is not None and layer in given:
+            out[layer] = given[layer]
+        elif cfg.covariance is not None:
+            out[layer] = covariance.layer_covariance(
+                model, layer, cfg.covariance, progress=progress
+            )
+        else:
+            out[layer] = None
+    return out
 
 
 def least_squares(cov: torch.Tensor | None, keys: torch.Tensor, mom2_weight: float) -> torch.Tensor:
@@ -186,7 +194,7 @@ def edit(
     clock.lap("value_steps_reused" if reused else "value_steps")
     # every C from the unedited weights, before the loop below changes the lower layers (also
     # keeps the on-disk cache key, which hashes the weights, the same for every layer)
-    cov_of = {layer: _layer_cov(model, layer, cfg, covs, progress) for layer in cfg.layers}
+    cov_of = covariances(model, cfg, covs, progress)
     clock.lap("covariance")
     factors = spread(model, requests, z, z_name, cfg.layers, cfg.mom2_update_weight, cov_of,
                      templates)  # fmt: skip

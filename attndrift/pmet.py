@@ -48,7 +48,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, editors, interrupts, memit, models, value
+from attndrift import checks, editors, interrupts, memit, models, value
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.editors import EditorConfig, TemplateConfig
@@ -176,22 +176,6 @@ def optimise_deltas(
     )
 
 
-def _covariances(model, cfg: PmetConfig, given, progress) -> dict[int, Tensor | None]:
-    """C per layer (given, from ``cfg.covariance`` cached, or None: the identity), all from
-    the weights as they are now (before the layer loop edits any)."""
-    out: dict[int, Tensor | None] = {}
-    for layer in cfg.layers:
-        if given is not None and layer in given:
-            out[layer] = given[layer]
-        elif cfg.covariance is not None:
-            out[layer] = covariance.layer_covariance(
-                model, layer, cfg.covariance, progress=progress
-            )
-        else:
-            out[layer] = None
-    return out
-
-
 def _spread(model, requests, targets, cfg: PmetConfig, covs, templates) -> list:
     """MEMIT's layer loop on the MLP output of the last layer; the factors (left, right)."""
     share = math.sqrt if cfg.spread == "sqrt" else float
@@ -233,7 +217,7 @@ def edit(
         results.append(optimise_deltas(objective, cfg, progress, desc=f"PMET deltas {i}")[1])
     targets = torch.stack([x.target for x in results])  # [n, d_model]: m*_i
     clock.lap("value_steps")
-    covs_now = _covariances(model, cfg, covs, progress)
+    covs_now = memit.covariances(model, cfg, covs, progress)
     clock.lap("covariance")
     factors = _spread(model, requests, targets, cfg, covs_now, templates)
     clock.lap("keys_and_solve")
