@@ -184,9 +184,10 @@ def _spread(model, requests, z, cfg: AlphaEditConfig, state: AlphaEditState, tem
     z_layer, z_name = cfg.layers[-1], models.resid_post_hook(cfg.layers[-1])
     prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
     factors = []
+    read_keys = editors.MeanKeys(model, requests, templates)  # each layer's update comes after
     with restored(model, cfg.layers):
         for i, layer in enumerate(cfg.layers):
-            keys = editors.mean_keys(model, requests, layer, templates).double().T  # [d_mlp, n]
+            keys = read_keys(layer).double().T  # [d_mlp, n]
             now = editors.keys_at_subject(model, prompts, subjects, [z_name], z_layer + 1)[z_name]
             resid = (z - now).double() / (len(cfg.layers) - i)  # [n, d_model]
             p, kp = state.projections[layer], state.keys[layer]
@@ -195,10 +196,8 @@ def _spread(model, requests, z, cfg: AlphaEditConfig, state: AlphaEditState, tem
             w = models.mlp_out_weight(model, layer)
             with torch.no_grad():
                 w.add_((left @ resid).to(w.dtype))
-        added = {
-            layer: editors.mean_keys(model, requests, layer, templates).float().T
-            for layer in cfg.layers
-        }  # [d_mlp, n] per layer
+        read_keys = editors.MeanKeys(model, requests, templates)  # the weights as edited
+        added = {layer: read_keys(layer).float().T for layer in cfg.layers}  # [d_mlp, n] each
     return factors, added
 
 

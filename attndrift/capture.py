@@ -183,16 +183,21 @@ class Recorder:
 
 def record(
     model: HookedTransformer | models.Variant,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
     selections: dict[str, Select | None],
     *,
     stop_at_layer: int | None = None,
+    start_at_layer: int | None = None,
 ) -> dict[str, Tensor]:
-    """One forward pass (no gradients) keeping ``selections`` (see :class:`Recorder`)."""
+    """One forward pass (no gradients) keeping ``selections`` (see :class:`Recorder`). With
+    ``start_at_layer``, ``tokens`` is the input residual of that block (``[batch, pos,
+    d_model]``, as kept at its ``hook_resid_pre``) and the blocks before it do not run."""
     v = models.as_variant(model)
     rec = Recorder(selections)
     with torch.no_grad(), models.hooked(v.model, [*v.hooks, *rec.hooks]):
-        v.model(tokens, stop_at_layer=stop_at_layer, return_type=None)
+        v.model(
+            tokens, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, return_type=None
+        )
     return rec.values()
 
 

@@ -142,9 +142,10 @@ def spread(
     z_layer = layers[-1]
     prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
     factors = []
+    read_keys = editors.MeanKeys(model, requests, templates)  # each layer's update comes after
     with restored(model, layers):
         for i, layer in enumerate(layers):
-            keys = editors.mean_keys(model, requests, layer, templates).double().T  # [d_mlp, n]
+            keys = read_keys(layer).double().T  # [d_mlp, n]
             now = editors.keys_at_subject(model, prompts, subjects, [hook], z_layer + 1)[hook]
             resid = (targets - now).double() / share(len(layers) - i)  # [n, d_model]
             left = least_squares(covs[layer], keys, mom2_weight)  # [d_mlp, n]

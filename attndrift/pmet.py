@@ -91,7 +91,8 @@ class PmetConfig(EditorConfig):
 #: Documented defaults. GPT-J: PMET's hyper-parameters in EasyEdit, which the SADR paper's
 #: PMET runs use (layers 3-8, 30 steps at lr 0.2, weight decay 0.5, clamp 0.75, KL factor 1,
 #: λ 15000; 40 steps with SADR); Llama: the SADR code's Llama-3-8B PMET setting; SmolLM2:
-#: MEMIT's SmolLM2 layers and λ as a starting point, to be calibrated on a tuning slice.
+#: MEMIT's SmolLM2 layers with GPT-J's λ until the calibration of docs/RESULTS.md §12.3 has run,
+#: and SADR in PMET's own step budget.
 PRESETS: dict[str, PmetConfig] = {
     "gpt-j": PmetConfig(layers=(3, 4, 5, 6, 7, 8)),
     "llama": PmetConfig(
@@ -100,7 +101,9 @@ PRESETS: dict[str, PmetConfig] = {
         sadr_steps=None,
     ),
     "smollm2-135m": PmetConfig(
-        layers=(4, 5, 6, 7, 8), covariance=CovarianceConfig(n_tokens=32_768, text_tokens=128)
+        layers=(4, 5, 6, 7, 8),
+        covariance=CovarianceConfig(n_tokens=32_768, text_tokens=128),
+        sadr_steps=None,  # SADR in PMET's own budget: no step-count confound (RESULTS §12.3)
     ),
     "tiny": PmetConfig(
         layers=(0, 1),
@@ -193,6 +196,7 @@ def edit(
     covs: dict[int, Tensor] | None = None,
     templates: Sequence[str] | None = None,
     progress: bool = False,
+    memo: editors.TargetMemo | None = None,
 ) -> Edit:
     """Compute a PMET edit of ``requests`` (the model is unchanged on return).
 
@@ -204,19 +208,22 @@ def edit(
         covs: precomputed C per layer (default: from ``cfg.covariance``, cached).
         templates: precomputed context templates.
         progress: show progress bars.
+        memo: deltas already optimised (:class:`attndrift.editors.TargetMemo`), reused where
+            everything they depend on is the same (a λ grid optimises them once).
     """
     cfg = cfg or preset(model)
     requests = editors.requests_of(requests, "PMET")
     clock, templates = editors.begin(model, cfg.layers, cfg, templates)
     z_layer, value_cfg = cfg.layers[-1], editors.value_config(cfg, sadr)
-    results = []  # the MLP delta's result per request (the attention delta is not written)
-    for i, r in enumerate(requests):
-        objective = ValueObjective(
-            model, r, delta_hooks(z_layer), z_layer, templates, value_cfg, sadr
-        )
-        results.append(optimise_deltas(objective, cfg, progress, desc=f"PMET deltas {i}")[1])
+    # the MLP delta's result per request (the attention delta is not written)
+    results, reused = editors.optimise_targets(
+        model, requests, delta_hooks(z_layer), z_layer, templates, value_cfg, sadr,
+        progress=progress, desc="PMET deltas", memo=memo,
+        optimise=lambda objective, **kw: optimise_deltas(objective, cfg, **kw)[1],
+        reads=(cfg.greedy_nll_factor, cfg.greedy_kl_stop),
+    )  # fmt: skip
     targets = torch.stack([x.target for x in results])  # [n, d_model]: m*_i
-    clock.lap("value_steps")
+    clock.lap("value_steps_reused" if reused else "value_steps")
     covs_now = memit.covariances(model, cfg, covs, progress)
     clock.lap("covariance")
     factors = _spread(model, requests, targets, cfg, covs_now, templates)

@@ -263,7 +263,7 @@ def grid(**options: Sequence) -> list[Setting]:
 
 class Editor:
     """Makes edits for settings on one model, reusing context templates, covariances and the
-    optimised targets of MEMIT and AlphaEdit (:class:`attndrift.editors.TargetMemo`)."""
+    optimised targets of MEMIT, PMET and AlphaEdit (:class:`attndrift.editors.TargetMemo`)."""
 
     def __init__(self, model: HookedTransformer, progress: bool = False):
         self.model, self.progress = model, progress
@@ -323,7 +323,6 @@ class Editor:
             )
         covs = {layer: self.covariance(cfg, layer) for layer in cfg.layers}
         edit = {"memit": memit.edit, "pmet": pmet.edit, "alphaedit": alphaedit.edit}
-        memo = {} if setting.editor == "pmet" else {"memo": self.memo}  # PMET: two deltas
         return edit[setting.editor](
             self.model,
             requests,
@@ -332,5 +331,5 @@ class Editor:
             covs={k: v for k, v in covs.items() if v is not None},
             templates=templates,
             progress=self.progress,
-            **memo,
+            memo=self.memo,
         )

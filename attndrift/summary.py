@@ -359,7 +359,7 @@ class Rule:
     text: str  # the rule in words, as written before the runs
     eligible: Callable[[pd.Series, pd.DataFrame], bool]  # (candidate row, all rows)
     objective: Callable[[pd.Series], float]
-    tie_break: Callable[[pd.Series], float]  # larger wins among near-ties
+    tie_break: Callable[[pd.Series], float | tuple]  # larger wins among near-ties
     tie: float = 0.005  # objectives within this count as tied
 
 
@@ -375,7 +375,8 @@ def _sadr_eligible(row: pd.Series, frame: pd.DataFrame) -> bool:
     return bool(ok and row["PS"] >= base["PS"] - 0.03)
 
 
-#: the study's rules (docs/RESULTS.md): ROME and MEMIT preset calibration, SADR's γ / variant
+#: the study's rules (docs/RESULTS.md): ROME, MEMIT and PMET preset calibration, SADR's γ /
+#: variant
 RULES: dict[str, Rule] = {
     "rome": Rule(
         "rome",
@@ -390,6 +391,13 @@ RULES: dict[str, Rule] = {
         lambda r, f: r["ES"] >= 0.95,
         lambda r: r["Score"],
         lambda r: r["mom2_weight"],
+    ),
+    "pmet": Rule(
+        "pmet",
+        "ES >= 95 %; the highest Score; within 0.5 points, the larger λ, then the smaller clamp",
+        lambda r, f: r["ES"] >= 0.95,
+        lambda r: r["Score"],
+        lambda r: (r["mom2_weight"], -r["clamp"]),
     ),
     "sadr": Rule(
         "sadr",
@@ -414,6 +422,10 @@ def candidates(lines: Sequence[Line]) -> pd.DataFrame:
     frame["mean_steps"] = [float(np.mean(steps[k])) for k in frame["setting"]]
     frame["mom2_weight"] = [
         by_key[k].config.get("mom2_update_weight", math.nan) for k in frame["setting"]
+    ]
+    frame["clamp"] = [
+        by_key[k].config.get("value", {}).get("clamp_norm_factor", math.nan)
+        for k in frame["setting"]
     ]
     frame["base"] = [_without_sadr(by_key[k].setting) for k in frame["setting"]]
     return frame

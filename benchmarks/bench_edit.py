@@ -17,10 +17,16 @@ covariance; the printed ratios are what the targets refer to:
 5. **the closed-form solves** of MEMIT (``(λC + KKᵀ)⁻¹K``) and AlphaEdit
    (``(P(KKᵀ + K_pK_pᵀ) + αI)⁻¹PK``) at the model's C of the MEMIT preset's last layer, for
    n = 1, 10, 50 keys: the dense d_mlp × d_mlp solve (old) against Woodbury's identity with C
-   factored once (new), and the largest relative difference of the two.
+   factored once (new), and the largest relative difference of the two;
+6. **the keys of MEMIT's layer loop** for a batch of n = 1, 10, 50 requests (the dataset's
+   first n) at the MEMIT preset's layers, each layer's MLP changed after its keys are read as
+   in the loop: a forward from the embedding per layer (old) against
+   :class:`attndrift.editors.MeanKeys`, which resumes from the residual before the last layer
+   read (new), and whether the keys are bit-identical.
 
     python benchmarks/bench_edit.py [--data merged_counterfact_dev.json --record 1]
         [--model smollm2-135m | gpt2-random] [--device cuda] [--reps 5] [--steps-records 3]
+        [--skip 1,2,3,4,5,6]
 """
 
 import argparse
@@ -196,6 +202,36 @@ def steps_per_preset(model, records) -> None:
               f"stopped early {stopped}/{len(steps)}")  # fmt: skip
 
 
+def loop_keys(model, ds, editor) -> None:
+    from attndrift import editors, edits, memit
+
+    cfg = memit.preset(model)
+    templates = editor.templates(cfg)
+    g = torch.Generator().manual_seed(0)
+    print(f"keys of MEMIT's loop at layers {list(cfg.layers)}, {len(templates)} templates:")
+    for n in (1, 10, 50):
+        requests = [r.request for r in ds.records[:n]]
+        changes = [torch.randn(models.mlp_out_weight(model, layer).shape, generator=g) * 1e-3
+                   for layer in cfg.layers]  # fmt: skip
+        out, times = [], []
+        for new in (False, True):
+            t0, kept = time.perf_counter(), []
+            read = editors.MeanKeys(model, requests, templates) if new else None
+            with edits.restored(model, cfg.layers):
+                for layer, change in zip(cfg.layers, changes, strict=True):
+                    kept.append(read(layer) if new else
+                                editors.MeanKeys(model, requests, templates)(layer))  # fmt: skip
+                    with torch.no_grad():
+                        models.mlp_out_weight(model, layer).add_(change)
+            times.append(time.perf_counter() - t0)
+            out.append(kept)
+        same = all(torch.equal(a, b) for a, b in zip(*out, strict=True))
+        print(
+            f"  n={n:<3} old {times[0]:6.2f} s, new {times[1]:6.2f} s: "
+            f"old / new {times[0] / times[1]:4.2f}x (keys bit-identical: {same})"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="default: the embedded dataset")
@@ -230,6 +266,8 @@ def main() -> None:
         steps_per_preset(model, list(ds.records[: a.steps_records]))
     if 5 not in skip:
         solves(model, editor)
+    if 6 not in skip:
+        loop_keys(model, ds, editor)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Calibration of the SmolLM2-135M ROME and MEMIT presets on the tuning slice (docs/RESULTS.md,
-# "Calibrated presets"): every setting of each grid on dev records 1000-1099 (ROME) and
-# 1000-1059 (MEMIT). Resumable; raw lines go to runs/, gzipped copies to results/.
-#   scripts/calibrate.sh DATA [rome|memit|both]   (NPROC=2 torchrun ranks; SWEEP_FLAGS=… passed on)
+# Calibration of the SmolLM2-135M ROME, MEMIT and PMET presets on the tuning slice
+# (docs/RESULTS.md §12): every setting of each grid on dev records 1000-1099 (ROME) and
+# 1000-1059 (MEMIT, PMET). Resumable; raw lines go to runs/, gzipped copies to results/.
+#   scripts/calibrate.sh DATA [rome|memit|pmet|both]   (both: ROME and MEMIT; NPROC=2 torchrun
+#   ranks; SWEEP_FLAGS=… passed on)
 set -euo pipefail
 data=${1:?usage: $0 path/to/merged_counterfact_dev.json [rome|memit|both]}
 what=${2:-both}
@@ -28,6 +29,12 @@ fi
 if [[ $what == memit || $what == both ]]; then
   run --records 1000-1059 --editor memit --mom2-weight 15000,2000,250,30 \
     --layers '4,5,6,7,8;2,3,4,5,6' --early-stop-on nll --out runs/calibration_memit.jsonl
+fi
+if [[ $what == pmet ]]; then
+  # PMET's own delta optimisation (EasyEdit's GPT-J values, its NLL schedule) at MEMIT's layers;
+  # one optimisation per record and clamp, shared by the four λ (editors.TargetMemo)
+  run --records 1000-1059 --editor pmet --mom2-weight 15000,2000,250,30 --clamp 0.75,4 \
+    --out runs/calibration_pmet.jsonl
 fi
 # the raw lines, committed: summarize reads results/calibration_rome.jsonl's gzipped shards
 mkdir -p results

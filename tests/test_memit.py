@@ -29,6 +29,29 @@ def test_memit_solves_its_normal_equations(tiny):
     assert all(len(t) > 0 for t in e.run.traces)
 
 
+def test_mean_keys_read_upwards_equal_the_full_forwards_keys(tiny):
+    # MEMIT's loop: read a layer's keys, then change that layer's MLP; the reader resumes from
+    # the kept residual and must give, bit for bit, what a forward from the embedding gives
+    reader, g = editors.MeanKeys(tiny, REQS, TEMPLATES), torch.Generator().manual_seed(0)
+    prompts = [p for r in REQS for p in editors.filled(TEMPLATES, r.prompt)]
+    subjects = [r.subject for r in REQS for _ in TEMPLATES]
+    layers = (0, 2, 3, 3)  # a gap, and the same layer twice
+    keys_2 = editors.mean_keys(tiny, REQS, 2, TEMPLATES)
+    with edits.restored(tiny, layers):
+        for layer in layers:
+            name = models.mlp_key_hook(layer)
+            full = editors.keys_at_subject(tiny, prompts, subjects, [name], layer + 1)[name]
+            got = reader(layer)
+            assert torch.equal(got, full.view(len(REQS), len(TEMPLATES), -1).mean(1))
+            w = models.mlp_out_weight(tiny, layer)
+            with torch.no_grad():
+                w.add_(torch.randn(w.shape, generator=g) * w.std())
+            if layer == 0:  # the change reaches the next layer's keys
+                assert not torch.equal(editors.mean_keys(tiny, REQS, 2, TEMPLATES), keys_2)
+        with pytest.raises(ValueError, match="ascending layers: 1 after 3"):
+            reader(1)
+
+
 def test_memit_moves_residuals_towards_z_and_restores(tiny):
     snap = {n: p.detach().clone() for n, p in tiny.named_parameters()}
     cfg = _cfg(tiny, mom2_update_weight=1.0)  # identity C: a small λ lets the update act

@@ -155,6 +155,34 @@ def test_gamma_zero_is_plain_pmet(tiny):
     assert on.editor == "pmet+sadr" and not torch.equal(plain.right[-1], on.right[-1])
 
 
+def test_a_lambda_grid_optimises_each_pair_of_deltas_once(tiny, monkeypatch):
+    calls, real = [], pmet.optimise_deltas
+    monkeypatch.setattr(
+        pmet, "optimise_deltas", lambda obj, *a, **kw: calls.append(obj) or real(obj, *a, **kw)
+    )
+    editor = setting.Editor(tiny)
+    quick = dict(editor="pmet", layers=(0, 1), identity_cov=True, steps=4)
+    editor(setting.Setting(mom2_weight=1.0, **quick), REQS)
+    second = editor(setting.Setting(mom2_weight=5.0, **quick), REQS)
+    assert len(calls) == len(REQS)  # the deltas come before λ: optimised once per request
+    assert "value_steps_reused" in dict(second.run.timings)
+    cfg = setting.Setting(mom2_weight=5.0, **quick).config(tiny)
+    fresh = pmet.edit(tiny, REQS, cfg, templates=editor.templates(cfg))  # no memo
+    for a, b in zip((*second.left, *second.right), (*fresh.left, *fresh.right), strict=True):
+        assert torch.equal(a, b)  # the shared edit is the fresh one, bit for bit
+    assert second.run.traces == fresh.run.traces
+    n = len(calls)
+    # PMET's NLL schedule is part of the optimisation, so it is part of the key; so is MEMIT's
+    # z (another hook): neither reuses these deltas
+    pmet.edit(tiny, REQS[:1], dataclasses.replace(cfg, greedy_kl_stop=0.5), templates=TEMPLATES,
+              memo=editor.memo)  # fmt: skip
+    pmet.edit(tiny, REQS[:1], dataclasses.replace(cfg, greedy_nll_factor=0.5),
+              templates=TEMPLATES, memo=editor.memo)  # fmt: skip
+    assert len(calls) == n + 2
+    editor(setting.Setting(**{**quick, "editor": "memit"}, mom2_weight=5.0), REQS)
+    assert len(calls) == n + 2 and editor.memo.hits == len(REQS)
+
+
 def _snapshot(model) -> dict:
     return {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
 
@@ -184,7 +212,7 @@ def test_model_restored_and_hook_free_also_after_an_error(tiny, monkeypatch):
         return wrapped
 
     # midway through the layer loop (layer 0's update is in the weights) ...
-    monkeypatch.setattr(pmet.editors, "mean_keys", failing_after(1, editors.mean_keys))
+    monkeypatch.setattr(editors.MeanKeys, "__call__", failing_after(1, editors.MeanKeys.__call__))
     with pytest.raises(RuntimeError, match="injected"):
         pmet.edit(tiny, REQS, cfg, templates=TEMPLATES)
     _assert_restored(tiny, snap)

@@ -109,3 +109,23 @@ def test_rome_rule_breaks_ties_by_fewer_steps():
     assert list(frame[frame["chosen"]]["setting"]) == ["rome|g=0|steps=25"]
     assert frame["mean_steps"].tolist() == [20.0, 7.0]
     assert not math.isnan(frame["objective"].iloc[0])
+
+
+def test_pmet_rule_breaks_ties_by_the_larger_lambda_then_the_smaller_clamp():
+    lines = []
+    table = {  # (λ, clamp): ES, and whether RS succeeds (the Score's tie-breaking field)
+        (100.0, 0.75): (0, 1),  # the best Score but ES < 95 %: not eligible
+        (10.0, 4.0): (1, 1),
+        (10.0, 0.75): (1, 1),  # tied with the row above: the smaller clamp wins
+        (1.0, 0.75): (1, 1),  # tied too, but a smaller λ
+        (50.0, 0.75): (1, 0),  # the larger λ, but a Score 0
+    }
+    for (lam, clamp), (es, rs) in table.items():
+        for record in range(2):
+            probes = [("ES", es), ("PS", 1), ("NS", 1), ("RS", rs), ("DNS", 1)]
+            lines.append(make_line(record, probes, editor="pmet", mom2_weight=lam, clamp=clamp))
+    frame = summary.choose(lines, "pmet")
+    assert frame["clamp"].tolist() == [0.75, 4.0, 0.75, 0.75, 0.75]
+    (chosen,) = frame[frame["chosen"]]["setting"]
+    assert "mom2_weight=10|" in chosen + "|" and "clamp=0.75" in chosen
+    assert frame[frame["eligible"]]["mom2_weight"].tolist() == [10.0, 10.0, 1.0, 50.0]
