@@ -363,9 +363,11 @@ def _print_choice(lines, rule: str, markdown: bool) -> None:
     print("chosen: " + (chosen["setting"].iloc[0] if len(chosen) else "none is eligible"))
 
 
-def _p_boot(p: float, n_boot: int = 10_000) -> str:
-    """A bootstrap p-value; 0 (no resample crossed 0) is only below 1 / n_boot."""
-    return f"< {1 / n_boot:.0e}" if p == 0 else f"{p:.3g}"
+def _p_boot(p: float) -> str:
+    """A bootstrap p-value; 0 (no resample crossed 0) is only below 1 / the resamples."""
+    from attndrift import summary
+
+    return f"< {1 / summary.N_BOOT:.0e}" if p == 0 else f"{p:.3g}"
 
 
 def _print_paired(lines, pair: str, markdown: bool) -> None:

@@ -227,12 +227,16 @@ def _paired_frame(lines: Sequence[Line], a: str, b: str) -> pd.DataFrame:
     return both
 
 
+#: resamples of the paired bootstraps (a bootstrap p of 0 means below 1 / N_BOOT)
+N_BOOT = 10_000
+
+
 def paired_tests(
     lines: Sequence[Line],
     a: str,
     b: str,
     kinds: Sequence[str] = SCORE_KINDS,
-    n_boot: int = 10_000,
+    n_boot: int = N_BOOT,
     seed: int = 0,
 ) -> list[PairedTest]:
     """Per metric: ``b`` vs ``a`` on the probes both scored (METHOD §5).
@@ -322,7 +326,7 @@ def _drift_frame(lines: Sequence[Line], key: str) -> pd.DataFrame:
 
 
 def paired_drift(
-    lines: Sequence[Line], a: str, b: str, n_boot: int = 10_000, seed: int = 0
+    lines: Sequence[Line], a: str, b: str, n_boot: int = N_BOOT, seed: int = 0
 ) -> list[PairedDrift]:
     """Does ``b`` drift less than ``a``? The drift factor (:class:`~attndrift.results.
     DriftScores`) of each RS/DNS probe measured under both, per kind and over both: the mean
