@@ -360,7 +360,10 @@ def _print_choice(lines, rule: str, markdown: bool) -> None:
     print(f"\nrule {rule!r}: {summary.RULES[rule].text}")
     print(_markdown(shown) if markdown else shown.to_string())
     chosen = frame[frame["chosen"]]
-    print("chosen: " + (chosen["setting"].iloc[0] if len(chosen) else "none is eligible"))
+    if frame.attrs["fallback"]:
+        print(f"chosen (none is eligible; the rule's fallback): {chosen['setting'].iloc[0]}")
+    else:
+        print("chosen: " + (chosen["setting"].iloc[0] if len(chosen) else "none is eligible"))
 
 
 def _p_boot(p: float) -> str:

@@ -365,6 +365,7 @@ class Rule:
     objective: Callable[[pd.Series], float]
     tie_break: Callable[[pd.Series], float | tuple]  # larger wins among near-ties
     tie: float = 0.005  # objectives within this count as tied
+    fallback: Callable[[pd.Series], float | tuple] | None = None  # maximised if none eligible
 
 
 def _baseline_of(row: pd.Series, frame: pd.DataFrame) -> pd.Series | None:
@@ -403,6 +404,16 @@ RULES: dict[str, Rule] = {
         lambda r: r["Score"],
         lambda r: (r["mom2_weight"], -r["clamp"]),
     ),
+    "pmet-wide": Rule(
+        "pmet-wide",
+        "ES >= 95 %; the highest Score; within 0.5 points, the larger λ, then fewer mean steps, "
+        "then the smaller lr, then the smaller clamp; if none is eligible, the highest ES, then "
+        "the highest Score",
+        lambda r, f: r["ES"] >= 0.95,
+        lambda r: r["Score"],
+        lambda r: (r["mom2_weight"], -r["mean_steps"], -r["lr"], -r["clamp"]),
+        fallback=lambda r: (r["ES"], r["Score"]),
+    ),
     "sadr": Rule(
         "sadr",
         "γ > 0, ES >= 99 % and PS >= the same-budget baseline's PS − 3 points; the highest "
@@ -427,10 +438,9 @@ def candidates(lines: Sequence[Line]) -> pd.DataFrame:
     frame["mom2_weight"] = [
         by_key[k].config.get("mom2_update_weight", math.nan) for k in frame["setting"]
     ]
-    frame["clamp"] = [
-        by_key[k].config.get("value", {}).get("clamp_norm_factor", math.nan)
-        for k in frame["setting"]
-    ]
+    for column, name in (("clamp", "clamp_norm_factor"), ("lr", "lr")):
+        frame[column] = [by_key[k].config.get("value", {}).get(name, math.nan)
+                         for k in frame["setting"]]  # fmt: skip
     frame["base"] = [_without_sadr(by_key[k].setting) for k in frame["setting"]]
     return frame
 
@@ -442,7 +452,9 @@ def _without_sadr(setting: Setting) -> str:
 
 
 def choose(lines: Sequence[Line], rule: str) -> pd.DataFrame:
-    """Every candidate setting with ``eligible``, ``objective`` and the ``chosen`` one."""
+    """Every candidate setting with ``eligible``, ``objective`` and the ``chosen`` one; where
+    none is eligible, the rule's ``fallback`` chooses (``frame.attrs["fallback"]`` is then
+    true) or, without one, nothing is chosen."""
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}: expected one of {sorted(RULES)}")
     r = RULES[rule]
@@ -450,8 +462,12 @@ def choose(lines: Sequence[Line], rule: str) -> pd.DataFrame:
     frame["eligible"] = [bool(r.eligible(row, frame)) for _, row in frame.iterrows()]
     frame["objective"] = [float(r.objective(row)) for _, row in frame.iterrows()]
     frame["chosen"] = False
+    frame.attrs["fallback"] = False
     pool = frame[frame["eligible"]]
     if pool.empty:
+        if r.fallback is not None:
+            frame.loc[max(frame.index, key=lambda i: r.fallback(frame.loc[i])), "chosen"] = True
+            frame.attrs["fallback"] = True
         return frame
     best = pool["objective"].max()
     near = pool[pool["objective"] >= best - r.tie]

@@ -129,3 +129,35 @@ def test_pmet_rule_breaks_ties_by_the_larger_lambda_then_the_smaller_clamp():
     (chosen,) = frame[frame["chosen"]]["setting"]
     assert "mom2_weight=10|" in chosen + "|" and "clamp=0.75" in chosen
     assert frame[frame["eligible"]]["mom2_weight"].tolist() == [10.0, 10.0, 1.0, 50.0]
+
+
+def test_pmet_wide_rule_breaks_ties_by_fewer_steps_then_smaller_lr_and_falls_back_to_es():
+    def lines_of(table):
+        out = []
+        for (lr, steps), (es, rs) in table.items():
+            for record in range(2):
+                probes = [("ES", es[record]), ("PS", 1), ("NS", 1), ("RS", rs), ("DNS", 1)]
+                out.append(make_line(record, probes, editor="pmet", mom2_weight=30.0,
+                                     clamp=4.0, lr=lr, steps=steps))  # fmt: skip
+        return out
+
+    tied = {  # (lr, steps): ES per record, RS; all three eligible with the same Score
+        (0.2, 60): ((1, 1), 1),
+        (0.5, 30): ((1, 1), 1),  # fewer steps than the first: wins over it
+        (0.9, 30): ((1, 1), 1),  # as few steps, but the larger lr
+    }
+    frame = summary.choose(lines_of(tied), "pmet-wide")
+    assert frame["lr"].tolist() == [0.2, 0.5, 0.9]
+    (chosen,) = frame[frame["chosen"]]["setting"]
+    assert "lr=0.5" in chosen and not frame.attrs["fallback"]
+    none = {  # nobody reaches ES 95 %: the highest ES, then the highest Score
+        (0.2, 60): ((1, 0), 1),
+        (0.5, 30): ((1, 0), 0),
+        (0.9, 30): ((0, 0), 1),
+    }
+    frame = summary.choose(lines_of(none), "pmet-wide")
+    assert not frame["eligible"].any() and frame.attrs["fallback"]
+    (chosen,) = frame[frame["chosen"]]["setting"]
+    assert "lr=0.2" in chosen and "steps=60" in chosen
+    frame = summary.choose(lines_of(none), "pmet")  # no fallback: nothing chosen
+    assert not frame["chosen"].any() and not frame.attrs["fallback"]
