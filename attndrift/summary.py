@@ -426,8 +426,9 @@ RULES: dict[str, Rule] = {
 
 
 def candidates(lines: Sequence[Line]) -> pd.DataFrame:
-    """:func:`tradeoff` plus what the rules read: mean steps run, λ, the setting without its
-    SADR fields (``base``: a SADR row's same-budget baseline has the same ``base``)."""
+    """:func:`tradeoff` plus what the rules read: mean steps run, λ, clamp, lr, the setting
+    without its SADR fields (``base``: a SADR row's same-budget baseline has the same
+    ``base``)."""
     frame = tradeoff(lines)
     steps: dict[str, list[int]] = {}
     by_key = {}
