@@ -73,8 +73,8 @@ class ValueConfig:
         checks.number("relation_kl", self.relation_kl, low=0)
         checks.number("early_stop_loss", self.early_stop_loss, low=0)
         checks.choice("early_stop_on", self.early_stop_on, ("loss", "nll"))
-        if not isinstance(self.essence_prompt, str) or "{}" not in self.essence_prompt:
-            raise ValueError("essence_prompt needs '{}' for the subject")
+        if not isinstance(self.essence_prompt, str) or checks.template_problem(self.essence_prompt):
+            raise ValueError("essence_prompt needs exactly one '{}' for the subject")
 
 
 @dataclass(frozen=True)

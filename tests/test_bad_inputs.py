@@ -401,7 +401,7 @@ CLI_CASES = [
     # sweeps and results
     ("sweep-onto-notes", [*SWEEP, "--out", "{w}/notes.txt"], r"notes\.txt: line 1 is not a res"),
     ("sweep-out-under-file", [*SWEEP, "--out", "{w}/afile/r.jsonl"], r"afile is not a directory"),
-    ("sweep-out-is-dir", [*SWEEP, "--out", "{w}/adir"], r"adir is not a file"),
+    ("sweep-out-is-dir", [*SWEEP, "--out", "{w}/adir"], r"adir is a directory, not a file"),
     ("sweep-gamma-nan", [*SWEEP, "--sadr-gamma", "0,nan", "--out", "{w}/r.jsonl"], r"got nan"),
     ("sweep-limit-negative", [*SWEEP, "--limit", "-1", "--out", "{w}/r.jsonl"], r"--limit: must"),
     (

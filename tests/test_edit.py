@@ -25,6 +25,7 @@ def random_edit(model, layers=(1, 2), rank=2, seed=0, scale=0.5) -> Edit:
         requests=(REQ,),
         editor="random",
         model_name=model.cfg.model_name,
+        model_fingerprint=models.fingerprint(model),
     )
 
 
