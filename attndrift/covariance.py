@@ -169,15 +169,17 @@ def sampled_corpus(
 def _cached_corpus(path: Path, size: int) -> list[str] | None:
     """The texts of a corpus cache file if it holds the ``size`` texts its name says; None
     (and the damaged file removed, with a warning that names it) otherwise."""
-    try:
-        texts = json.loads(read_cache_bytes(path))
-        problem = None
+    texts, problem = None, "not a regular file"
+    if is_regular(path):  # (a FIFO would block the reader)
+        try:
+            texts, problem = json.loads(read_cache_bytes(path)), None
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError
+            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if problem is None:
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             problem = "not a JSON list of texts"
         elif len(texts) != size:
             problem = f"{len(texts)} texts, its name says {size}"
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, not a regular file
-        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
     if problem is None:
         return texts
     log.warning("damaged corpus cache %s (%s): sampling again", path, problem)

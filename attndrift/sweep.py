@@ -198,12 +198,14 @@ def run(
         log.info("%s: %d (record, setting) pairs to do", path, n)
         ctx = _Context(model, Editor(model), fluency, prov, configs, rank, world)
         bar = tqdm(total=n, desc=f"sweep r{rank}", unit="edit", disable=not progress)
-        for setting, group in todo:
-            for line in _group_lines(ctx, setting, group):
-                if line.key not in done:
-                    results.append(path, line)
-                bar.update(1)
-        bar.close()
+        try:
+            for setting, group in todo:
+                for line in _group_lines(ctx, setting, group):
+                    if line.key not in done:
+                        results.append(path, line)
+                    bar.update(1)
+        finally:  # closed now, not when collected (after an interrupt's message)
+            bar.close()
     return path
 
 
