@@ -70,6 +70,28 @@ def test_table_is_what_summarize_prints(doc, command, printed, capsys, monkeypat
     assert out.strip() == printed.strip(), f"docs/{doc} differs from `{command}`"
 
 
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    heads = re.findall(r"^#+ (.+)$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize("path", DOCS, ids=[_name(p) for p in DOCS])
+def test_links_reach_a_file_and_a_heading(path):
+    for target in LINK.findall(path.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+:", target):
+            continue  # a web address
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file).resolve() if file else path
+        assert dest.exists(), f"docs/{_name(path)}: {target} is not a file"
+        if anchor:
+            assert anchor in _anchors(dest), f"docs/{_name(path)}: no heading #{anchor} in {file or 'itself'}"
+
+
 def test_markdown_cells_keep_their_pipes():
     import pandas as pd
 
