@@ -89,7 +89,8 @@ def test_links_reach_a_file_and_a_heading(path):
         dest = (path.parent / file).resolve() if file else path
         assert dest.exists(), f"docs/{_name(path)}: {target} is not a file"
         if anchor:
-            assert anchor in _anchors(dest), f"docs/{_name(path)}: no heading #{anchor} in {file or 'itself'}"
+            where = file or "itself"
+            assert anchor in _anchors(dest), f"docs/{_name(path)}: no heading #{anchor} in {where}"
 
 
 def test_markdown_cells_keep_their_pipes():
