@@ -392,7 +392,7 @@ def _print_paired(lines, pair: str, markdown: bool) -> None:
             "probes": t.n_probes,
             "A": f"{100 * t.mean_a:.1f}",
             "B": f"{100 * t.mean_b:.1f}",
-            "B − A [95 % CI, records]": f"{100 * t.diff:+.1f} [{100 * t.diff_low:+.1f}, "
+            "B − A [95 % interval, records]": f"{100 * t.diff:+.1f} [{100 * t.diff_low:+.1f}, "
             f"{100 * t.diff_high:+.1f}]",
             "p (records)": _p_boot(t.p_bootstrap),
             "probe-level: only A / only B": f"{t.only_a} / {t.only_b}",
@@ -414,7 +414,8 @@ def _print_paired(lines, pair: str, markdown: bool) -> None:
             "probes": d.n_probes,
             "A": f"{d.mean_a:.3f}",
             "B": f"{d.mean_b:.3f}",
-            "B − A [95 % CI, records]": f"{d.diff:+.3f} [{d.diff_low:+.3f}, {d.diff_high:+.3f}]",
+            "B − A [95 % interval, records]": f"{d.diff:+.3f} [{d.diff_low:+.3f}, "
+            f"{d.diff_high:+.3f}]",
             "p (records)": _p_boot(d.p_bootstrap),
             "p (Wilcoxon, probe-level)": f"{d.p_wilcoxon:.3g}",
         }
@@ -441,7 +442,7 @@ def _print_drift(lines, key: str, plot: Path | None) -> None:
         )
         print(
             f"\ndrift factor vs P(o_new), {key}, {n_records} edits, {c.n} {label} probes: "
-            f"Pearson {c.pearson:.3f} [95 % CI over records {low:.2f}, {high:.2f}] "
+            f"Pearson {c.pearson:.3f} [95 % interval over records {low:.2f}, {high:.2f}] "
             f"(probe-level p {c.pearson_p:.1e}), Spearman {c.spearman:.3f} (probe-level p "
             f"{c.spearman_p:.1e})"
         )

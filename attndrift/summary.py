@@ -260,7 +260,7 @@ def drift_table(lines: Sequence[Line], kinds: Sequence[str] = ("RS", "DNS")) -> 
                     "probes": c.n,
                     "drift factor": f"{fa.probes['factor'].mean():.2f}",
                     "P(o_new)": f"{fa.probes['p_new'].mean():.3f}",
-                    "Pearson [95 % CI, records]": f"{c.pearson:.2f} [{low:.2f}, {high:.2f}]",
+                    "Pearson [95 % interval, records]": f"{c.pearson:.2f} [{low:.2f}, {high:.2f}]",
                     "Spearman": f"{c.spearman:.2f}",
                 }
             )
