@@ -363,6 +363,7 @@ class ValueObjective:
         self.tokens = tokens.to(self.device)  # [row, width + n]: the layout of every step
         self.mask = torch.tensor(mask, device=self.device)  # [row, width + n]
         self.cache = models.prefix_cache(model, self.tokens[:, :width], self.mask[:, :width])
+        self.lean_allowed = _LEAN[0]  # the steps may run the lean forward (hooked_forward)
         # one hook: the residual after block L at s_j onwards, delta adds to it from here on;
         # several: the residual entering block L (the steps run block L with the deltas' hooks)
         entering = models.resid_pre_hook(self.layer)
@@ -384,7 +385,22 @@ class ValueObjective:
         self.step_shape = tuple(self.start.shape[:2])
 
     def _forward(self, delta: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Final hidden states of the step batch at ``delta``, and SADR's attention rows."""
+        """Final hidden states of the step batch at ``delta``, and SADR's attention rows.
+
+        The prefix-cached steps of one δ run the lean forward (:mod:`attndrift.models.lean`)
+        where it covers the model, TransformerLens' hooked forward otherwise (and inside
+        :func:`hooked_forward`). The lean forward runs the last block's MLP only at the
+        positions :meth:`_read_positions` names; the others are NaN, so that a loss term
+        reading a position not named there fails at once (``check_finite``).
+        """
+        lean = self._lean_forward() if self.prefix_cached and not self.stacked else None
+        if lean is not None:
+            resid = self.start + self.onehot[:, :, None] * delta
+            if self.sadr_cfg is not None and self.sadr_layers:
+                hidden, rows = lean(resid, self.sadr_rows_t, self.sadr_query)
+            else:
+                hidden, rows = lean(resid)
+            return hidden.to(self.device), rows
         hooks, rec = [], None
         if self.sadr_cfg is not None and self.sadr_layers:
             # SADR's query rows of its prompts (other rows pick position 0, unused)
@@ -414,6 +430,29 @@ class ValueObjective:
             dim=1,
         )  # fmt: skip
         return hidden, rows
+
+    def _lean_forward(self) -> models.SuffixForward | None:
+        """The lean forward of the prefix-cached steps (built at the first step), or None:
+        the model needs TransformerLens' forward, or :func:`hooked_forward` is on."""
+        if not self.lean_allowed or models.has_hooks(self.model):
+            return None
+        if not hasattr(self, "_lean"):
+            read = torch.zeros(self.step_shape, dtype=torch.bool, device=self.device)
+            read[self._read_positions()] = True
+            self._lean = models.suffix_forward(
+                self.model, self.cache, self.mask, self.layer + 1, read
+            )
+            self.sadr_rows_t = torch.tensor(self.rows.sadr_rows, device=self.device)
+        return self._lean
+
+    def _read_positions(self) -> tuple[Tensor, Tensor]:
+        """(rows, positions) of the step batch whose final hidden states a loss term reads:
+        the NLL's target positions, the essence row at s_j and the relation prompts' last
+        tokens. A new term that reads the hidden states elsewhere adds its positions here."""
+        essence = torch.tensor([self.n_rewrite], device=self.device)
+        rows = torch.cat([self.nll_rows, essence, self.relation_rows])
+        pos = torch.cat([self.nll_pos, self.delta_pos[essence], self.relation_query])
+        return rows, pos
 
     def _delta_hooks(self, delta: Tensor) -> list:
         """Hooks adding each δ at (row, delta_pos[row]) of its activation."""
@@ -481,6 +520,23 @@ class ValueObjective:
             if self.sadr_cfg.gamma > 0:
                 total = total + self.sadr_cfg.gamma * sadr_term
         return LossTerms(total, nll, kl, wd, sadr_term, heads, torch.exp(-per_prompt).mean())
+
+
+#: whether prefix-cached value steps may run the lean forward (see :func:`hooked_forward`)
+_LEAN = [True]
+
+
+@contextmanager
+def hooked_forward() -> Iterator[None]:
+    """Inside the block, value steps run through TransformerLens' hooked forward, as they did
+    before the lean forward (:mod:`attndrift.models.lean`): the baseline that benchmarks and
+    checks compare the lean forward against. Objectives built inside keep this choice."""
+    before = _LEAN[0]
+    _LEAN[0] = False
+    try:
+        yield
+    finally:
+        _LEAN[0] = before
 
 
 def _logits(model: HookedTransformer, h: Tensor) -> Tensor:
