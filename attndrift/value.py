@@ -344,7 +344,7 @@ class ValueObjective:
             self.model, self.tokens, {n: at for n in self.hook_names}, stop_at_layer=self.layer + 1
         )
         init = [kept[n][0, 0].to(self.device) for n in self.hook_names]  # row 0 ("{}") at s_0
-        self.init = torch.stack(init) if self.stacked else init[0]  # [n_hooks,] d_model
+        self.init = _precise(torch.stack(init) if self.stacked else init[0])  # [n_hooks,] d_model
 
     def _start_suffix(self, rows: list, subject_last: list[int], width: int) -> None:
         """Cache each row's prefix (positions < s_j) and run the rest up to layer L."""
@@ -381,7 +381,7 @@ class ValueObjective:
         self.start = kept[entering].clone() if self.stacked else after  # [row, n, d_model]
         # row 0 ("{}") at its s_j, the first position that runs: v_0 / z_0
         init = [kept[n][0, 0].clone().to(self.device) for n in self.hook_names]
-        self.init = torch.stack(init) if self.stacked else init[0]  # [n_hooks,] d_model
+        self.init = _precise(torch.stack(init) if self.stacked else init[0])  # [n_hooks,] d_model
         self.step_shape = tuple(self.start.shape[:2])
 
     def _forward(self, delta: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -395,12 +395,12 @@ class ValueObjective:
         """
         lean = self._lean_forward() if self.prefix_cached and not self.stacked else None
         if lean is not None:
-            resid = self.start + self.onehot[:, :, None] * delta
+            resid = self.start + (self.onehot[:, :, None] * delta).to(self.start.dtype)
             if self.sadr_cfg is not None and self.sadr_layers:
                 hidden, rows = lean(resid, self.sadr_rows_t, self.sadr_query)
             else:
                 hidden, rows = lean(resid)
-            return hidden.to(self.device), rows
+            return hidden.to(self.device), None if rows is None else _precise(rows)
         hooks, rec = [], None
         if self.sadr_cfg is not None and self.sadr_layers:
             # SADR's query rows of its prompts (other rows pick position 0, unused)
@@ -412,7 +412,7 @@ class ValueObjective:
             )
             hooks = list(rec.hooks)
         if self.prefix_cached and not self.stacked:
-            resid = self.start + self.onehot[:, :, None] * delta
+            resid = self.start + (self.onehot[:, :, None] * delta).to(self.start.dtype)
             hidden = models.final_hidden_from(
                 self.model, resid, self.layer + 1, hooks, self.cache, self.mask
             )
@@ -429,7 +429,7 @@ class ValueObjective:
              for layer in self.sadr_layers],
             dim=1,
         )  # fmt: skip
-        return hidden, rows
+        return hidden, _precise(rows)
 
     def _lean_forward(self) -> models.SuffixForward | None:
         """The lean forward of the prefix-cached steps (built at the first step), or None:
@@ -454,6 +454,15 @@ class ValueObjective:
         pos = torch.cat([self.nll_pos, self.delta_pos[essence], self.relation_query])
         return rows, pos
 
+    def step_flops(self) -> dict[str, int]:
+        """Floating-point operations of one step's forward and backward pass through the
+        lean forward (:func:`attndrift.models.lean.step_flops`), from the shapes of the step
+        batch (prefix-cached steps of one δ)."""
+        n_rows, n_pos = self.step_shape
+        prefix = self.tokens.shape[1] - n_pos
+        n_read = len(self._read_positions()[0])
+        return models.lean.step_flops(self.model, n_rows, n_pos, prefix, self.layer + 1, n_read)
+
     def _delta_hooks(self, delta: Tensor) -> list:
         """Hooks adding each δ at (row, delta_pos[row]) of its activation."""
         deltas = list(delta) if self.stacked else [delta]  # each [d_model]
@@ -461,7 +470,7 @@ class ValueObjective:
         def adder(d: Tensor):
             def add_delta(x: Tensor, hook) -> Tensor:
                 # (multi-GPU models: the loss lives on the first device, this layer may not)
-                return x + self.onehot.to(x.device)[:, :, None] * d.to(x.device)
+                return x + (self.onehot.to(x.device)[:, :, None] * d.to(x.device)).to(x.dtype)
 
             return add_delta
 
@@ -537,6 +546,12 @@ def hooked_forward() -> Iterator[None]:
         yield
     finally:
         _LEAN[0] = before
+
+
+def _precise(x: Tensor) -> Tensor:
+    """``x`` in float32 at least: δ, v_0 and SADR's attention rows of a half-precision model
+    (the optimisation stays in float32; a float64 model keeps float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _logits(model: HookedTransformer, h: Tensor) -> Tensor:

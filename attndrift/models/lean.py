@@ -341,4 +341,36 @@ def suffix_forward(
         return None
 
 
-__all__: Sequence[str] = ("SuffixForward", "has_hooks", "suffix_forward", "unsupported")
+def step_flops(
+    model: HookedTransformer, n_rows: int, n_pos: int, prefix: int, start: int, n_read: int
+) -> dict[str, int]:
+    """Floating-point operations of one forward and backward pass of :class:`SuffixForward`
+    (``n_rows`` x ``n_pos`` positions after a ``prefix``-column cache, blocks ``start`` on,
+    ``n_read`` positions read and unembedded), counted from the shapes: matrix products only
+    (2 per multiply-add), the backward computing input gradients only (one product per weight
+    product, two per attention product). Keys: ``forward``, ``backward``, ``total``."""
+    cfg = model.cfg
+    d, dh, h = cfg.d_model, cfg.d_head, cfg.n_heads
+    kv = cfg.n_key_value_heads or h
+    mlp = (3 if cfg.gated_mlp else 2) * d * cfg.d_mlp
+    tokens = n_rows * n_pos
+    blocks = cfg.n_layers - start
+    attn_weights = d * (h + 2 * kv) * dh + h * dh * d  # Q, K, V and O, per token
+    attn_products = 2 * h * dh * (prefix + n_pos)  # scores and pattern x values, per query
+    weights = 2 * tokens * blocks * attn_weights
+    if blocks:
+        weights += 2 * mlp * (tokens * (blocks - 1) + n_read)  # the last block: read only
+    attention = 2 * tokens * blocks * attn_products
+    unembed = 2 * n_read * d * cfg.d_vocab
+    forward = weights + attention + unembed
+    backward = weights + 2 * attention + unembed
+    return {"forward": forward, "backward": backward, "total": forward + backward}
+
+
+__all__: Sequence[str] = (
+    "SuffixForward",
+    "has_hooks",
+    "step_flops",
+    "suffix_forward",
+    "unsupported",
+)
