@@ -540,11 +540,14 @@ class ValueObjective:
 
     def _read_positions(self) -> tuple[Tensor, Tensor]:
         """(rows, positions) of the step batch whose final hidden states a loss term reads:
-        the NLL's target positions, the essence row at s_j and the relation prompts' last
-        tokens. A new term that reads the hidden states elsewhere adds its positions here."""
+        the NLL's target positions, the essence row at s_j, the relation prompts' last tokens
+        and the answer rows' positions (the off-target hinge, the margin). A new term that
+        reads the hidden states elsewhere adds its positions here."""
         essence = torch.tensor([self.n_rewrite], device=self.device)
-        rows = torch.cat([self.nll_rows, essence, self.relation_rows])
-        pos = torch.cat([self.nll_pos, self.delta_pos[essence], self.relation_query])
+        rows = torch.cat([self.nll_rows, essence, self.relation_rows, self.answer_rows])
+        pos = torch.cat(
+            [self.nll_pos, self.delta_pos[essence], self.relation_query, self.answer_pos]
+        )
         return rows, pos
 
     def step_flops(self) -> dict[str, int]:

@@ -19,6 +19,15 @@ SADR = {
     "variants": sadr.SadrConfig(
         gamma=1.0, queries="after_subject", keys="subject", relation_prompts=True
     ),
+    "distractors": sadr.SadrConfig(gamma=1.0, prompts="both"),
+}
+#: the value-side variants that read more rows: the relation KL, the off-target hinge, the
+#: margin (the edit prompt followed by o_true)
+CONFIGS = {
+    "none": {},
+    "selective": {},
+    "variants": {"relation_kl": 0.5},
+    "distractors": {"offtarget": 1.0, "stop_margin": 50.0},
 }
 
 
@@ -33,7 +42,7 @@ def _pair(model, hook, cfg, sadr_cfg, layer=1, request=REQ, templates=TEMPLATES)
 @pytest.mark.parametrize("editor", sorted(HOOKS))
 @pytest.mark.parametrize("restrain", sorted(SADR))
 def test_lean_follows_the_hooked_forward(tiny, editor, restrain):
-    cfg = value.ValueConfig(steps=8, relation_kl=0.5 if restrain == "variants" else 0.0)
+    cfg = value.ValueConfig(steps=8, **CONFIGS[restrain])
     hooked, lean = _pair(tiny, HOOKS[editor], cfg, SADR[restrain])
     assert hooked._lean_forward() is None and lean._lean_forward() is not None
     g = torch.Generator().manual_seed(0)
