@@ -35,6 +35,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)"
     )
+    _dtype_arg(p)
+
+
+def _dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the model weights' dtype (δ, covariance statistics and solves stay float32 or "
+        "float64; default: %(default)s)",
+    )
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -180,7 +191,10 @@ def _load_model(args):
     from attndrift import models
 
     t0 = time.perf_counter()
-    model = models.load_model(args.model, device=args.device)
+    import torch
+
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    model = models.load_model(args.model, device=args.device, dtype=dtype)
     print(f"model {args.model} on {models.model_device(model)} ({time.perf_counter() - t0:.1f} s)")
     return model
 
@@ -570,6 +584,7 @@ def demo_command(args) -> int:
     p = argparse.ArgumentParser(prog="attndrift demo", description=demo_command.__doc__)
     p.add_argument("--model", default=models.EMBEDDED_MODEL, help="(default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda … (default: cuda if available)")
+    _dtype_arg(p)
     p.add_argument("--record", type=int, default=0, help="record of the embedded dataset")
     p.add_argument("--sadr-gamma", type=float, default=demo.DemoConfig.sadr_gamma)
     p.add_argument(

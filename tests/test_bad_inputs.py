@@ -49,6 +49,7 @@ from attndrift.editors import TemplateConfig
 from attndrift.models import embedded, loading
 from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig
+from tests.helpers import skip_if_cuda_here
 
 NAN, INF = math.nan, math.inf
 TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
@@ -794,7 +795,8 @@ CLI_CASES = [
 @pytest.mark.parametrize(
     ("args", "message"), [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES]
 )
-def test_command_line_refuses(args, message, guarded, capsys):
+def test_command_line_refuses(args, message, guarded, capsys, request):
+    skip_if_cuda_here(request.node.callspec.id)
     _assert_refused(args, message, guarded, capsys)
 
 
@@ -1447,6 +1449,7 @@ API_ERRORS = {  # the exception type of each case (ValueError unless listed)
 def test_api_refuses(call, request, guarded, monkeypatch):
     fn, message = call
     name = request.node.callspec.id
+    skip_if_cuda_here(name)
     error = API_ERRORS.get(name, ValueError)
     with pytest.raises(error) as caught:
         fn(guarded, monkeypatch)
