@@ -17,11 +17,13 @@ both.
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from attndrift import (
@@ -46,6 +48,9 @@ from attndrift.edits import Edit
 log = logging.getLogger(__name__)
 
 SHOWN_KINDS = ("ES", "PS", "NS", "RS", "DNS", "RS_D")
+#: the embedded record the demo edits, chosen by the rule of :func:`choose_probe` over every
+#: embedded record (``scripts/demo_record.py`` applies it)
+RECORD = 0
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,75 @@ def run(
         seconds,
         attention_prompts,
     )
+
+
+#: the probe kinds the demo's failing probe is chosen from: distracting neighbours and relations
+FAILING_KINDS = ("DNS", "RS")
+
+
+def probe_rises(table: pd.DataFrame, edited: str = "ROME") -> pd.DataFrame:
+    """The DNS and RS probes of a probe table with how far the edit moved them to ``o_new``.
+
+    For these probes ``right`` is o_true and ``wrong`` is o_new; ``rise`` is the change of
+    ``P(o_new) − P(o_true)`` from the unedited model to ``edited``. ``eligible``: the unedited
+    model answers the probe right, so that the edit is what breaks it.
+
+    Args:
+        table: a probe table with ``kind``, ``prompt``, ``right``, ``wrong`` and the columns
+            ``P(right) {model}`` and ``P(wrong) {model}`` of ``unedited`` and ``edited``.
+        edited: the edited model's name in those columns.
+    """
+    part = table[table["kind"].isin(FAILING_KINDS)]
+    before = part["P(wrong) unedited"] - part["P(right) unedited"]
+    after = part[f"P(wrong) {edited}"] - part[f"P(right) {edited}"]
+    return part.assign(rise=(after - before).to_numpy(float), eligible=(before < 0).to_numpy(bool))
+
+
+def choose_probe(rises: pd.DataFrame) -> pd.Series:
+    """The demo's rule: among the eligible probes of :func:`probe_rises`, the one whose
+    P(o_new) − P(o_true) rises most under the edit (the first of equal rises)."""
+    eligible = rises[rises["eligible"]]
+    if eligible.empty:
+        raise ValueError("no distracting-neighbour or relation probe that the unedited model "
+                         "answers right")  # fmt: skip
+    return eligible.loc[eligible["rise"].idxmax()]
+
+
+def probe_table(
+    model: HookedTransformer,
+    probes: Sequence[data.Probe],
+    variants: Sequence[tuple[str, models.Variant]],
+) -> pd.DataFrame:
+    """``kind, prompt, right, wrong`` and, per model, ``P(right) {name}``, ``P(wrong) {name}``
+    and ``ok {name}`` (P(right) > P(wrong)) of every probe."""
+    table = scoring.score_probes(model, probes)[["record", "kind", "prompt", "right", "wrong"]]
+    table = table.copy()
+    for name, variant in variants:
+        scored = scoring.score_probes(model, probes, fwd_hooks=variant.hooks)
+        table[f"P(right) {name}"] = scored["p_right"].to_numpy()
+        table[f"P(wrong) {name}"] = scored["p_wrong"].to_numpy()
+        table[f"ok {name}"] = scored["success"].to_numpy()
+    return table
+
+
+def survey(
+    model: HookedTransformer, records: Sequence[data.Record], progress: bool = False
+) -> pd.DataFrame:
+    """:func:`probe_rises` of every record under ROME at the model's preset: the table the
+    demo's record is chosen from (the record of :func:`choose_probe` over all of them).
+
+    One ROME edit per record: minutes on the embedded dataset (``scripts/demo_record.py``).
+    """
+    editor = setting.Editor(model)
+    parts = []
+    for record in tqdm(records, desc="ROME per record", disable=not progress):
+        edit = editor(setting.Setting("rome"), [record.request])
+        variants = [
+            ("unedited", models.Variant(model)),
+            ("ROME", models.Variant(model, edit.hooks(model), name="ROME")),
+        ]
+        parts.append(probe_rises(probe_table(model, record.probes(FAILING_KINDS), variants)))
+    return pd.concat(parts, ignore_index=True)
 
 
 def _variants(model, edits):

@@ -72,6 +72,13 @@ class Knockout:
     p_true: Float[Tensor, "model layer"]
     p_new: Float[Tensor, "model layer"]
 
+    def __repr__(self) -> str:
+        return (
+            f"Knockout({'/'.join(self.models)}, windows of {self.window} layers × "
+            f"{self.p_true.shape[1]} starts on {self.prompt!r}; o_true {self.target_true!r}, "
+            f"o_new {self.target_new!r})"
+        )
+
     @property
     def delta_true(self) -> Float[Tensor, "model layer"]:
         """P(o_true) blocked − unblocked."""
