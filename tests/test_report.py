@@ -140,8 +140,11 @@ def test_common_zmax_and_fixed_range():
     assert hm.zmid is None  # the fixed range replaces the autoscale around 0
     kl = plotting.drift_heatmap(small, "kl", zmax=0.5).data[0]
     assert (kl.zmin, kl.zmax) == (0.0, 0.5)  # from 0 for a non-negative metric
-    auto = plotting.drift_heatmap(small, "delta").data[0]
-    assert auto.zmin is None and auto.zmid == 0  # the default is unchanged
+    # by default two heatmaps drawn apart share the natural scale of attention changes
+    apart = [plotting.drift_heatmap(x, "delta").data[0] for x in (big, small)]
+    assert {(hm.zmin, hm.zmax) for hm in apart} == {(-1.0, 1.0)}
+    kl_auto = plotting.drift_heatmap(small, "kl").data[0]
+    assert kl_auto.zmin == 0 and kl_auto.zmax is None  # KL: from 0 to its largest value
     with pytest.raises(ValueError, match="zmax must be positive"):
         plotting.drift_heatmap(small, zmax=0)
     with pytest.raises(ValueError, match="no drifts"):
