@@ -148,7 +148,7 @@ def unique_labels(tokens: Sequence[str]) -> list[str]:
     return [f"{t}·{i}" if counts[t] > 1 else t for i, t in enumerate(shown)]
 
 
-def _style(fig: go.Figure) -> go.Figure:
+def style(fig: go.Figure) -> go.Figure:
     """The look every figure shares: white background, readable font, labels kept inside."""
     fig.update_layout(template=TEMPLATE, font={"size": 13})
     fig.update_xaxes(automargin=True)
@@ -263,7 +263,7 @@ def drift_heatmap(
     )
     fig.update_xaxes(title_text="head", dtick=1)
     fig.update_yaxes(title_text="layer")
-    return _style(fig)
+    return style(fig)
 
 
 def drift_heatmaps(
@@ -329,7 +329,7 @@ def drift_heatmaps(
         height=460,
         margin={"t": 110},
     )
-    return _style(fig)
+    return style(fig)
 
 
 #: the smallest probability :func:`headline` shows on its log axis
@@ -434,7 +434,7 @@ def headline(
         margin={"t": 50 if not title else 90},
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
     )
-    return _style(fig)
+    return style(fig)
 
 
 def patching_heatmap(
@@ -502,7 +502,7 @@ def patching_heatmap(
         height=300 * len(results) + 200,
         margin={"t": 120},
     )
-    return _style(fig)
+    return style(fig)
 
 
 def _coloraxis(metric: str, zmax: float | None, largest: float) -> dict:
@@ -612,7 +612,7 @@ def attention_rows(
         height=200 * len(heads) + 200,
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "x": 1, "xanchor": "right"},
     )
-    return _style(fig)
+    return style(fig)
 
 
 def _mark_subject(fig: go.Figure, cap: Capture, prompt: int, rows: int = 1) -> None:
@@ -743,7 +743,7 @@ def attention_viewer(
     top = float(min(1.0, rows.max() * 1.05)) if rows.size else 1.0
     fig.update_yaxes(title_text="attention (probability)", range=[0, max(top, 0.05)])
     fig.update_xaxes(title_text="key token", tickvals=list(range(n)), ticktext=ticks, tickangle=-45)
-    return _style(fig)
+    return style(fig)
 
 
 def drift_scatter(analysis: FailureAnalysis) -> go.Figure:
@@ -783,7 +783,7 @@ def drift_scatter(analysis: FailureAnalysis) -> go.Figure:
     )
     fig.update_xaxes(title_text="drift factor (max over layers and heads of Δ attention to s_last)")
     fig.update_yaxes(title_text="P(o_new) under the edited model", range=[-0.02, 1.02])
-    return _style(fig)
+    return style(fig)
 
 
 #: one colour per probe kind (metric) in the trade-off and scatter figures, one line style per
@@ -905,7 +905,43 @@ def tradeoff(frame, editor: str | None = None, title: str = "") -> go.Figure:
         height=max(460, 22 * entries + 200),
         legend={"tracegroupgap": 4, "title": {"text": "colour: metric · line: curve"}},
     )
-    return _style(fig)
+    return style(fig)
+
+
+#: where a point's label may go, tried in order: plotly's position, and which way its centre
+#: lies from the point (x, y: -1, 0, 1)
+_LABEL_SPOTS = (("top center", (0, 1)), ("bottom center", (0, -1)), ("middle right", (1, 0)),
+                ("middle left", (-1, 0)), ("top right", (1, 1)), ("bottom left", (-1, -1)),
+                ("top left", (-1, 1)), ("bottom right", (1, -1)))  # fmt: skip
+
+
+def _label_positions(
+    x: np.ndarray, y: np.ndarray, labels: Sequence[str], x_range: list, y_range: list
+) -> list[str]:
+    """A text position per point whose label covers no marker and no label placed before it
+    (points taken left to right; label boxes estimated at 7 px a character in a 1000 x 450 px
+    figure)."""
+    sx = 0.76 * STATIC_WIDTH / (x_range[1] - x_range[0])
+    sy = 0.6 * STATIC_HEIGHT / (y_range[1] - y_range[0])
+    points = [(float(a) * sx, float(b) * sy) for a, b in zip(x, y, strict=True)]
+    placed = [(px - 5, px + 5, py - 5, py + 5) for px, py in points]  # the markers
+    out = ["top center"] * len(labels)
+    for i in sorted(range(len(labels)), key=lambda k: points[k]):
+        if not labels[i]:
+            continue
+        w, h = 7.0 * len(labels[i]) + 4, 16.0
+        px, py = points[i]
+        box = placed[i]
+        for spot, (dx, dy) in _LABEL_SPOTS:
+            cx = px + dx * (w / 2 + (8 if not dy else 0))
+            cy = py + dy * (h / 2 + 7)
+            box = (cx - w / 2, cx + w / 2, cy - h / 2, cy + h / 2)
+            out[i] = spot
+            if not any(box[0] < b[1] and b[0] < box[1] and box[2] < b[3] and b[2] < box[3]
+                       for b in placed):  # fmt: skip
+                break
+        placed.append(box)
+    return out
 
 
 def _short_keys(keys: list[str]) -> list[str]:
@@ -928,13 +964,22 @@ def tradeoff_map(frame, title: str = "") -> go.Figure:
         raise ValueError("no settings to plot")
     x = 100 * frame["RS_DNS"].to_numpy(float)
     y = 100 * frame["PS"].to_numpy(float)
+    labels = _short_keys(list(frame["setting"]))
+    x_range, y_range = _percent_range(x, 8.0), _percent_range(y, 8.0)
+    # points that (nearly) coincide share one label: "a · b" on the first, none on the others
+    near = 0.01 * (x_range[1] - x_range[0]), 0.01 * (y_range[1] - y_range[0])
+    for i in range(len(labels)):
+        for j in range(i):
+            if labels[j] and abs(x[i] - x[j]) < near[0] and abs(y[i] - y[j]) < near[1]:
+                labels[j], labels[i] = f"{labels[j]} · {labels[i]}", ""
+                break
     fig = go.Figure(
         go.Scatter(
             x=x,
             y=y,
             mode="markers+text",
-            text=_short_keys(list(frame["setting"])),
-            textposition=[("top center", "bottom center")[i % 2] for i in range(len(frame))],
+            text=labels,
+            textposition=_label_positions(x, y, labels, x_range, y_range),
             customdata=list(frame["setting"]),
             hovertext=[f"ES {100 * e:.1f}" for e in frame["ES"].to_numpy(float)],
             name="settings",
@@ -942,13 +987,13 @@ def tradeoff_map(frame, title: str = "") -> go.Figure:
             marker={"color": "#444", "size": 9},
         )
     )
-    fig.update_xaxes(title_text="harmonic mean of RS and DNS (%)", range=_percent_range(x, 8.0))
-    fig.update_yaxes(title_text="PS (%)", range=_percent_range(y, 8.0))
+    fig.update_xaxes(title_text="harmonic mean of RS and DNS (%)", range=x_range)
+    fig.update_yaxes(title_text="PS (%)", range=y_range)
     fig.update_layout(
         title=title or "Specificity against generalisation, one point per setting",
         margin={"l": 80, "r": 80},
     )
-    return _style(fig)
+    return style(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1001,6 +1046,19 @@ function attndriftCheck() {
           r.bottom > box.bottom + 2) {
         problems.push('figure ' + (k + 1) + ': ' + name(t) + ' lies outside the figure');
       }
+    });
+    var labels = texts.filter(function (t) {
+      return (t.parentNode.getAttribute('class') || '').indexOf('textpoint') >= 0;
+    });
+    labels.forEach(function (a, i) {
+      labels.slice(i + 1).forEach(function (b) {
+        var ra = a.getBoundingClientRect(), rb = b.getBoundingClientRect();
+        var w = Math.min(ra.right, rb.right) - Math.max(ra.left, rb.left);
+        var h = Math.min(ra.bottom, rb.bottom) - Math.max(ra.top, rb.top);
+        if (w > 2 && h > 2) {
+          problems.push('figure ' + (k + 1) + ': ' + name(a) + ' overlaps ' + name(b));
+        }
+      });
     });
     texts.filter(title).forEach(function (a) {
       var ra = a.getBoundingClientRect();
@@ -1234,7 +1292,7 @@ def tracing_heatmap(result: Tracing) -> go.Figure:
         width=max(900, 380 * len(names)),
         margin={"t": 110},
     )
-    return _style(fig)
+    return style(fig)
 
 
 def knockout_figure(result: Knockout) -> go.Figure:
@@ -1280,4 +1338,4 @@ def knockout_figure(result: Knockout) -> go.Figure:
         title_text="first blocked layer (window start)", dtick=1 if n_layers <= 32 else 2
     )
     fig.update_yaxes(title_text="P(blocked) − P(unblocked)")
-    return _style(fig)
+    return style(fig)
