@@ -1,7 +1,7 @@
 """Attention knockout: does the last token need to *see* the subject, and in which layers?
 
 Geva et al. 2023 ("Dissecting recall of factual associations in auto-regressive language
-models", §5) cut the information flow from key positions K to query positions Q in layer l by
+models", section 5) cut the information flow from key positions K to query positions Q in layer l by
 setting the attention scores of every head at every pair (q ∈ Q, k ∈ K) to −∞ before the
 softmax (``hook_attn_scores``, after the causal mask). The softmax then gives those keys
 weight 0 and renormalises each query's attention over the keys it may still see; nothing else
