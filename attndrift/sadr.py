@@ -31,6 +31,7 @@ Axis names: ``prompt layer head_index query key_pos`` (the restrained query rows
 selected).
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,12 @@ def preset(model: HookedTransformer | str, editor: str = "rome") -> SadrConfig:
 
     checks.choice("editor", editor, tuple(PRESETS))
     return editors.preset_for(PRESETS[editor], model, f"{editor.upper()}+SADR")
+
+
+def watched_layers(model: HookedTransformer, layers: Sequence[int]) -> range:
+    """The layers whose attention SADR watches for an edit of ``layers`` (an edit's
+    ``layers``): every layer after the last edited one, the order of ``StepLog.heads``."""
+    return range(max(layers) + 1, model.cfg.n_layers)
 
 
 def attention_to_subject(

@@ -239,3 +239,11 @@ def test_the_preset_is_the_one_gamma_of_a_model():
         sadr.preset("smollm2-135m", "alphaedit")
     with pytest.raises(TypeError, match="gamma"):
         sadr.SadrConfig()  # no hidden default γ
+
+
+def test_watched_layers_follow_the_step_logs(tiny_llama):
+    cfg = dataclasses.replace(rome.preset(tiny_llama), covariance=None)
+    e = rome.edit(tiny_llama, REQ, cfg, templates=TEMPLATES, sadr=sadr.SadrConfig(gamma=1.0))
+    watched = sadr.watched_layers(tiny_llama, e.layers)
+    assert list(watched) == list(range(e.layers[0] + 1, tiny_llama.cfg.n_layers))
+    assert len(watched) == len(e.run.final.heads)
