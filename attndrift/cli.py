@@ -252,7 +252,11 @@ def _table_text(lines, interval: str = "normal", markdown: bool = False) -> str:
     frame = metrics.table(rows, interval=interval)
     text = _markdown(frame) if markdown else frame.to_string()
     what = "± 95 % normal interval" if interval == "normal" else "[95 % Wilson interval] (n)"
-    return text + f"\n(% of probes with P(right) > P(wrong), {what})"
+    text += f"\n(% of probes with P(right) > P(wrong), {what} over probes)"
+    rest = summary.support(lines)
+    text += "\n\nwhat each row rests on: records / probes per metric; edit strength (median "
+    text += "log-odds margin of the edited model's ES and PS probes) and mean steps run\n"
+    return text + (_markdown(rest) if markdown else rest.to_string())
 
 
 def _markdown(frame) -> str:
@@ -384,20 +388,21 @@ def _print_paired(lines, pair: str, markdown: bool) -> None:
     tests = summary.paired_tests(lines, a.strip(), b.strip())
     rows = {
         t.metric: {
-            "n probes": t.n_probes,
+            "records": t.n_records,
+            "probes": t.n_probes,
             "A": f"{100 * t.mean_a:.1f}",
             "B": f"{100 * t.mean_b:.1f}",
-            "B − A [95 % bootstrap]": f"{100 * t.diff:+.1f} [{100 * t.diff_low:+.1f}, "
+            "B − A [95 % interval, records]": f"{100 * t.diff:+.1f} [{100 * t.diff_low:+.1f}, "
             f"{100 * t.diff_high:+.1f}]",
-            "p (bootstrap)": _p_boot(t.p_bootstrap),
-            "only A / only B": f"{t.only_a} / {t.only_b}",
-            "p (McNemar)": f"{t.p_mcnemar:.3g}",
+            "p (records)": _p_boot(t.p_bootstrap),
+            "probe-level: only A / only B": f"{t.only_a} / {t.only_b}",
+            "p (McNemar, probe-level)": f"{t.p_mcnemar:.3g}",
         }
         for t in tests
     }
     frame = pd.DataFrame(rows).T
     frame.index.name = "metric"
-    print(f"\npaired: A = {a.strip()}, B = {b.strip()} (same probes)")
+    print(f"\npaired: A = {a.strip()}, B = {b.strip()} (same probes; records resampled)")
     print(_markdown(frame) if markdown else frame.to_string())
     try:
         drifts = summary.paired_drift(lines, a.strip(), b.strip())
@@ -405,12 +410,14 @@ def _print_paired(lines, pair: str, markdown: bool) -> None:
         return
     rows = {
         d.kind: {
-            "n probes": d.n_probes,
+            "records": d.n_records,
+            "probes": d.n_probes,
             "A": f"{d.mean_a:.3f}",
             "B": f"{d.mean_b:.3f}",
-            "B − A [95 % bootstrap]": f"{d.diff:+.3f} [{d.diff_low:+.3f}, {d.diff_high:+.3f}]",
-            "p (bootstrap)": _p_boot(d.p_bootstrap),
-            "p (Wilcoxon)": f"{d.p_wilcoxon:.3g}",
+            "B − A [95 % interval, records]": f"{d.diff:+.3f} [{d.diff_low:+.3f}, "
+            f"{d.diff_high:+.3f}]",
+            "p (records)": _p_boot(d.p_bootstrap),
+            "p (Wilcoxon, probe-level)": f"{d.p_wilcoxon:.3g}",
         }
         for d in drifts
     }
@@ -430,10 +437,14 @@ def _print_drift(lines, key: str, plot: Path | None) -> None:
             continue
         c, n_records = fa.overall, fa.probes["record"].nunique()
         label = "RS/DNS" if kinds is None else kinds[0]
+        low, high = summary.pearson_interval(
+            fa.probes["record"].to_numpy(), fa.probes["factor"], fa.probes["p_new"]
+        )
         print(
             f"\ndrift factor vs P(o_new), {key}, {n_records} edits, {c.n} {label} probes: "
-            f"Pearson {c.pearson:.3f} (p {c.pearson_p:.1e}), "
-            f"Spearman {c.spearman:.3f} (p {c.spearman_p:.1e})"
+            f"Pearson {c.pearson:.3f} [95 % interval over records {low:.2f}, {high:.2f}] "
+            f"(probe-level p {c.pearson_p:.1e}), Spearman {c.spearman:.3f} (probe-level p "
+            f"{c.spearman_p:.1e})"
         )
         print("by layer range (drift factor = max over the range's layers):")
         print(fa.by_range.to_string(index=False, float_format=lambda x: f"{x:.3g}"))

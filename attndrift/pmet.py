@@ -155,8 +155,7 @@ def optimise_deltas(
             entries.append(value.step_log(step, terms, 0.0))  # ‖δ_h‖: per hook, below
             norms.append(delta.detach().norm(dim=-1).tolist())
             value.check_finite(desc, entries[-1], vcfg.lr)
-            watched = terms.total if vcfg.early_stop_on == "loss" else terms.nll
-            if watched.item() < vcfg.early_stop_loss:
+            if value.stop_reason(vcfg, entries[-1]) is not None:
                 break
             greedy = bool(objective.greedy)  # PMET: a smaller NLL weight from the next step on
             objective.nll_factor = cfg.greedy_nll_factor if greedy else 1.0

@@ -22,7 +22,12 @@ default is the paper's SADR):
 * ``threshold="own"``: a head is restrained when its attention to the subject exceeds its own
   vanilla attention (instead of the layer's largest);
 * ``relation_prompts=True``: also restrain the attention on generic relation prompts of the
-  subject (:data:`RELATION_TEMPLATES`), which carry no NLL term.
+  subject (:data:`RELATION_TEMPLATES`), which carry no NLL term;
+* ``prompts="distractors"`` (or ``"both"``): restrain the attention of *distractor* prompts —
+  the sentence stating the edit followed by a query about another subject of the same relation
+  (:mod:`attndrift.distractors`) — instead of (or besides) the rewriting prompts. On a
+  rewriting prompt the last token must read the subject to answer o_new; on a distractor it
+  never should.
 
 Only layers after the edited one can drift (δ enters at layer L's MLP output or residual), so
 callers pass the attention rows of layers > L; earlier layers would contribute exactly 0.
@@ -65,12 +70,14 @@ class SadrConfig:
     keys: str = "subject_last"  # what selection measures: "subject_last" (s_j) or "subject"
     threshold: str = "layer_max"  # "layer_max" (the paper) or "own" (the head's vanilla value)
     relation_prompts: bool = False  # also restrain generic relation prompts of the subject
+    prompts: str = "rewrite"  # whose attention: "rewrite" (the paper), "distractors", "both"
 
     def __post_init__(self) -> None:
         checks.number("SADR gamma", self.gamma, low=0)
         checks.choice("SADR queries", self.queries, ("last", "after_subject"))
         checks.choice("SADR keys", self.keys, ("subject_last", "subject"))
         checks.choice("SADR threshold", self.threshold, ("layer_max", "own"))
+        checks.choice("SADR prompts", self.prompts, ("rewrite", "distractors", "both"))
 
     @property
     def variant(self) -> str:
@@ -84,6 +91,8 @@ class SadrConfig:
             parts.append(f"threshold={self.threshold}")
         if self.relation_prompts:
             parts.append("relation_prompts")
+        if self.prompts != "rewrite":
+            parts.append(f"prompts={self.prompts}")
         return ",".join(parts)
 
 

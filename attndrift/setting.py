@@ -60,7 +60,9 @@ class Setting:
     clamp: float | None = _opt("‖δ‖ ≤ clamp · ‖v_0‖ (clamp_norm_factor)")
     kl_factor: float | None = _opt("weight of the essence KL term")
     early_stop: float | None = _opt("stop once the watched loss is below this")
-    early_stop_on: str | None = _opt("what early stopping watches: loss or nll")
+    early_stop_on: str | None = _opt(
+        "what early stopping watches: loss, nll, or margin (--stop-margin)"
+    )
     mom2_weight: float | None = _opt("MEMIT / PMET λ in (λ C + K Kᵀ)")
     null_threshold: float | None = _opt(
         "AlphaEdit: eigenvalues of C below this span the null space the update is projected onto"
@@ -75,11 +77,23 @@ class Setting:
         "variant: weight of a KL term keeping the next token after generic relation prompts of "
         "the subject (its other facts) at the unedited model's"
     )
+    stop_margin: float | None = _opt(
+        "variant (margin stop): stopping also needs the edit prompt's margin log P(o_new) − "
+        "log P(o_true) to reach this (with --early-stop-on margin: the margin alone)"
+    )
+    offtarget: float | None = _opt(
+        "variant: weight of a hinge on any rise of log P(o_new) after off-target prompts (the "
+        "subject's other relations, and the edit sentence followed by other subjects' queries)"
+    )
+    sadr_prompts: str | None = _opt(
+        "SADR variant: whose attention is restrained: rewrite (the paper), distractors (the edit "
+        "sentence followed by other subjects' queries), both"
+    )
 
     def __post_init__(self) -> None:
         checks.choice("editor", self.editor, EDITORS)
         checks.number("sadr_gamma", self.sadr_gamma, low=0)
-        variant = (self.sadr_queries, self.sadr_keys, self.sadr_threshold)
+        variant = (self.sadr_queries, self.sadr_keys, self.sadr_threshold, self.sadr_prompts)
         if (self.all_heads or self.sadr_relations or any(variant)) and self.sadr_gamma == 0:
             raise ValueError("SADR options (all_heads, sadr_*) need sadr_gamma > 0")
         self.sadr()  # validates the SADR variant's names
@@ -109,6 +123,8 @@ class Setting:
             "clamp": {"low": 0, "above": True},
             "kl_factor": {"low": 0},
             "relation_kl": {"low": 0},
+            "stop_margin": {},
+            "offtarget": {"low": 0},
             "early_stop": {"low": 0},
             "mom2_weight": {"low": 0, "above": True},
             "null_threshold": {"low": 0, "above": True},
@@ -123,7 +139,9 @@ class Setting:
             for layer in self.layers:
                 checks.number("layers", layer, low=0, integer=True)
         if self.early_stop_on is not None:
-            checks.choice("early_stop_on", self.early_stop_on, ("loss", "nll"))
+            checks.choice("early_stop_on", self.early_stop_on, ("loss", "nll", "margin"))
+        if self.early_stop_on == "margin" and self.stop_margin is None:
+            raise ValueError("early_stop_on margin needs stop_margin (the margin to reach)")
         if self.identity_cov and self.cov_tokens is not None:
             raise ValueError("identity_cov and cov_tokens exclude each other")
         if self.batch is not None and self.sequential is not None:
@@ -169,6 +187,7 @@ class Setting:
             "queries": self.sadr_queries,
             "keys": self.sadr_keys,
             "threshold": self.sadr_threshold,
+            "prompts": self.sadr_prompts,
         }
         return SadrConfig(
             gamma=self.sadr_gamma,
@@ -190,6 +209,8 @@ class Setting:
                 ("clamp_norm_factor", "clamp"),
                 ("kl_factor", "kl_factor"),
                 ("relation_kl", "relation_kl"),
+                ("stop_margin", "stop_margin"),
+                ("offtarget", "offtarget"),
                 ("early_stop_loss", "early_stop"),
                 ("early_stop_on", "early_stop_on"),
             )
@@ -252,7 +273,8 @@ def grid(**options: Sequence) -> list[Setting]:
             c = {k: v for k, v in c.items() if k != "null_threshold"}
         else:
             c = {k: v for k, v in c.items() if k != "identity_cov"}
-        sadr_only = ("all_heads", "sadr_queries", "sadr_keys", "sadr_threshold", "sadr_relations")
+        sadr_only = ("all_heads", "sadr_queries", "sadr_keys", "sadr_threshold", "sadr_relations",
+                     "sadr_prompts")  # fmt: skip
         if not c.get("sadr_gamma"):  # the γ = 0 baseline: no SADR-only field
             c = {k: v for k, v in c.items() if k not in sadr_only}
         s = Setting(**c)

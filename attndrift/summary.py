@@ -7,9 +7,16 @@ computes; the CLI prints and plots.
 * :func:`paired`: only the records that have a line under every setting;
 * :func:`tradeoff`: one row per setting (γ, head selection, every metric with its interval);
 * :func:`drift_vs_failure`: paper Fig. 4 over a sweep's RS/DNS probes (or one kind of them);
-* :func:`paired_tests`: two settings on the same probes, per metric: McNemar's exact test and a
-  paired bootstrap over records (METHOD §5); :func:`paired_drift`: their drift factors;
-* :func:`choose`: the selection rules of the SmolLM2 study (:data:`RULES`), applied to a sweep.
+* :func:`support`: what each row rests on: records and probes per metric, and the edit
+  strength (median log-odds margin of the ES and PS probes, mean steps run);
+* :func:`paired_tests`: two settings on the same probes, per metric: a paired bootstrap over
+  records (a record's probes are not independent: this is the test to read) and McNemar's exact
+  test on the probes (probe-level); :func:`paired_drift`: their drift factors;
+* :func:`choose`: the selection rules of the SmolLM2 studies (:data:`RULES`), applied to a sweep.
+
+Probes of one record share its edit, so they are not independent draws: every interval and
+p-value a claim rests on resamples records (:func:`paired_tests`, the correlations'
+intervals in :func:`drift_table`); probe-level tests are labelled as such.
 """
 
 import dataclasses
@@ -82,8 +89,53 @@ def records_per_setting(lines: Sequence[Line]) -> dict[str, int]:
     return counts
 
 
-#: the setting fields that make a SADR variant (or the relation KL term of the value loss)
-VARIANT_FIELDS = ("sadr_queries", "sadr_keys", "sadr_threshold", "sadr_relations", "relation_kl")
+def margins(lines: Sequence[Line], kind: str) -> dict[str, float]:
+    """Median log-odds margin ``log P(right) − log P(wrong)`` of the edited model's ``kind``
+    probes (ES, PS: the edit's strength) per setting key; NaN where a setting has none."""
+    out: dict[str, list[float]] = {}
+    for line in lines:
+        vals = out.setdefault(line.setting.key, [])
+        vals += [_log_odds(p) for p in line.post if p.kind == kind]
+    return {k: float(np.median(v)) if v else math.nan for k, v in out.items()}
+
+
+def _log_odds(p: ProbeScore) -> float:
+    tiny = 1e-300  # P = 0 (underflow) would be -inf
+    return math.log(max(p.p_right, tiny)) - math.log(max(p.p_wrong, tiny))
+
+
+def support(lines: Sequence[Line], kinds: Sequence[str] = SCORE_KINDS) -> pd.DataFrame:
+    """What each row of the Table-3 layout rests on, one row per setting (``"none"`` first):
+    ``records`` (edits), then per metric ``"<records> / <probes>"`` (records that carry the
+    kind, and its probes), the median ``ES margin`` and ``PS margin`` (log-odds of the
+    edited model: how strong the edit is) and ``mean steps`` run."""
+    frame = probes_frame(lines)
+    pre = frame[frame["phase"] == "pre"].drop_duplicates(["record", "index"])
+    pre = pre.assign(setting="none")
+    parts = [pre, frame[frame["phase"] == "post"]]
+    steps: dict[str, list[int]] = {}
+    for line in lines:
+        steps.setdefault(line.setting.key, []).append(line.steps_run or 0)
+    es, ps = margins(lines, "ES"), margins(lines, "PS")
+    rows = []
+    for key, part in pd.concat(parts).groupby("setting", sort=False):
+        row: dict = {"setting": key, "records": int(part["record"].nunique())}
+        for kind in kinds:
+            k = part[part["kind"] == kind]
+            row[kind] = f"{k['record'].nunique()} / {len(k)}"
+        row["ES margin"] = "" if key == "none" else f"{es[key]:.2f}"
+        row["PS margin"] = "" if key == "none" or math.isnan(ps[key]) else f"{ps[key]:.2f}"
+        row["mean steps"] = "" if key == "none" else f"{np.mean(steps[key]):.1f}"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("setting")
+
+
+#: the setting fields that make a variant of an editor: SADR's (with γ) and the value-side
+#: terms and stopping rules; a row without any of them is a baseline
+SADR_FIELDS = ("sadr_gamma", "all_heads", "sadr_queries", "sadr_keys", "sadr_threshold",
+               "sadr_relations", "sadr_prompts")  # fmt: skip
+VARIANT_FIELDS = ("sadr_queries", "sadr_keys", "sadr_threshold", "sadr_relations", "sadr_prompts",
+                  "relation_kl", "offtarget", "stop_margin")  # fmt: skip
 
 
 def variant_of(s: Setting) -> str:
@@ -129,6 +181,34 @@ def tradeoff(lines: Sequence[Line]) -> pd.DataFrame:
     return frame.sort_values(order).reset_index(drop=True)
 
 
+def strength(lines: Sequence[Line]) -> pd.DataFrame:
+    """Specificity against edit strength: :func:`tradeoff`'s rows with the median ES and PS
+    log-odds margins (``ES_margin``, ``PS_margin``) and a ``family``: ``"margin stop"`` for
+    plain ROME stopped on the edit prompt's margin and ``"baseline"`` for its same-budget
+    baseline (together, the curve a weaker plain edit traces), else the variant's name. A
+    variant that keeps more RS or DNS than the curve at its own ES margin does more than edit
+    less."""
+    frame = tradeoff(lines)
+    es, ps = margins(lines, "ES"), margins(lines, "PS")
+    frame["ES_margin"] = [es[k] for k in frame["setting"]]
+    frame["PS_margin"] = [ps[k] for k in frame["setting"]]
+    settings = {line.setting.key: line.setting for line in lines}
+
+    def family(key: str) -> str:
+        s = settings[key]
+        if key == baseline_key(s):
+            return "baseline"
+        plain = s.sadr_gamma == 0 and s.offtarget is None and s.relation_kl is None
+        if plain and s.stop_margin is not None and s.early_stop_on == "margin":
+            return "margin stop"
+        if plain and s.stop_margin is not None:
+            return f"NLL < {s.early_stop:g} and margin stop"
+        return variant_of(s) or f"SADR γ {s.sadr_gamma:g}"
+
+    frame["family"] = [family(k) for k in frame["setting"]]
+    return frame.sort_values(["family", "ES_margin"]).reset_index(drop=True)
+
+
 def drift_vs_failure(
     lines: Sequence[Line], setting: str, kinds: Sequence[str] | None = None
 ) -> drift.FailureAnalysis:
@@ -161,10 +241,34 @@ def drift_vs_failure(
     return drift.failure_analysis(pd.DataFrame(rows), torch.tensor(per_layer), layers)
 
 
+def pearson_interval(
+    records: np.ndarray, x, y, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95 % interval of Pearson's r of ``x`` and ``y`` over probes, resampling *records* (a
+    record's probes move together, so probe-level p-values overstate the evidence)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ids, index = np.unique(records, return_inverse=True)
+    draws = np.random.default_rng(seed).multinomial(
+        len(ids), np.full(len(ids), 1 / len(ids)), size=n_boot
+    )
+    w = draws[:, index].astype(float)  # [resample, probe]: how often each probe is drawn
+    n = w.sum(1, keepdims=True)
+    mx, my = (w @ x)[:, None] / n, (w @ y)[:, None] / n
+    dx, dy = x[None] - mx, y[None] - my
+    cov = (w * dx * dy).sum(1)
+    var = (w * dx**2).sum(1) * (w * dy**2).sum(1)
+    r = cov[var > 0] / np.sqrt(var[var > 0])
+    if not len(r):
+        return math.nan, math.nan
+    low, high = np.quantile(r, [0.025, 0.975])
+    return float(low), float(high)
+
+
 def drift_table(lines: Sequence[Line], kinds: Sequence[str] = ("RS", "DNS")) -> pd.DataFrame:
     """Drift versus failure for every edited setting, one row per (setting, probe kind): the
-    edits and probes measured, the mean drift factor and P(o_new), and the Pearson and
-    Spearman correlation of the two over the probes (:func:`drift_vs_failure`)."""
+    edits and probes measured, the mean drift factor and P(o_new), and the Pearson correlation
+    of the two over the probes with its 95 % interval over records (:func:`pearson_interval`),
+    and Spearman's (:func:`drift_vs_failure`)."""
     rows = []
     for key in dict.fromkeys(line.setting.key for line in lines):
         for kind in kinds:
@@ -173,6 +277,9 @@ def drift_table(lines: Sequence[Line], kinds: Sequence[str] = ("RS", "DNS")) -> 
             except ValueError:  # no drift measured for this kind
                 continue
             c = fa.overall
+            low, high = pearson_interval(
+                fa.probes["record"].to_numpy(), fa.probes["factor"], fa.probes["p_new"]
+            )
             rows.append(
                 {
                     "setting": key,
@@ -181,8 +288,8 @@ def drift_table(lines: Sequence[Line], kinds: Sequence[str] = ("RS", "DNS")) -> 
                     "probes": c.n,
                     "drift factor": f"{fa.probes['factor'].mean():.2f}",
                     "P(o_new)": f"{fa.probes['p_new'].mean():.3f}",
-                    "Pearson (p)": f"{c.pearson:.2f} ({c.pearson_p:.1e})",
-                    "Spearman (p)": f"{c.spearman:.2f} ({c.spearman_p:.1e})",
+                    "Pearson [95 % interval, records]": f"{c.pearson:.2f} [{low:.2f}, {high:.2f}]",
+                    "Spearman": f"{c.spearman:.2f}",
                 }
             )
     if not rows:
@@ -369,15 +476,24 @@ class Rule:
 
 
 def _baseline_of(row: pd.Series, frame: pd.DataFrame) -> pd.Series | None:
-    """The same-budget γ = 0 row of a SADR row (same fields but the SADR ones)."""
-    candidates = frame[(frame["gamma"] == 0) & (frame["base"] == row["base"])]
+    """The same-budget baseline row of a variant row: the row whose setting is the variant's
+    without its SADR and variant fields (:func:`baseline_key`)."""
+    candidates = frame[frame["setting"] == row["base"]]
     return None if candidates.empty else candidates.iloc[0]
+
+
+def _is_variant(row: pd.Series) -> bool:
+    return row["setting"] != row["base"]
 
 
 def _sadr_eligible(row: pd.Series, frame: pd.DataFrame) -> bool:
     base = _baseline_of(row, frame)
-    ok = row["gamma"] > 0 and base is not None and row["ES"] >= 0.99
+    ok = _is_variant(row) and base is not None and row["ES"] >= 0.99
     return bool(ok and row["PS"] >= base["PS"] - 0.03)
+
+
+def _specific_eligible(row: pd.Series, frame: pd.DataFrame) -> bool:
+    return bool(_is_variant(row) and row["ES"] >= 0.99 and row["PS"] >= 0.96)
 
 
 #: the study's rules (docs/RESULTS.md): ROME, MEMIT and PMET preset calibration, SADR's γ /
@@ -416,11 +532,19 @@ RULES: dict[str, Rule] = {
     ),
     "sadr": Rule(
         "sadr",
-        "γ > 0, ES >= 99 % and PS >= the same-budget baseline's PS − 3 points; the highest "
-        "harmonic mean of RS and DNS; within 0.5 points, the smaller γ",
+        "a SADR or value-side variant, ES >= 99 % and PS >= the same-budget baseline's PS − 3 "
+        "points; the highest harmonic mean of RS and DNS; within 0.5 points, the smaller γ",
         _sadr_eligible,
         lambda r: metrics.harmonic_mean([r["RS"], r["DNS"]]),
         lambda r: -r["gamma"],
+    ),
+    "specific": Rule(
+        "specific",
+        "a SADR or value-side variant with ES >= 99 % and PS >= 96 %; the highest harmonic mean "
+        "of RS and DNS; within 0.5 points, fewer mean steps, then the smaller γ",
+        _specific_eligible,
+        lambda r: metrics.harmonic_mean([r["RS"], r["DNS"]]),
+        lambda r: (-r["mean_steps"], -r["gamma"]),
     ),
 }
 
@@ -442,13 +566,19 @@ def candidates(lines: Sequence[Line]) -> pd.DataFrame:
     for column, name in (("clamp", "clamp_norm_factor"), ("lr", "lr")):
         frame[column] = [by_key[k].config.get("value", {}).get(name, math.nan)
                          for k in frame["setting"]]  # fmt: skip
-    frame["base"] = [_without_sadr(by_key[k].setting) for k in frame["setting"]]
+    frame["base"] = [baseline_key(by_key[k].setting) for k in frame["setting"]]
     return frame
 
 
-def _without_sadr(setting: Setting) -> str:
-    fields = {"sadr_gamma": 0.0, "all_heads": False, "sadr_queries": None, "sadr_keys": None,
-              "sadr_threshold": None, "sadr_relations": False}  # fmt: skip
+def baseline_key(setting: Setting) -> str:
+    """The key of a setting's same-budget baseline: the same editor, layers and step budget
+    without SADR and without any value-side variant (a margin stop's ``early_stop`` and
+    ``early_stop_on`` go with it). A baseline is its own."""
+    fields = {f: False if isinstance(getattr(setting, f), bool) else None
+              for f in (*SADR_FIELDS, *VARIANT_FIELDS)}  # fmt: skip
+    fields["sadr_gamma"] = 0.0
+    if setting.stop_margin is not None:
+        fields |= {"early_stop": None, "early_stop_on": None}
     return dataclasses.replace(setting, **fields).key
 
 

@@ -13,6 +13,7 @@ and Adam minimises
     L(δ) = mean_j NLL(o_new | rewriting prompt j)                      (per-token mean)
          + kl_factor · KL(p_δ(·|essence) ‖ p_0(·|essence))              at s_last
          + relation_kl · mean_r KL(p_δ(·|relation r) ‖ p_0(·|relation r)) at the last token
+         + offtarget · mean_o max(0, log P_δ(o_new|o) − log P_0(o_new|o))  off-target prompts
          + weight_decay · ‖δ‖ / ‖v_0‖²
          + γ · L_SADR                                                   (optional, sadr.py)
 
@@ -21,9 +22,24 @@ facts: the next-token distribution after generic relation prompts of the subject
 (:data:`attndrift.sadr.RELATION_TEMPLATES`, none of the evaluation's prompts) stays where the
 unedited model had it. The loss terms report it inside ``kl``.
 
+The off-target term (a variant, off by default: ``offtarget = 0``) is a hinge in the spirit of
+APP (Ma et al., 2024): it penalises only a *rise* of the length-normalised log-probability of
+``o_new`` (teacher-forced, mean over its tokens) on prompts that must not answer it, and leaves
+the rest of their next-token distribution free. The off-target prompts are the generic relation
+prompts of the subject and *distractors*: the sentence stating the edit,
+``"{edit prompt} {o_new}. "``, followed by a query about another subject of the same relation
+(:mod:`attndrift.distractors`; none of them an evaluation prompt). SADR can restrain the
+distractors' attention too (``SadrConfig.prompts``): there, reading the subject is never needed.
+
+Stopping: besides ROME's rule, a *margin stop* (``stop_margin = m``) also requires the edit
+prompt's margin, ``log P_δ(o_new) − log P_δ(o_true)`` (length-normalised, as the evaluation
+scores answers), to reach m; ``early_stop_on="margin"`` stops on the margin alone (plain ROME
+stopped at a given edit strength: the efficacy-matched baseline of a variant).
+
 projecting δ onto ``‖δ‖ ≤ clamp_norm_factor · ‖v_0‖`` after each step and stopping once
 ``L < early_stop_loss`` (ROME's rule; ``early_stop_on="nll"`` compares the NLL term alone,
-which can trigger when the weight-decay term alone stays above the threshold); like ROME's
+which can trigger when the weight-decay term alone stays above the threshold; see above for
+the margin stop); like ROME's
 code, at most ``steps − 1`` updates are made and the returned δ is the one whose loss was last
 evaluated. The model's parameters are frozen (their
 ``requires_grad`` flags are restored afterwards); gradients reach δ through the attention
@@ -43,7 +59,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from attndrift import capture, checks, encoding, interrupts, models, sadr
+from attndrift import capture, checks, distractors, encoding, interrupts, models, sadr
 from attndrift.data import EditRequest
 
 log = logging.getLogger(__name__)
@@ -59,10 +75,15 @@ class ValueConfig:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 0.05  # stop once the watched quantity falls below this
-    early_stop_on: str = "loss"  # "loss" (ROME: the whole L) or "nll" (the NLL term alone)
+    # what stops early: "loss" (ROME: the whole L), "nll" (the NLL term alone), "margin" (the
+    # edit prompt's margin alone reaches stop_margin)
+    early_stop_on: str = "loss"
     essence_prompt: str = "{} is a"
     relation_kl: float = 0.0  # variant: weight of the relation prompts' KL (0: ROME's loss)
     prefix_cache: bool = True  # each step runs only what δ reaches (False: full reference)
+    stop_margin: float | None = None  # variant: stopping also needs this edit-prompt margin
+    offtarget: float = 0.0  # variant: weight of the off-target hinge (0: ROME's loss)
+    distractors: int = 2  # distractor prompts per request (off-target term, SADR's distractors)
 
     def __post_init__(self) -> None:
         checks.number("steps", self.steps, low=1, integer=True)
@@ -72,14 +93,26 @@ class ValueConfig:
         checks.number("kl_factor", self.kl_factor, low=0)
         checks.number("relation_kl", self.relation_kl, low=0)
         checks.number("early_stop_loss", self.early_stop_loss, low=0)
-        checks.choice("early_stop_on", self.early_stop_on, ("loss", "nll"))
+        checks.choice("early_stop_on", self.early_stop_on, ("loss", "nll", "margin"))
         if not isinstance(self.essence_prompt, str) or "{}" not in self.essence_prompt:
             raise ValueError("essence_prompt needs '{}' for the subject")
+        if self.stop_margin is not None:
+            checks.number("stop_margin", self.stop_margin)
+        if self.early_stop_on == "margin" and self.stop_margin is None:
+            raise ValueError('early_stop_on="margin" needs stop_margin (the margin to reach)')
+        checks.number("offtarget", self.offtarget, low=0)
+        checks.number("distractors", self.distractors, low=0, integer=True)
+
+    @property
+    def needs_distractors(self) -> bool:
+        """Whether the objective scores distractor prompts (the off-target term)."""
+        return self.offtarget > 0 and self.distractors > 0
 
 
 @dataclass(frozen=True)
 class LossTerms:
-    """The terms of L(δ) at one δ (``sadr`` unweighted; ``total`` includes γ·sadr)."""
+    """The terms of L(δ) at one δ (``sadr`` unweighted; ``total`` includes γ·sadr and the
+    weighted off-target hinge)."""
 
     total: Tensor
     nll: Tensor
@@ -88,6 +121,8 @@ class LossTerms:
     sadr: Tensor
     heads: Tensor  # [layers after the edit]: restrained heads per layer, mean over prompts
     p_new: Tensor  # mean over rewriting prompts of exp(-NLL)
+    offtarget: Tensor | None = None  # the hinge, unweighted (None: the term is off)
+    margin: Tensor | None = None  # the edit prompt's margin (None: no margin stop)
 
 
 @dataclass(frozen=True)
@@ -103,6 +138,8 @@ class StepLog:
     p_new: float
     delta_norm: float
     heads: tuple[float, ...]
+    offtarget: float | None = None  # the off-target hinge, unweighted (None: off)
+    margin: float | None = None  # log P(o_new) − log P(o_true) on the edit prompt (None: off)
 
     def __repr__(self) -> str:
         sadr = ""
@@ -149,46 +186,76 @@ def frozen(model: HookedTransformer) -> Iterator[None]:
 @dataclass(frozen=True)
 class _Rows:
     """The rows of the optimisation batch: the rewriting prompts (each context template
-    filled with the edit prompt, then o_new's tokens but the last), the essence prompt, and
-    (SADR's relation-prompts variant, or the relation KL term) generic relation prompts of the
-    subject."""
+    filled with the edit prompt, then o_new's tokens but the last), the essence prompt, and,
+    where a variant reads them: generic relation prompts of the subject (SADR's relation
+    prompts, the relation KL term), off-target prompts followed by o_new's tokens (the hinge:
+    the relation prompts, then the distractors), distractors alone (SADR on distractors
+    without the hinge), and the edit prompt followed by o_true's tokens (the margin)."""
 
     ids: list[tuple[int, ...]]
     subject_first: list[int]
     subject_last: list[int]
-    prompt_last: list[int]  # t_j: the last prompt token (predicts o_new's first token)
+    prompt_last: list[int]  # t_j: the last prompt token (predicts the answer's first token)
     n_rewrite: int  # rows 0 .. n_rewrite - 1 are rewriting prompts; then the essence row
     sadr_rows: list[int]  # the rows whose attention SADR restrains
     relation_rows: list[int]  # the generic relation prompts (empty unless a variant uses them)
+    offtarget_rows: list[int]  # off-target prompts + o_new's tokens (empty: the hinge is off)
+    true_row: int | None  # the edit prompt + o_true's tokens (None: no margin)
 
 
-def _encode_rows(model, request, templates, target, cfg, sadr_cfg) -> _Rows:
+def _encode_rows(model, request, templates, target, cfg, sadr_cfg, queries) -> _Rows:
     encoded = [
-        (encoding.encode_prompt(model, fill(t, request.prompt), request.subject), True)
+        (encoding.encode_prompt(model, fill(t, request.prompt), request.subject), target)
         for t in templates
     ]
     essence = cfg.essence_prompt.format(request.subject)
-    encoded.append((encoding.encode_prompt(model, essence, request.subject), False))
+    encoded.append((encoding.encode_prompt(model, essence, request.subject), ()))
     n_rewrite = len(templates)
-    sadr_rows = list(range(n_rewrite))
+
+    def add(prompts: Sequence[str], answer: tuple[int, ...] = ()) -> list[int]:
+        start = len(encoded)
+        for p in prompts:
+            encoded.append((encoding.encode_prompt(model, p, request.subject), answer))
+        return list(range(start, len(encoded)))
+
     restrained = sadr_cfg is not None and sadr_cfg.relation_prompts
-    relation_rows = []
-    if restrained or cfg.relation_kl > 0:
-        for t in sadr.RELATION_TEMPLATES:
-            relation_rows.append(len(encoded))
-            encoded.append(
-                (encoding.encode_prompt(model, fill(t, request.subject), request.subject), False)
-            )
+    relations = [fill(t, request.subject) for t in sadr.RELATION_TEMPLATES]
+    relation_rows = add(relations) if restrained or cfg.relation_kl > 0 else []
+    distracting = [request.distraction + q for q in queries]
+    offtarget_rows: list[int] = []
+    if cfg.offtarget > 0:
+        offtarget_rows = add(relations + distracting, target)
+        distractor_rows = offtarget_rows[len(relations) :]
+    elif sadr_cfg is not None and sadr_cfg.prompts != "rewrite":
+        distractor_rows = add(distracting)
+    else:
+        distractor_rows = []
+    true_row = None
+    if cfg.stop_margin is not None:
+        true_row = add([request.prompt], encoding.encode_answer(model, request.target_true))[0]
+    sadr_rows = []
+    if sadr_cfg is not None:
+        if sadr_cfg.prompts != "distractors":
+            sadr_rows += range(n_rewrite)
+        if sadr_cfg.prompts != "rewrite":
+            if not distractor_rows:
+                raise ValueError(
+                    "SADR on distractors needs distractor prompts: none for this request "
+                    f"({request.subject!r}; ValueConfig.distractors = {cfg.distractors})"
+                )
+            sadr_rows += distractor_rows
         if restrained:
             sadr_rows += relation_rows
     return _Rows(
-        ids=[e.ids + target[:-1] if rewrite else e.ids for e, rewrite in encoded],
+        ids=[e.ids + answer[:-1] for e, answer in encoded],
         subject_first=[e.subject_first for e, _ in encoded],
         subject_last=[e.subject_last for e, _ in encoded],
         prompt_last=[e.last for e, _ in encoded],
         n_rewrite=n_rewrite,
         sadr_rows=sadr_rows,
         relation_rows=relation_rows,
+        offtarget_rows=offtarget_rows,
+        true_row=true_row,
     )
 
 
@@ -240,6 +307,9 @@ class ValueObjective:
         cfg: hyper-parameters.
         sadr_cfg: SADR settings, or None for none. With γ = 0 the SADR term is computed and
             logged but not added, so the optimisation is exactly plain ROME.
+        queries: the distractors' queries (each follows the sentence stating the edit), where
+            the off-target term or SADR reads distractors; default:
+            :func:`attndrift.distractors.queries` of the request (``cfg.distractors`` of them).
     """
 
     def __init__(
@@ -251,6 +321,7 @@ class ValueObjective:
         templates: Sequence[str],
         cfg: ValueConfig,
         sadr_cfg: sadr.SadrConfig | None = None,
+        queries: Sequence[str] | None = None,
     ):
         if not templates or templates[0] != "{}":
             raise ValueError('templates[0] must be "{}" (the bare edit prompt)')
@@ -265,7 +336,16 @@ class ValueObjective:
         self.greedy = torch.tensor(False)  # o_new was the argmax everywhere at the last call
         self.layer, self.prefix_cached = layer, cfg.prefix_cache
         self.target = encoding.encode_answer(model, request.target_new)
-        self.rows = rows = _encode_rows(model, request, templates, self.target, cfg, sadr_cfg)
+        self.true_target = encoding.encode_answer(model, request.target_true)
+        if queries is None:
+            wanted = cfg.needs_distractors or (
+                sadr_cfg is not None and sadr_cfg.prompts != "rewrite"
+            )
+            queries = distractors.queries(request, cfg.distractors) if wanted else ()
+        self.queries = tuple(queries)
+        self.rows = rows = _encode_rows(
+            model, request, templates, self.target, cfg, sadr_cfg, self.queries
+        )
         self.n_rewrite = rows.n_rewrite
         self.sadr_layers = list(range(layer + 1, model.cfg.n_layers))
         self.device = device = models.model_device(model)
@@ -287,6 +367,8 @@ class ValueObjective:
             self.essence_logp0 = self._essence_logp(hidden)
             self.relation_logp0 = self._relation_logp(hidden)
             self.vanilla_rows = rows_now  # [prompt, layer, head, query, key] at delta = 0
+            # the off-target prompts' log P(o_new) at delta = 0 (the hinge's reference)
+            self.offtarget_lp0 = self._answer_logp(hidden)[: len(rows.offtarget_rows)]
 
     def _check_block_hooks(self, layer: int) -> None:
         """Several deltas: distinct hooks, each inside block ``layer`` (the steps start there)."""
@@ -317,6 +399,17 @@ class ValueObjective:
         self.nll_target = torch.tensor(self.target, device=device).repeat(self.n_rewrite)
         # the relation prompts' last tokens (the relation KL term reads them)
         self.relation_rows = torch.tensor(rows.relation_rows, device=device, dtype=torch.long)
+        # the answer rows (off-target prompts, then the o_true row): each position predicting
+        # one answer token, the token, and which answer row it belongs to
+        answers = [(j, self.target) for j in rows.offtarget_rows]
+        if rows.true_row is not None:
+            answers.append((rows.true_row, self.true_target))
+        where = [(j, t[j] + i, tok, a) for a, (j, ans) in enumerate(answers)
+                 for i, tok in enumerate(ans)]  # fmt: skip
+        self.n_answers = len(answers)
+        self.answer_rows, self.answer_pos, self.answer_target, self.answer_of = (
+            torch.tensor([w[k] for w in where], device=device, dtype=torch.long) for k in range(4)
+        )
         self.relation_query = torch.tensor(
             [t[j] for j in rows.relation_rows], device=device, dtype=torch.long
         )
@@ -449,6 +542,20 @@ class ValueObjective:
         h = hidden[self.relation_rows, self.relation_query]
         return torch.log_softmax(_logits(self.model, h), -1)
 
+    def _answer_logp(self, hidden: Tensor) -> Tensor:
+        """Length-normalised log P(answer) of each answer row (``[n_answers]``: the off-target
+        prompts' o_new, then the edit prompt's o_true); its own unembedding, so that the
+        other terms are computed exactly as without these rows."""
+        if self.n_answers == 0:
+            return hidden.new_zeros(0)
+        logits = _logits(self.model, hidden[self.answer_rows, self.answer_pos])
+        token_lp = -torch.nn.functional.cross_entropy(
+            logits, self.answer_target, reduction="none"
+        )  # [answer tokens]
+        total = token_lp.new_zeros(self.n_answers).index_add(0, self.answer_of, token_lp)
+        count = torch.bincount(self.answer_of, minlength=self.n_answers)
+        return total / count
+
     def __call__(self, delta: Float[Tensor, "*hooks d_model"]) -> LossTerms:
         """All loss terms at ``delta`` (``[d_model]``, or ``[n_hooks, d_model]`` with several
         hooks; differentiable w.r.t. ``delta``)."""
@@ -490,7 +597,17 @@ class ValueObjective:
             )
             if self.sadr_cfg.gamma > 0:
                 total = total + self.sadr_cfg.gamma * sadr_term
-        return LossTerms(total, nll, kl, wd, sadr_term, heads, torch.exp(-per_prompt).mean())
+        offtarget = margin = None
+        if self.n_answers:
+            lp = self._answer_logp(hidden)  # [off-target rows (+ the o_true row)]
+            n_off = len(self.rows.offtarget_rows)
+            if n_off:  # the hinge: only a rise of log P(o_new) counts
+                offtarget = torch.relu(lp[:n_off] - self.offtarget_lp0).mean()
+                total = total + self.cfg.offtarget * offtarget
+            if self.rows.true_row is not None:  # row 0 is the bare edit prompt
+                margin = (-per_prompt[0] - lp[-1]).detach()
+        p_new = torch.exp(-per_prompt).mean()
+        return LossTerms(total, nll, kl, wd, sadr_term, heads, p_new, offtarget, margin)
 
 
 def _logits(model: HookedTransformer, h: Tensor) -> Tensor:
@@ -500,7 +617,7 @@ def _logits(model: HookedTransformer, h: Tensor) -> Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-_TERMS = ("loss", "nll", "kl", "weight_decay", "sadr", "p_new", "delta_norm")
+_TERMS = ("loss", "nll", "kl", "weight_decay", "sadr", "p_new", "delta_norm", "offtarget", "margin")
 
 
 def step_log(step: int, terms: LossTerms, delta_norm: float) -> StepLog:
@@ -515,14 +632,37 @@ def step_log(step: int, terms: LossTerms, delta_norm: float) -> StepLog:
         p_new=terms.p_new.item(),
         delta_norm=delta_norm,
         heads=tuple(round(h, 3) for h in terms.heads.tolist()),
+        offtarget=None if terms.offtarget is None else terms.offtarget.item(),
+        margin=None if terms.margin is None else terms.margin.item(),
     )
+
+
+def stop_reason(cfg: ValueConfig, entry: StepLog) -> str | None:
+    """Why the optimisation stops after evaluating ``entry`` (None: it goes on): the watched
+    term below ``early_stop_loss`` and, with a margin stop, the edit prompt's margin at least
+    ``stop_margin`` (``early_stop_on="margin"``: the margin alone)."""
+    margin_text = ""
+    if cfg.stop_margin is not None:
+        if entry.margin is None or entry.margin < cfg.stop_margin:
+            return None
+        margin_text = f"margin {entry.margin:.2f} >= {cfg.stop_margin:g}"
+        if cfg.early_stop_on == "margin":
+            return margin_text
+    watched = entry.loss if cfg.early_stop_on == "loss" else entry.nll
+    if watched >= cfg.early_stop_loss:
+        return None
+    name = "loss" if cfg.early_stop_on == "loss" else "NLL"
+    reason = f"{name} {watched:.3f} < {cfg.early_stop_loss:g}"
+    return f"{reason}, {margin_text}" if margin_text else reason
 
 
 def check_finite(desc: str, entry: StepLog, lr: float, delta: Tensor | None = None) -> None:
     """Stop with a FloatingPointError naming the term and the step when a loss term (or δ,
     after an update, or its norm, which the clamp divides by) is NaN or inf: every later step,
     and the edit, would be garbage."""
-    bad = [k for k in _TERMS if not math.isfinite(getattr(entry, k))]
+    bad = [
+        k for k in _TERMS if getattr(entry, k) is not None and not math.isfinite(getattr(entry, k))
+    ]
     if bad or not math.isfinite(sum(entry.heads)):
         term = (bad or ["heads"])[0]
         raise FloatingPointError(
@@ -534,6 +674,12 @@ def check_finite(desc: str, entry: StepLog, lr: float, delta: Tensor | None = No
             f"{desc}: δ is not finite (‖δ‖ = {delta.norm().item()}) after the update of step "
             f"{entry.step}; lower lr (now {lr:g})"
         )
+
+
+def _end(bar: tqdm, step: int, reason: str) -> None:
+    """The progress bar's last word: where the optimisation stopped, and why."""
+    bar.set_postfix_str(f"stopped at step {step + 1}: {reason}", refresh=True)
+    log.debug("stopped at step %d: %s", step + 1, reason)
 
 
 def optimise_value(
@@ -561,8 +707,9 @@ def optimise_value(
                 log.debug("%s", trace[-1])
                 check_finite(desc, trace[-1], cfg.lr)
                 bar.set_postfix(loss=f"{trace[-1].loss:.3f}", p_new=f"{trace[-1].p_new:.2f}")
-                watched = terms.total if cfg.early_stop_on == "loss" else terms.nll
-                if watched.item() < cfg.early_stop_loss or step == cfg.steps - 1:
+                reason = stop_reason(cfg, trace[-1])
+                if reason is not None or step == cfg.steps - 1:
+                    _end(bar, step, reason or "the step budget is spent")
                     break
                 terms.total.backward()
                 opt.step()
