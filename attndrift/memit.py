@@ -57,7 +57,7 @@ class MemitConfig(EditorConfig):
 
 #: Documented defaults (MEMIT's released GPT-J and GPT-2 XL settings; Llama per the SADR
 #: paper's setting; SmolLM2: five layers centred on its ROME layer 6, λ = 2000 and early
-#: stopping on the NLL term, chosen by the rule of the study "Calibrated SmolLM2 presets").
+#: stopping on the NLL term, chosen by the rule of the study docs/studies/calibration.md).
 PRESETS: dict[str, MemitConfig] = {
     "gpt-j": MemitConfig(layers=(3, 4, 5, 6, 7, 8)),
     "gpt2-xl": MemitConfig(

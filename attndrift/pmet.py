@@ -92,7 +92,7 @@ class PmetConfig(EditorConfig):
 #: PMET runs use (layers 3-8, 30 steps at lr 0.2, weight decay 0.5, clamp 0.75, KL factor 1,
 #: λ 15000; 40 steps with SADR); Llama: the SADR code's Llama-3-8B PMET setting; SmolLM2:
 #: MEMIT's SmolLM2 layers, and lr 0.5, clamp 4, λ 2000 from the tuning slice of the study
-#: "Calibrated SmolLM2 presets" (at GPT-J's lr 0.2 the MLP delta stays too small to edit 95 % of
+#: docs/studies/calibration.md (at GPT-J's lr 0.2 the MLP delta stays too small to edit 95 % of
 #: facts in 30 steps), with SADR in PMET's own step budget.
 PRESETS: dict[str, PmetConfig] = {
     "gpt-j": PmetConfig(layers=(3, 4, 5, 6, 7, 8)),

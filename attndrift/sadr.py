@@ -96,7 +96,7 @@ class SadrConfig:
         return ",".join(parts)
 
 
-#: γ of ROME+SADR on SmolLM2-135M: the value the study "SADR on SmolLM2" chose by its rule
+#: γ of ROME+SADR on SmolLM2-135M: the value the study docs/studies/sadr.md chose by its rule
 #: (ES ≥ 99 %, PS within 3 points of the same-budget baseline, then the best harmonic mean of
 #: RS and DNS), with ROME's SADR budget of 80 steps (``rome.PRESETS``' ``sadr_steps``). The one
 #: place this number is written: the demo, the README and the notebooks read it from here.

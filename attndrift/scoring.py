@@ -97,8 +97,8 @@ def plan(model: HookedTransformer, pairs: Sequence[tuple[str, str]]) -> Plan:
 PASS_OVERHEAD_TOKENS = 96
 """What one more forward pass costs, in padded tokens: a pass runs every layer whatever its
 size, and small matrix products run below full speed. Chosen on SmolLM2 on 2 CPU cores
-(the study "Speed and memory": 32 to 256 score alike); it decides when splitting a batch to cut its
-padding pays."""
+(the study docs/studies/speed.md: 32 to 256 score alike); it decides when splitting a batch
+to cut its padding pays."""
 
 
 def _batches(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study "SADR on SmolLM2" (docs/RESULTS.md) on the embedded SmolLM2: the selection rows on the
+# The study docs/studies/sadr.md on the embedded SmolLM2: the selection rows on the
 # selection slice, or the evaluation rows on the evaluation records. Resumable; raw lines go
 # to runs/, gzipped copies to results/.
 #   scripts/sadr_study.sh DATA selection              (dev records 1100-1179)
