@@ -78,6 +78,14 @@ class EditRun:
         """The loss terms at the first request's last step."""
         return self.traces[0][-1]
 
+    def __repr__(self) -> str:
+        sadr = "" if self.sadr is None else f", SADR γ={self.sadr.gamma:g}"
+        steps = "/".join(str(len(t)) for t in self.traces)
+        return (
+            f"EditRun({type(self.config).__name__}{sadr}, steps run {steps}, "
+            f"{self.seconds:.1f} s, {self.n_templates} templates)"
+        )
+
 
 @dataclass(frozen=True)
 class Edit:
@@ -106,6 +114,18 @@ class Edit:
                 )
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise ValueError(f"layer {layer}: the edit's factors are not finite (NaN or inf)")
+
+    def __repr__(self) -> str:
+        facts = "; ".join(
+            f"{r.subject!r}: {r.target_true!r} → {r.target_new!r}" for r in self.requests[:3]
+        )
+        more = f" (+{len(self.requests) - 3} more)" if len(self.requests) > 3 else ""
+        layers = ",".join(map(str, self.layers))
+        layers = f"layer {layers}" if len(self.layers) == 1 else f"layers {layers}"
+        rank = "/".join(str(a.shape[1]) for a in self.left)
+        run = "" if self.run is None else f", {self.run.steps_run} steps, {self.run.seconds:.1f} s"
+        model = f" on {self.model_name}" if self.model_name else ""
+        return f"Edit({self.editor}{model}, {layers}, rank {rank}{run}: {facts}{more})"
 
     def delta(self, i: int) -> Float[Tensor, "d_mlp d_model"]:
         """ΔW_out of the i-th edited layer."""

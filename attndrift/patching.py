@@ -44,7 +44,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -72,6 +72,8 @@ CELL_METRICS = (
     "p_new_full",
     "custom",
 )
+#: metrics computed only when asked for (``full_answer``, ``metric``): NaN otherwise
+_OPTIONAL_METRICS = frozenset({"p_true_full", "p_new_full", "custom"})
 #: a tile of cells spans this many layers (window starts) and positions
 _TILE_LAYERS, _TILE_POSITIONS = 4, 3
 
@@ -107,6 +109,14 @@ COMPONENTS: dict[str, Component] = {
 }
 
 
+class Cell(NamedTuple):
+    """One cell of a sweep and its value (:meth:`Patching.best`)."""
+
+    layer: int  # the window's first layer
+    position: int  # the prompt position
+    value: float  # P(o_true) (restore) or P(o_new) (contaminate) after the patch
+
+
 @dataclass(frozen=True)
 class Outcome:
     """Metrics of one unpatched run (``*_full`` are NaN unless the full answer was scored)."""
@@ -133,6 +143,7 @@ class Patching:
             the module docstring (``*_full`` NaN unless ``full_answer``, ``custom`` unless
             ``metric``).
         skipped: cells not run because the patch changes nothing (result: the target's).
+        model, edit: names of the model and of the edited variant (figure titles).
     """
 
     direction: Direction
@@ -154,6 +165,18 @@ class Patching:
     p_new_full: Float[Tensor, "component layer pos"]
     custom: Float[Tensor, "component layer pos"]
     skipped: int = 0
+    model: str = ""
+    edit: str = ""
+
+    def __repr__(self) -> str:
+        _, n_l, n_p = self.p_true.shape
+        edit = f" of {self.edit}" if self.edit else ""
+        return (
+            f"Patching({self.direction}{edit}, {'/'.join(self.components)} × {n_l} layers "
+            f"(window {self.window}) × {n_p} positions of {self.prompt!r}; P(o_true "
+            f"{self.target_true!r}): unpatched {self.target.p_true:.4f}, source "
+            f"{self.source.p_true:.4f})"
+        )
 
     def metric(self, name: str) -> Float[Tensor, "component layer pos"]:
         """The tensor of one metric by name (one of :data:`CELL_METRICS`)."""
@@ -161,8 +184,9 @@ class Patching:
             raise ValueError(f"unknown metric {name!r}: expected one of {CELL_METRICS}")
         return getattr(self, name)
 
-    def best(self, component: str) -> tuple[int, int, float]:
-        """The cell that moves furthest the patch's way: ``(layer, position, value)``.
+    def best(self, component: str) -> "Cell":
+        """The cell that moves furthest the patch's way: a :class:`Cell` (layer, position,
+        value).
 
         Restoring looks for the largest P(o_true) (the vanilla answer back), contaminating for
         the largest P(o_new) (the edited answer carried into the vanilla model).
@@ -173,10 +197,11 @@ class Patching:
             self.components.index(component)
         ]
         layer, i = divmod(int(grid.argmax()), len(self.positions))
-        return layer, self.positions[i], float(grid[layer, i])
+        return Cell(layer, self.positions[i], float(grid[layer, i]))
 
     def frame(self) -> pd.DataFrame:
-        """Tidy table: one row per cell."""
+        """Tidy table: one row per cell; the optional metrics (``p_true_full``, ``p_new_full``,
+        ``custom``) only when they were computed."""
         n_c, n_l, n_p = self.p_true.shape
         comp = np.repeat(np.asarray(self.components, dtype=object), n_l * n_p)
         pos = np.tile(np.asarray(self.positions), n_c * n_l)
@@ -189,7 +214,10 @@ class Patching:
             "token": np.asarray(self.tokens, dtype=object)[pos],
         }
         for name in CELL_METRICS:
-            table[name] = getattr(self, name).flatten().numpy()
+            values = getattr(self, name).flatten().numpy()
+            if name in _OPTIONAL_METRICS and np.isnan(values).all():
+                continue
+            table[name] = values
         return pd.DataFrame(table)
 
 
@@ -428,6 +456,7 @@ def patch(
         raise ValueError(f"position out of range: {bad or 'none'} (the prompt has {n_prompt})")
     target, source = (e, v) if direction == "restore" else (v, e)
     t_clean, s_clean = _clean(target, base, parts, metric), _clean(source, base, parts, metric)
+    names = {"model": model.cfg.model_name, "edit": e.name}
     # cells: [component, window start, position], in result order
     grid = torch.cartesian_prod(
         torch.arange(len(parts)), torch.arange(n_layers), torch.tensor(positions)
@@ -458,11 +487,11 @@ def patch(
             flat[k][at] = v
     return _result(flat, len(parts), n_layers, len(positions), t_clean, s_clean, direction,
                    parts, window, positions, prompt, target_true, target_new, model, base,
-                   int(unchanged.sum()))  # fmt: skip
+                   int(unchanged.sum()), names)  # fmt: skip
 
 
 def _result(flat, n_c, n_l, n_p, t_clean, s_clean, direction, parts, window, positions,
-            prompt, true, new, model, base, skipped) -> Patching:  # fmt: skip
+            prompt, true, new, model, base, skipped, names) -> Patching:  # fmt: skip
     grids = {k: v.cpu().reshape(n_c, n_l, n_p) for k, v in flat.items()}
     t_out, s_out = t_clean.outcome(), s_clean.outcome()
     p_true = grids["p_true"]
@@ -484,6 +513,7 @@ def _result(flat, n_c, n_l, n_p, t_clean, s_clean, direction, parts, window, pos
         if t_out.p_true > 0
         else p_true * math.nan,
         skipped=skipped,
+        **names,
         **grids,
     )
 

@@ -179,8 +179,8 @@ def plan(
 PASS_OVERHEAD_TOKENS = 96
 """What one more forward pass costs, in padded tokens: a pass runs every layer whatever its
 size, and small matrix products run below full speed. Chosen on SmolLM2 on 2 CPU cores
-(docs/RESULTS.md §3: 32 to 256 score alike); it decides when splitting a batch to cut its
-padding pays."""
+(the study docs/studies/speed.md: 32 to 256 score alike); it decides when splitting a batch
+to cut its padding pays."""
 
 
 def _batches(

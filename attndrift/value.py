@@ -141,6 +141,16 @@ class StepLog:
     offtarget: float | None = None  # the off-target hinge, unweighted (None: off)
     margin: float | None = None  # log P(o_new) − log P(o_true) on the edit prompt (None: off)
 
+    def __repr__(self) -> str:
+        sadr = ""
+        if self.heads:
+            sadr = f", sadr {self.sadr:.4g}, heads restrained {sum(self.heads):.1f}"
+        return (
+            f"StepLog(step {self.step}: loss {self.loss:.4g}, nll {self.nll:.4g}, kl "
+            f"{self.kl:.4g}, weight decay {self.weight_decay:.4g}{sadr}, P(o_new) "
+            f"{self.p_new:.3f}, ‖δ‖ {self.delta_norm:.3g})"
+        )
+
 
 @dataclass(frozen=True)
 class ValueResult:

@@ -242,7 +242,7 @@ def test_sadr_on_distractors_needs_distractors(tiny_llama):
     with pytest.raises(ValueError, match="distractor"):
         _objective(tiny_llama, sadr.SadrConfig(gamma=1.0, prompts="distractors"), queries=())
     with pytest.raises(ValueError, match="SADR prompts"):
-        sadr.SadrConfig(prompts="relations")
+        sadr.SadrConfig(gamma=1.0, prompts="relations")
 
 
 POOL = distractors.Pool(
