@@ -319,11 +319,20 @@ def _table_text(lines, interval: str = "normal", markdown: bool = False) -> str:
     frame = metrics.table(rows, interval=interval)
     text = _markdown(frame) if markdown else frame.to_string()
     what = "± 95 % normal interval" if interval == "normal" else "[95 % Wilson interval] (n)"
-    text += f"\n(% of probes with P(right) > P(wrong), {what} over probes)"
+    text += f"\n\n(% of probes with P(right) > P(wrong), {what} over probes)"
     rest = summary.support(lines)
     text += "\n\nwhat each row rests on: records / probes per metric; edit strength (median "
     text += "log-odds margin of the edited model's ES and PS probes) and mean steps run\n"
     return text + (_markdown(rest) if markdown else rest.to_string())
+
+
+def _glance_text(lines, markdown: bool = False) -> str:
+    from attndrift import summary
+
+    frame = summary.glance(lines)
+    text = _markdown(frame) if markdown else frame.to_string()
+    note = "% of probes with P(right) > P(wrong); ES margin: median log-odds of the edit prompt"
+    return f"{text}\n\n({note})"
 
 
 def _markdown(frame) -> str:
@@ -357,6 +366,12 @@ def summarize_command(args) -> int:
     p.add_argument("--paired", action="store_true", help="only records with every setting's line")
     p.add_argument("--interval", choices=("normal", "wilson"), default="normal")
     p.add_argument("--markdown", action="store_true", help="print tables as Markdown")
+    p.add_argument(
+        "--glance",
+        action="store_true",
+        help="a compact table (ES PS RS DNS in %%, records, ES margin per setting) instead of "
+        "the Table-3 layout and what it rests on",
+    )
     p.add_argument("--choose", choices=sorted(summary.RULES), help="apply a selection rule")
     p.add_argument("--compare", action="append", default=[], metavar="A;B",
                    help="paired tests of setting B against setting A (repeatable)")  # fmt: skip
@@ -399,7 +414,9 @@ def summarize_command(args) -> int:
 def _summarize(lines, a) -> None:
     from attndrift import summary
 
-    print(_table_text(lines, a.interval, a.markdown))
+    print(
+        _glance_text(lines, a.markdown) if a.glance else _table_text(lines, a.interval, a.markdown)
+    )
     if a.choose:
         _print_choice(lines, a.choose, a.markdown)
     for pair in a.compare:

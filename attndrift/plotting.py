@@ -996,6 +996,79 @@ def tradeoff_map(frame, title: str = "") -> go.Figure:
     return style(fig)
 
 
+def strength(frame, title: str = "", metrics: Sequence[str] = ("PS", "RS", "DNS")) -> go.Figure:
+    """Specificity against edit strength: one panel per metric (in %, with intervals), the x
+    axis the median log-odds margin of the edited model on the edit prompts (ES margin).
+
+    The plain margin stops and their same-budget baseline are joined by a line: the curve a
+    weaker plain edit traces. Every other row (a variant) is a labelled point; a variant above
+    the curve at its own ES margin does more than edit less.
+
+    Args:
+        frame: :func:`attndrift.summary.strength`.
+        title: the figure title (default: what is plotted).
+        metrics: the panels, in order.
+    """
+    if frame.empty:
+        raise ValueError("no settings to plot")
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics), shared_xaxes=True)
+    curve = frame[frame["family"].isin(["margin stop", "baseline"])].sort_values("ES_margin")
+    points = frame[~frame["family"].isin(["margin stop", "baseline"])]
+    markers = ("diamond", "square", "triangle-up", "star", "cross", "x")
+    for col, metric in enumerate(metrics, start=1):
+        colour = METRIC_COLOURS.get(metric, VANILLA)
+
+        def trace(part, name, mode, marker, show, colour=colour, metric=metric):
+            y = 100 * part[metric].to_numpy(float)
+            low = np.clip(100 * part[f"{metric}_low"].to_numpy(float), 0, 100)
+            high = np.clip(100 * part[f"{metric}_high"].to_numpy(float), 0, 100)
+            return go.Scatter(
+                x=part["ES_margin"],
+                y=y,
+                mode=mode,
+                name=name,
+                legendgroup=name,
+                showlegend=show,
+                marker={"color": colour, "symbol": marker, "size": 10},
+                line={"color": colour},
+                error_y={
+                    "type": "data",
+                    "array": high - y,
+                    "arrayminus": y - low,
+                    "color": colour,
+                    "thickness": 1,
+                },
+                customdata=list(part["setting"]),
+                hovertemplate="%{customdata}<br>ES margin %{x:.2f}: %{y:.1f} %<extra></extra>",
+            )
+
+        if not curve.empty:
+            fig.add_trace(
+                trace(curve, "plain ROME: margin stops and 80 steps", "lines+markers", "circle",
+                      col == 1),
+                row=1, col=col,
+            )  # fmt: skip
+        for i, (family, part) in enumerate(points.groupby("family", sort=True)):
+            fig.add_trace(
+                trace(part, str(family), "markers", markers[i % len(markers)], col == 1),
+                row=1,
+                col=col,
+            )
+        fig.update_yaxes(title_text="% of probes right" if col == 1 else None, row=1, col=col)
+        fig.update_xaxes(title_text="median ES margin (log-odds)", row=1, col=col)
+    fig.update_yaxes(range=[-3, 103])
+    fig.update_layout(
+        title=title or "Specificity against edit strength",
+        legend={"orientation": "h", "y": -0.25},
+        margin={"t": 90, "b": 120},
+        width=1100,
+        height=460,
+    )
+    for trace_ in fig.data:
+        trace_.marker.color = "#444" if trace_.mode == "markers" else trace_.marker.color
+    return style(fig)
+
+
 # --------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------

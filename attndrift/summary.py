@@ -130,6 +130,62 @@ def support(lines: Sequence[Line], kinds: Sequence[str] = SCORE_KINDS) -> pd.Dat
     return pd.DataFrame(rows).set_index("setting")
 
 
+#: editors' names as printed
+EDITOR_NAMES = {"rome": "ROME", "memit": "MEMIT", "pmet": "PMET", "alphaedit": "AlphaEdit"}
+
+
+def label(s: Setting) -> str:
+    """A setting in words, e.g. ``"ROME + SADR (γ 0.05), 80 steps"`` or ``"ROME stopped at
+    margin 1"``; fields without words of their own follow as ``name=value``."""
+    text = EDITOR_NAMES.get(s.editor, s.editor)
+    if s.sadr_gamma:
+        text += f" + SADR (γ {s.sadr_gamma:g})"
+    if s.relation_kl is not None:
+        text += f" + relation-KL (w {s.relation_kl:g})"
+    if s.offtarget is not None:
+        text += f" + off-target hinge (w {s.offtarget:g})"
+    words = {"editor", "sadr_gamma", "relation_kl", "offtarget", "steps", "stop_margin",
+             "early_stop", "early_stop_on", "batch", "sequential"}  # fmt: skip
+    stop = ""
+    if s.stop_margin is not None and s.early_stop_on == "margin":
+        stop = f" stopped at margin {s.stop_margin:g}"
+    elif s.stop_margin is not None:
+        stop = f" stopped at NLL < {s.early_stop:g} and margin {s.stop_margin:g}"
+    elif s.early_stop is not None or s.early_stop_on is not None:
+        words -= {"early_stop", "early_stop_on"}
+    text += stop
+    extra = [
+        "all heads" if p == "all" else p
+        for p in s.key.split("|")[1:]
+        if p.split("=")[0] not in words and p[:2] != "g="
+    ]
+    if s.steps is not None and not stop:
+        extra.insert(0, f"{s.steps} steps")
+    if s.batch is not None:
+        extra.append(f"batches of {s.batch}")
+    if s.sequential is not None:
+        extra.append(f"sequences of {s.sequential}")
+    return ", ".join([text, *extra])
+
+
+def glance(lines: Sequence[Line], kinds: Sequence[str] = ("ES", "PS", "RS", "DNS")) -> pd.DataFrame:
+    """The compact table of a results page: per setting, in words (:func:`label`; the unedited
+    model first)
+    the % of probes right of each kind in ``kinds``, the records, and the median ES margin."""
+    summaries = by_setting(lines)
+    counts = records_per_setting(lines)
+    es = margins(lines, "ES")
+    settings = {line.setting.key: line.setting for line in lines}
+    rows = []
+    for key, s in summaries.items():
+        row: dict = {"setting": "unedited" if key == "none" else label(settings[key])}
+        row |= {k: f"{100 * s.metrics[k].mean:.1f}" for k in kinds}
+        row["records"] = len({line.record for line in lines}) if key == "none" else counts[key]
+        row["ES margin"] = "" if key == "none" else f"{es[key]:.2f}"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("setting")
+
+
 #: the setting fields that make a variant of an editor: SADR's (with γ) and the value-side
 #: terms and stopping rules; a row without any of them is a baseline
 SADR_FIELDS = ("sadr_gamma", "all_heads", "sadr_queries", "sadr_keys", "sadr_threshold",
@@ -203,6 +259,8 @@ def strength(lines: Sequence[Line]) -> pd.DataFrame:
             return "margin stop"
         if plain and s.stop_margin is not None:
             return f"NLL < {s.early_stop:g} and margin stop"
+        if s.sadr_gamma == 0 and s.relation_kl is None and s.offtarget is not None:
+            return f"off-target hinge (w {s.offtarget:g})"
         return variant_of(s) or f"SADR γ {s.sadr_gamma:g}"
 
     frame["family"] = [family(k) for k in frame["setting"]]

@@ -82,6 +82,83 @@ HEADS = Lines(
      "rome|g=0.05|all|steps=80", "rome|g=0.2|all|steps=80"),
 )  # fmt: skip
 
+SPECIFIC = Lines(
+    ("specificity_selection.a.jsonl", "specificity_selection.b.jsonl"),
+    (1100, 1139),
+    ("rome|g=0|steps=80", "rome|g=0|steps=80|early_stop_on=margin|stop_margin=1",
+     "rome|g=0|steps=80|early_stop_on=margin|stop_margin=2",
+     "rome|g=0|steps=80|early_stop_on=margin|stop_margin=4",
+     "rome|g=0|steps=80|early_stop=0.5|stop_margin=2", "rome|g=0|steps=80|offtarget=2"),
+)  # fmt: skip
+
+
+def strength(lines: Lines, title: str) -> Callable[[], list]:
+    """Specificity against edit strength (:func:`attndrift.summary.strength`)."""
+
+    def draw() -> list:
+        return [plotting.strength(summary.strength(lines.load()), title=title)]
+
+    return draw
+
+
+EVALUATION = Lines(
+    ("sadr_evaluation.a.jsonl", "sadr_evaluation.b.jsonl"), (0, 119), ("rome|g=0|steps=80",)
+)
+
+
+def drift(lines: Lines, setting: str, title: str) -> Callable[[], list]:
+    """Drift factor against P(o_new) of each RS and DNS probe under one setting's edits, with
+    the Pearson correlation and its interval from the bootstrap over records."""
+
+    def draw() -> list:
+        loaded = lines.load()
+        analysis = summary.drift_vs_failure(loaded, setting)
+        table = analysis.probes
+        low, high = summary.pearson_interval(
+            table["record"].to_numpy(), table["factor"].to_numpy(), table["p_new"].to_numpy()
+        )
+        r = analysis.overall.pearson
+        fig = plotting.drift_scatter(analysis)
+        fig.update_layout(
+            title=f"{title}<br><sup>Pearson r = {r:.2f}, 95 % interval [{low:.2f}, {high:.2f}] "
+            f"(bootstrap over {table['record'].nunique()} records), {len(table)} probes</sup>"
+        )
+        return [fig]
+
+    return draw
+
+
+EDITORS = Lines(
+    ("sadr_evaluation.a.jsonl", "sadr_evaluation.b.jsonl", "memit_evaluation.a.jsonl",
+     "memit_evaluation.b.jsonl", "group_batch.jsonl", "pmet_evaluation.a.jsonl",
+     "pmet_evaluation.b.jsonl", "pmet_evaluation.c.jsonl", "pmet_evaluation.d.jsonl"),
+    (0, 119),
+    ("rome|g=0|steps=80", "rome|g=0.05|steps=80", "memit|g=0", "memit|g=0.025", "alphaedit|g=0",
+     "alphaedit|g=0.025", "pmet|g=0", "pmet|g=0.4"),
+)  # fmt: skip
+
+
+#: the settings' names in the figures
+NAMES = {
+    "rome|g=0|steps=80": "ROME", "rome|g=0.05|steps=80": "ROME+SADR (γ 0.05)",
+    "memit|g=0": "MEMIT", "memit|g=0.025": "MEMIT+SADR (γ 0.025)", "alphaedit|g=0": "AlphaEdit",
+    "alphaedit|g=0.025": "AlphaEdit+SADR (γ 0.025)", "pmet|g=0": "PMET",
+    "pmet|g=0.4": "PMET+SADR (γ 0.4)",
+}  # fmt: skip
+
+
+def editors(lines: Lines, title: str) -> Callable[[], list]:
+    """Every editor as one point: PS against the harmonic mean of RS and DNS."""
+
+    def draw() -> list:
+        frame = summary.tradeoff(lines.load())
+        frame["setting"] = [NAMES.get(k, k) for k in frame["setting"]]
+        fig = plotting.tradeoff_map(frame, title=title)
+        return [fig.update_layout(width=1000, height=650)]
+
+    return draw
+
+
 #: the PNGs of docs/figures and how each is drawn
 FIGURES: dict[str, Callable[[], list]] = {
     "sadr_selection.png": tradeoff(
@@ -91,6 +168,18 @@ FIGURES: dict[str, Callable[[], list]] = {
         HEADS, "ROME+SADR on SmolLM2-135M, dev records 1100-1109: selected heads vs all heads"
     ),
     "mechanism.png": mechanism,
+    "drift.png": drift(
+        EVALUATION,
+        "rome|g=0|steps=80",
+        "ROME on SmolLM2-135M, dev records 0-119: drift factor against P(o_new)",
+    ),
+    "editors.png": editors(
+        EDITORS,
+        "Four editors on SmolLM2-135M, dev records 0-119: generalisation against specificity",
+    ),
+    "strength_selection.png": strength(
+        SPECIFIC, "ROME on SmolLM2-135M, dev records 1100-1139: specificity against edit strength"
+    ),
 }
 
 

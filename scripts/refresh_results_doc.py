@@ -1,4 +1,4 @@
-"""Reprint every recomputable table of docs/RESULTS.md and docs/studies/*.md from the
+"""Reprint every recomputable table of README.md, docs/RESULTS.md and docs/studies/*.md from the
 committed raw lines.
 
 A table sits between ``<!-- attndrift summarize … -->`` and ``<!-- end -->``
@@ -25,8 +25,12 @@ BLOCK = re.compile(r"(<!-- (attndrift summarize [^\n]*?) -->\n)(.*?)(<!-- end --
 
 
 def documents() -> list[Path]:
-    """docs/RESULTS.md, then every study of docs/studies/ in name order."""
-    return [ROOT / "docs" / "RESULTS.md", *sorted((ROOT / "docs" / "studies").glob("*.md"))]
+    """README.md, docs/RESULTS.md, then every study of docs/studies/ in name order."""
+    return [
+        ROOT / "README.md",
+        ROOT / "docs" / "RESULTS.md",
+        *sorted((ROOT / "docs" / "studies").glob("*.md")),
+    ]
 
 
 def printed(command: str) -> str:

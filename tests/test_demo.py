@@ -28,7 +28,7 @@ def test_demo_writes_report_and_summary(tmp_path, capsys):
     assert len(page) > 3_000_000 and "<script src=" not in page  # plotly.js inlined: offline
     # it opens with what happened, in sentences computed from the run, then the headline
     assert page.index("<h2>What happened</h2>") < page.index(html.escape(sentences[0]))
-    assert page.index(html.escape(sentences[3])) < page.index("<b>Figure 1.</b> P(o_true")
+    assert page.index(html.escape(sentences[3])) < page.index("<b>Figure 1.</b> P(right answer")
     assert page.index("<b>Figure 1.</b>") < page.index("<h2>1. The fact, the probe and the edits")
     # the probe: chosen by the written rule, marked in its table, patched
     probe = info["probe"]

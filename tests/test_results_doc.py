@@ -1,6 +1,7 @@
-"""The tables of committed results in docs/RESULTS.md and in every study of docs/studies/ are
-what `attndrift summarize` prints from the committed raw lines (results/*.jsonl.gz), character
-for character.
+"""The tables of committed results in README.md, docs/RESULTS.md and every study of
+docs/studies/ are what `attndrift summarize` prints from the committed raw lines
+(results/*.jsonl.gz), character for character; so are the counts in their prose that are
+marked with the command that counts them.
 
 A recomputable table sits between two HTML comments, the first holding the command that prints
 it::
@@ -22,11 +23,15 @@ from attndrift import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"<!-- (attndrift summarize [^\n]*?) -->\n(.*?)<!-- end -->", re.S)
-DOCS = [ROOT / "docs" / "RESULTS.md", *sorted((ROOT / "docs" / "studies").glob("*.md"))]
+DOCS = [
+    ROOT / "README.md",
+    ROOT / "docs" / "RESULTS.md",
+    *sorted((ROOT / "docs" / "studies").glob("*.md")),
+]
 
 
 def _name(path: Path) -> str:
-    return path.relative_to(ROOT / "docs").as_posix()
+    return path.relative_to(ROOT).as_posix()
 
 
 def _blocks() -> list[tuple[str, str, str]]:
@@ -40,8 +45,8 @@ def _blocks() -> list[tuple[str, str, str]]:
 
 def test_the_documents_exist():
     names = [_name(p) for p in DOCS]
-    assert "RESULTS.md" in names
-    assert any(n.startswith("studies/") for n in names), names
+    assert "docs/RESULTS.md" in names
+    assert any(n.startswith("docs/studies/") for n in names), names
 
 
 def test_results_have_recomputable_tables():
@@ -67,7 +72,7 @@ def test_table_is_what_summarize_prints(doc, command, printed, capsys, monkeypat
     monkeypatch.chdir(ROOT)
     assert cli.main(shlex.split(command)[1:]) == 0
     out = capsys.readouterr().out
-    assert out.strip() == printed.strip(), f"docs/{doc} differs from `{command}`"
+    assert out.strip() == printed.strip(), f"{doc} differs from `{command}`"
 
 
 def _anchors(path: Path) -> set[str]:
@@ -75,6 +80,48 @@ def _anchors(path: Path) -> set[str]:
     text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
     heads = re.findall(r"^#+ (.+)$", text, re.M)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+#: a count in prose, followed by the command whose support table prints it, e.g.
+#: ``35<!-- RS records of attndrift summarize results/x.jsonl.gz --records 0-119 -->``
+COUNT = re.compile(
+    r"(\d[\d,]*)[^\d<]{0,40}<!-- (ES|PS|NS|RS|DNS|RS_D) (records|probes) of "
+    r"(attndrift summarize [^\n]*?) -->"
+)
+
+
+def _counts() -> list[tuple[str, int, str, str, str]]:
+    """(document, number, probe kind, records|probes, command) of every checked count."""
+    out = []
+    for path in DOCS:
+        for m in COUNT.finditer(path.read_text(encoding="utf-8")):
+            out.append((_name(path), int(m[1].replace(",", "")), m[2], m[3], m[4]))
+    return out
+
+
+def test_prose_counts_are_checked():
+    assert len([c for c in _counts() if c[0] == "docs/RESULTS.md"]) >= 3
+
+
+@pytest.mark.parametrize(
+    "doc,number,kind,unit,command",
+    _counts(),
+    ids=[f"{c[0]}: {c[1]} {c[2]} {c[3]}" for c in _counts()],
+)
+def test_prose_count_is_what_summarize_counts(
+    doc, number, kind, unit, command, capsys, monkeypatch
+):
+    """The unedited row ("none") of the support table: "<records> / <probes>" per probe kind."""
+    monkeypatch.chdir(ROOT)
+    args = shlex.split(command)[1:]
+    assert cli.main([*args, "--markdown"] if "--markdown" not in args else args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| setting | records |"))
+    columns = [c.strip() for c in lines[head].strip("|").split("|")]
+    none = next(line for line in lines[head:] if line.startswith("| none |"))
+    cell = [c.strip() for c in none.strip("|").split("|")][columns.index(kind)]
+    records, probes = (int(x) for x in cell.split(" / "))
+    assert number == (records if unit == "records" else probes), f"{doc}: `{command}`"
 
 
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -87,10 +134,10 @@ def test_links_reach_a_file_and_a_heading(path):
             continue  # a web address
         file, _, anchor = target.partition("#")
         dest = (path.parent / file).resolve() if file else path
-        assert dest.exists(), f"docs/{_name(path)}: {target} is not a file"
+        assert dest.exists(), f"{_name(path)}: {target} is not a file"
         if anchor:
             where = file or "itself"
-            assert anchor in _anchors(dest), f"docs/{_name(path)}: no heading #{anchor} in {where}"
+            assert anchor in _anchors(dest), f"{_name(path)}: no heading #{anchor} in {where}"
 
 
 def test_markdown_cells_keep_their_pipes():

@@ -382,8 +382,39 @@ def test_strength_places_each_row_on_or_off_the_margin_curve():
     assert frame.loc["rome|g=0|steps=80|early_stop=0.5|stop_margin=2", "family"] == (
         "NLL < 0.5 and margin stop"
     )
-    assert frame.loc["rome|g=0|steps=80|offtarget=2", "family"] == "offtarget=2"
+    assert frame.loc["rome|g=0|steps=80|offtarget=2", "family"] == "off-target hinge (w 2)"
     assert frame.loc["rome|g=0.05|steps=80", "family"] == "SADR γ 0.05"
     import math
 
     assert frame["ES_margin"].map(lambda x: x == pytest.approx(math.log(1.2))).all()
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"steps": 80}, "ROME, 80 steps"),
+        ({"sadr_gamma": 0.05, "steps": 80}, "ROME + SADR (γ 0.05), 80 steps"),
+        ({"steps": 80, "early_stop_on": "margin", "stop_margin": 1.0}, "ROME stopped at margin 1"),
+        ({"steps": 80, "early_stop": 0.5, "stop_margin": 2.0},
+         "ROME stopped at NLL < 0.5 and margin 2"),
+        ({"steps": 80, "offtarget": 2.0}, "ROME + off-target hinge (w 2), 80 steps"),
+        ({"editor": "pmet", "sadr_gamma": 0.4}, "PMET + SADR (γ 0.4)"),
+        ({"editor": "memit", "batch": 10}, "MEMIT, batches of 10"),
+        ({"sadr_gamma": 0.05, "all_heads": True}, "ROME + SADR (γ 0.05), all heads"),
+        ({"lr": 0.5}, "ROME, lr=0.5"),
+    ],
+)  # fmt: skip
+def test_label_names_a_setting_in_words(fields, words):
+    assert summary.label(setting.Setting(**fields)) == words
+
+
+def test_glance_is_the_compact_table_of_the_same_numbers():
+    lines = [make_line(r, [("ES", 1), ("PS", r % 2), ("RS", 0), ("DNS", 1)]) for r in range(4)]
+    lines += [
+        make_line(r, [("ES", 1), ("PS", 1), ("RS", 1), ("DNS", 0)], steps=80) for r in range(2)
+    ]
+    g = summary.glance(lines)
+    assert list(g.index) == ["unedited", "ROME", "ROME, 80 steps"]
+    assert g.loc["ROME", "PS"] == "50.0" and g.loc["ROME", "RS"] == "0.0"
+    assert g.loc["ROME, 80 steps", "RS"] == "100.0" and g.loc["ROME, 80 steps", "records"] == 2
+    assert g.loc["unedited", "records"] == 4 and g.loc["unedited", "ES margin"] == ""
