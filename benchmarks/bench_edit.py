@@ -10,7 +10,8 @@ covariance; the printed ratios are what the targets refer to:
    lean forward, :func:`attndrift.value.hooked_forward`) and through the lean forward
    (``lean``, :mod:`attndrift.models.lean`), with and without SADR; the step's FLOPs counted
    from the shapes, the matrix-product rate measured here (``[2048, d_model] @ [d_model,
-   d_mlp]``, the model's dtype) and the fraction of it each path achieves; peak memory;
+   d_mlp]``, the model's dtype; also at the step's own shape, its tokens as rows) and the
+   fraction of each that each path achieves; peak memory;
 2. **whole edit** (templates and C cached, as in a sweep): ROME and ROME+SADR at the preset,
    and ROME+SADR for 80 steps (no early stop), hooked forward (old) against the lean forward
    (new), and the largest relative difference of their saved tensors;
@@ -110,10 +111,17 @@ def step_ratios(model, req, cfg, templates, reps: int) -> None:
     print(f"  step FLOPs (matrix products, from the shapes): {flops['total'] / 1e9:.1f} GFLOP "
           f"(forward {flops['forward'] / 1e9:.1f}, backward {flops['backward'] / 1e9:.1f}); "
           f"matmul rate here [2048 x {d} x {d_mlp}]: {rate / 1e9:.0f} GFLOP/s")  # fmt: skip
+    # the same rate at the step's own product shape (its tokens as rows): small products run
+    # below the large-product rate, so this is the tighter limit of the step
+    tokens = lean.step_shape[0] * lean.step_shape[1]
+    rate_step = matmul_rate(tokens, d, d_mlp, device=device, dtype=model.cfg.dtype)
+    print(f"  matmul rate at the step's shape [{tokens} x {d} x {d_mlp}]: {rate_step / 1e9:.0f} "
+          f"GFLOP/s ({rate_step / rate:.0%} of the large-product rate)")  # fmt: skip
     for k in ("lean", "hooked", "lean+SADR", "hooked+SADR"):
         achieved = flops["total"] / med[k]
         print(f"  {k:<12} {med[k] * 1e3:6.0f} ms: {achieved / 1e9:6.1f} GFLOP/s = "
-              f"{achieved / rate:.0%} of the matmul rate")  # fmt: skip
+              f"{achieved / rate:.0%} of the matmul rate, {achieved / rate_step:.0%} of the "
+              f"rate at the step's shape")  # fmt: skip
     peaks = {k: peak_bytes(lambda o=o: _step(o))[0] for k, o in objs.items()}
     print(
         "  peak memory of a step: "
