@@ -10,9 +10,11 @@ A locate-then-edit editor works in three parts (ROME's split):
 3. **update**: the editor's own closed-form solve for ``ΔW_out`` of its layer(s).
 
 This module holds parts 1 and 2, the config fields every editor has (:class:`EditorConfig`),
-and the assembly of the result (:func:`finish`: an :class:`attndrift.edits.Edit` with its
-:class:`~attndrift.edits.EditRun`). Each editor module (:mod:`attndrift.rome`,
-:mod:`attndrift.memit`) adds its own config fields and its solve, nothing else.
+the assembly of the result (:func:`finish`: an :class:`attndrift.edits.Edit` with its
+:class:`~attndrift.edits.EditRun`), and the sequence every batch editor follows
+(:func:`batch_edit`: requests, templates, targets, covariances, layer loop, result). Each
+editor module (:mod:`attndrift.rome`, :mod:`attndrift.memit`, …) adds its own config fields
+and its solve, nothing else, and registers itself (:mod:`attndrift.registry`).
 """
 
 import dataclasses
@@ -23,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -183,6 +186,7 @@ class Clock:
 
 def finish(
     model: HookedTransformer,
+    *,
     name: str,
     cfg: EditorConfig,
     sadr: SadrConfig | None,
@@ -193,7 +197,9 @@ def finish(
     clock: Clock,
     n_templates: int,
 ) -> Edit:
-    """The :class:`~attndrift.edits.Edit` of an editor's factors ``(left, right)`` per layer."""
+    """The :class:`~attndrift.edits.Edit` of an editor's factors ``(left, right)`` per layer
+    (``name``: the editor's, ``"+sadr"`` added with SADR; ``results``: each request's target
+    optimisation)."""
     run = EditRun(
         config=cfg,
         sadr=sadr,
@@ -321,3 +327,56 @@ def preset_for(presets: Mapping[str, C], model: HookedTransformer | str, editor:
             f"no {editor} preset for {name!r}: pass a config (presets: {sorted(presets)})"
         )
     return presets[found]
+
+
+def batch_edit(
+    model: HookedTransformer,
+    requests: Sequence[EditRequest],
+    cfg: EditorConfig,
+    *,
+    name: str,
+    title: str,
+    hooks: str | tuple[str, ...],
+    desc: str,
+    sadr: SadrConfig | None,
+    templates: Sequence[str] | None,
+    progress: bool,
+    memo: TargetMemo | None,
+    covariances: Callable[[], C],
+    spread: Callable[[list[EditRequest], Tensor, tuple[str, ...], C], list[tuple[Tensor, Tensor]]],
+    optimise: Callable[..., value.ValueResult] | None = None,
+    reads: tuple = (),
+) -> Edit:
+    """The sequence of a batch editor (MEMIT, PMET, AlphaEdit) over ``cfg.layers``:
+
+    1. the requests (at least one) and the context templates (:func:`begin`);
+    2. each request's target at ``hooks`` of the last layer, under the editor's step budget
+       (:func:`value_config`, :func:`optimise_targets` with ``optimise`` and ``reads``;
+       progress bars ``desc``), stacked ``[n, d_model]``;
+    3. ``covariances()``: what the solve needs of the unedited weights (C per layer, or
+       AlphaEdit's projections);
+    4. ``spread(requests, targets, templates, that)``: the factors per layer (the layer loop,
+       :func:`attndrift.layer_loop.spread`, with the editor's solve);
+    5. the :class:`~attndrift.edits.Edit` (:func:`finish`, editor ``name``).
+
+    The clock's laps: ``templates``, ``value_steps`` (``value_steps_reused`` when every
+    target came from ``memo``), ``covariance``, ``keys_and_solve``. ``title`` names the
+    editor in messages.
+    """
+    requests = requests_of(requests, title)
+    clock, templates = begin(model, cfg.layers, cfg, templates)
+    value_cfg = value_config(cfg, sadr)
+    results, reused = optimise_targets(
+        model, requests, hooks, cfg.layers[-1], templates, value_cfg, sadr, progress=progress,
+        desc=desc, memo=memo, optimise=optimise, reads=reads,
+    )  # fmt: skip
+    targets = torch.stack([x.target for x in results])  # [n, d_model]
+    clock.lap("value_steps_reused" if reused else "value_steps")
+    solve_with = covariances()
+    clock.lap("covariance")
+    factors = spread(requests, targets, templates, solve_with)
+    clock.lap("keys_and_solve")
+    return finish(
+        model, name=name, cfg=cfg, sadr=sadr, requests=requests, layers=cfg.layers,
+        factors=factors, results=results, clock=clock, n_templates=len(templates),
+    )  # fmt: skip

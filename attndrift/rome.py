@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, editors, interrupts, models, value
+from attndrift import checks, covariance, editors, interrupts, models, registry, value
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.editors import EditorConfig, TemplateConfig
@@ -154,6 +154,39 @@ def edit(
     left, right = rank_one(cov, mean_key, k0, m0, result.target, cfg.denominator)
     clock.lap("solve")
     return editors.finish(
-        model, cfg.editor, cfg, sadr, [request], [layer], [(left, right)], [result], clock,
-        len(templates),
+        model, name=cfg.editor, cfg=cfg, sadr=sadr, requests=[request], layers=[layer],
+        factors=[(left, right)], results=[result], clock=clock, n_templates=len(templates),
     )  # fmt: skip
+
+
+def _edit_requests(
+    model: HookedTransformer,
+    requests: Sequence[EditRequest],
+    cfg: RomeConfig,
+    *,
+    sadr: SadrConfig | None,
+    covs: dict[int, Tensor],
+    templates: Sequence[str] | None,
+    progress: bool,
+    memo: editors.TargetMemo | None,
+) -> Edit:
+    """:func:`edit` called as the registry calls every editor (one request; C of its layer
+    in ``covs`` or none: the identity; ROME keeps no memo of targets)."""
+    if len(requests) != 1:
+        raise ValueError("ROME edits one request at a time")
+    return edit(model, requests[0], cfg, sadr=sadr, cov=covs.get(cfg.layer), templates=templates,
+                progress=progress)  # fmt: skip
+
+
+registry.register(
+    registry.EditorSpec(
+        name="rome",
+        config=RomeConfig,
+        presets=PRESETS,
+        preset=preset,
+        edit=_edit_requests,
+        takes={"layer", "r_rome"},
+        batch=False,
+        layers=lambda cfg: (cfg.layer,),
+    )
+)

@@ -860,8 +860,8 @@ def test_non_finite_loss_stops_the_edit(world, monkeypatch):
     real = value.ValueObjective.__call__
     calls = []
 
-    def poisoned(self, delta):
-        terms = real(self, delta)
+    def poisoned(self, delta, **kwargs):
+        terms = real(self, delta, **kwargs)
         calls.append(1)
         if len(calls) == 2:  # the second step's KL term
             return dataclasses.replace(terms, kl=terms.kl * NAN)

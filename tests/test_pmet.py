@@ -85,11 +85,11 @@ def test_weight_decay_and_clamp_are_per_delta(tiny_llama):
 
 
 class _Recording(value.ValueObjective):
-    """The objective, recording ``greedy`` after each evaluation."""
+    """The objective, recording whether o_new led (``greedy``) at each evaluation."""
 
-    def __call__(self, delta):
-        terms = super().__call__(delta)
-        self.flags = [*getattr(self, "flags", []), bool(self.greedy)]
+    def __call__(self, delta, **kwargs):
+        terms = super().__call__(delta, **kwargs)
+        self.flags = [*getattr(self, "flags", []), bool(terms.greedy)]
         return terms
 
 
