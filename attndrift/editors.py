@@ -283,9 +283,9 @@ def optimise_targets(
     hook: str | tuple[str, ...],
     layer: int,
     templates: Sequence[str],
+    *,
     cfg: ValueConfig,
     sadr: SadrConfig | None,
-    *,
     progress: bool,
     desc: str,
     memo: TargetMemo | None = None,
@@ -367,8 +367,8 @@ def batch_edit(
     clock, templates = begin(model, cfg.layers, cfg, templates)
     value_cfg = value_config(cfg, sadr)
     results, reused = optimise_targets(
-        model, requests, hooks, cfg.layers[-1], templates, value_cfg, sadr, progress=progress,
-        desc=desc, memo=memo, optimise=optimise, reads=reads,
+        model, requests, hooks, cfg.layers[-1], templates, cfg=value_cfg, sadr=sadr,
+        progress=progress, desc=desc, memo=memo, optimise=optimise, reads=reads,
     )  # fmt: skip
     targets = torch.stack([x.target for x in results])  # [n, d_model]
     clock.lap("value_steps_reused" if reused else "value_steps")

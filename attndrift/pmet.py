@@ -39,6 +39,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -52,6 +53,10 @@ from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig, ValueObjective, ValueResult
 
 log = logging.getLogger(__name__)
+
+
+#: what R is divided by: √(layers left) (PMET's code) or the layers left (MEMIT)
+Spread = Literal["sqrt", "layers_left"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +74,7 @@ class PmetConfig(EditorConfig):
         )
     )  # the two deltas' optimisation (EasyEdit's PMET GPT-J values)
     mom2_update_weight: int | float = 15000.0  # λ in (λ C + K Kᵀ)
-    spread: str = "sqrt"  # R divided by √(layers left) (PMET's code) or "layers_left" (MEMIT)
+    spread: str = "sqrt"  # a Spread (str: checks.option says why); "sqrt": PMET's code
     greedy_nll_factor: int | float = 0.1  # NLL weight while o_new is the argmax everywhere
     greedy_kl_stop: int | float = 0.01  # then stop once kl_factor · KL is at most this
     sadr_steps: int | None = 40
@@ -77,7 +82,7 @@ class PmetConfig(EditorConfig):
     def __post_init__(self) -> None:
         checks.layers("PMET", self.layers)
         checks.number("mom2_update_weight", self.mom2_update_weight, low=0, above=True)
-        checks.choice("spread", self.spread, ("sqrt", "layers_left"))
+        checks.option("spread", self.spread, Spread)
         checks.number("greedy_nll_factor", self.greedy_nll_factor, low=0)
         checks.number("greedy_kl_stop", self.greedy_kl_stop, low=0)
         checks.optional_steps("sadr_steps", self.sadr_steps)

@@ -35,6 +35,10 @@ from attndrift.value import ValueConfig
 log = logging.getLogger(__name__)
 
 
+#: what ROME's update divides by: leftᵀ k₀ (ROME's code) or leftᵀ ū (r-ROME)
+Denominator = Literal["k0", "mean_key"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class RomeConfig(EditorConfig):
     """ROME hyper-parameters. See :data:`PRESETS` for the documented per-model defaults.
@@ -44,12 +48,12 @@ class RomeConfig(EditorConfig):
     """
 
     layer: int  # the edited layer L
-    denominator: str = "k0"  # "k0" (ROME's code) or "mean_key" (r-ROME)
+    denominator: str = "k0"  # a Denominator (str: checks.option says why); "mean_key": r-ROME
     sadr_steps: int | None = 80
 
     def __post_init__(self) -> None:
         checks.number("layer", self.layer, low=0, integer=True)
-        checks.choice("denominator", self.denominator, ("k0", "mean_key"))
+        checks.option("denominator", self.denominator, Denominator)
         checks.optional_steps("sadr_steps", self.sadr_steps)
 
     @property
@@ -94,7 +98,7 @@ def rank_one(
     k0: Float[Tensor, " d_mlp"],
     m0: Float[Tensor, " d_model"],
     target: Float[Tensor, " d_model"],
-    denominator: Literal["k0", "mean_key"] = "k0",
+    denominator: Denominator = "k0",
 ) -> tuple[Float[Tensor, "d_mlp 1"], Float[Tensor, "1 d_model"]]:
     """ROME's update ``ΔW = left (v* − m₀)ᵀ / (leftᵀ k)`` as factors (left, right).
 

@@ -37,6 +37,7 @@ selected).
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from jaxtyping import Bool, Float
@@ -56,6 +57,14 @@ RELATION_TEMPLATES = (
 )
 
 
+#: SADR's options: query rows restrained, what selection measures, the selection threshold,
+#: whose attention is restrained (see the module docstring)
+Queries = Literal["last", "after_subject"]
+Keys = Literal["subject_last", "subject"]
+Threshold = Literal["layer_max", "own"]
+Prompts = Literal["rewrite", "distractors", "both"]
+
+
 @dataclass(frozen=True)
 class SadrConfig:
     """SADR settings. The paper used γ = 0.01 for ROME (with 80 steps) and 0.005 for MEMIT
@@ -63,6 +72,7 @@ class SadrConfig:
 
     gamma: float = 0.01  # weight of L_SADR in the value loss
     all_heads: bool = False  # ablation: restrain every head (no selection)
+    # the options are Queries, Keys, Threshold, Prompts (typed str: checks.option says why)
     queries: str = "last"  # "last" (t_j) or "after_subject" (every query after s_j)
     keys: str = "subject_last"  # what selection measures: "subject_last" (s_j) or "subject"
     threshold: str = "layer_max"  # "layer_max" (the paper) or "own" (the head's vanilla value)
@@ -71,10 +81,10 @@ class SadrConfig:
 
     def __post_init__(self) -> None:
         checks.number("SADR gamma", self.gamma, low=0)
-        checks.choice("SADR queries", self.queries, ("last", "after_subject"))
-        checks.choice("SADR keys", self.keys, ("subject_last", "subject"))
-        checks.choice("SADR threshold", self.threshold, ("layer_max", "own"))
-        checks.choice("SADR prompts", self.prompts, ("rewrite", "distractors", "both"))
+        checks.option("SADR queries", self.queries, Queries)
+        checks.option("SADR keys", self.keys, Keys)
+        checks.option("SADR threshold", self.threshold, Threshold)
+        checks.option("SADR prompts", self.prompts, Prompts)
 
     @property
     def variant(self) -> str:

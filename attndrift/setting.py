@@ -25,6 +25,7 @@ from attndrift import checks, covariance, editors, registry
 from attndrift.data import EditRequest
 from attndrift.edits import Edit, add_to_weights
 from attndrift.sadr import SadrConfig
+from attndrift.value import StopOn
 
 #: the options only some editors take: each editor's spec lists those it takes
 #: (:attr:`attndrift.registry.EditorSpec.takes`); the other options apply to every editor
@@ -127,7 +128,7 @@ class Setting:
             for layer in self.layers:
                 checks.number("layers", layer, low=0, integer=True)
         if self.early_stop_on is not None:
-            checks.choice("early_stop_on", self.early_stop_on, ("loss", "nll", "margin"))
+            checks.option("early_stop_on", self.early_stop_on, StopOn)
         if self.early_stop_on == "margin" and self.stop_margin is None:
             raise ValueError("early_stop_on margin needs stop_margin (the margin to reach)")
         if self.identity_cov and self.cov_tokens is not None:

@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from jaxtyping import Float
@@ -66,6 +67,11 @@ from attndrift.data import EditRequest
 log = logging.getLogger(__name__)
 
 
+#: what stops the optimisation early: the whole loss (ROME), the NLL term, or the edit prompt's
+#: margin alone
+StopOn = Literal["loss", "nll", "margin"]
+
+
 @dataclass(frozen=True)
 class ValueConfig:
     """Hyper-parameters of the δ optimisation (ROME's names; GPT-J values as defaults)."""
@@ -76,8 +82,9 @@ class ValueConfig:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 0.05  # stop once the watched quantity falls below this
-    # what stops early: "loss" (ROME: the whole L), "nll" (the NLL term alone), "margin" (the
-    # edit prompt's margin alone reaches stop_margin)
+    # what stops early (a StopOn; typed str: checks.option says why): "loss" (ROME: the whole
+    # L), "nll" (the NLL term alone), "margin" (the edit prompt's margin alone reaches
+    # stop_margin)
     early_stop_on: str = "loss"
     essence_prompt: str = "{} is a"
     relation_kl: float = 0.0  # variant: weight of the relation prompts' KL (0: ROME's loss)
@@ -94,7 +101,7 @@ class ValueConfig:
         checks.number("kl_factor", self.kl_factor, low=0)
         checks.number("relation_kl", self.relation_kl, low=0)
         checks.number("early_stop_loss", self.early_stop_loss, low=0)
-        checks.choice("early_stop_on", self.early_stop_on, ("loss", "nll", "margin"))
+        checks.option("early_stop_on", self.early_stop_on, StopOn)
         if not isinstance(self.essence_prompt, str) or "{}" not in self.essence_prompt:
             raise ValueError("essence_prompt needs '{}' for the subject")
         if self.stop_margin is not None:

@@ -206,3 +206,26 @@ def test_toy_on_the_command_line_and_in_a_sweep(toy, tiny_llama, tmp_path, capsy
     }
     first = json.loads(path.read_text().splitlines()[0])
     assert first["settings"]["editor"] == "toy" and first["setting"].startswith("toy|")
+
+
+def _imports(module) -> set[str]:
+    """The attndrift modules a module's source imports (anywhere in it, functions too)."""
+    import ast
+    import inspect
+
+    found = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("attndrift"):
+            found |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("attndrift")}
+    return found
+
+
+def test_no_import_circle_through_the_registry():
+    # the registry imports no part of attndrift, and edits (which every editor imports) reads
+    # saved config classes from the registry instead of importing the editors
+    assert _imports(registry) == set()
+    editor_modules = {f"attndrift.{name}" for name in registry.BUILTIN}
+    assert not _imports(edits) & editor_modules
+    assert "attndrift.registry" in _imports(edits)
