@@ -85,8 +85,8 @@ class AlphaEditConfig(EditorConfig):
 
 #: Documented defaults: AlphaEdit's released GPT-J, GPT-2 XL and Llama-3-8B settings (its
 #: z optimisation is MEMIT's; threshold 2e-2, α = 10); SmolLM2: MEMIT's SmolLM2 layers with
-#: the released threshold and α (not calibrated further: docs/RESULTS.md §16); its z
-#: optimisation is MEMIT's calibrated one, so a sweep shares z between the two editors.
+#: the released threshold and α (not calibrated further, see the study docs/studies/editors.md);
+#: its z optimisation is MEMIT's calibrated one, so a sweep shares z between the two editors.
 PRESETS: dict[str, AlphaEditConfig] = {
     "gpt-j": AlphaEditConfig(layers=(3, 4, 5, 6, 7, 8)),
     "gpt2-xl": AlphaEditConfig(

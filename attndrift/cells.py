@@ -31,6 +31,7 @@ cell changes its rows (the patch source, or knockout's blocked scores) and their
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -43,6 +44,14 @@ from attndrift import capture, models
 TILE_LAYERS, TILE_POSITIONS = 4, 3
 #: the columns of a cell: its component, its layers [start, stop), its position, its slot
 COMPONENT, START, STOP, POSITION, SLOT = range(5)
+
+
+class Cell(NamedTuple):
+    """One cell of a sweep and its value (``best`` of a patching sweep or a causal trace)."""
+
+    layer: int  # the window's first layer
+    position: int  # the prompt position
+    value: float  # patching: P(o_true) (restore) or P(o_new) (contaminate); tracing: the effect
 
 
 @dataclass(frozen=True)

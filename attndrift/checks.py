@@ -5,7 +5,9 @@ API, the command line and saved settings reject NaN, inf and out-of-range values
 """
 
 import math
+import string
 import typing
+import unicodedata
 
 
 def number(
@@ -79,3 +81,30 @@ def optional_steps(name: str, value: object) -> None:
     """Raise a ValueError unless ``value`` is None or a step count >= 1."""
     if value is not None:
         number(name, value, low=1, integer=True)
+
+
+def visible(text: str) -> str:
+    """``text`` without surrounding whitespace and without format characters (Unicode
+    category Cf: zero-width spaces and joiners, direction marks, the BOM): what is left to
+    read. A target or subject whose visible text is empty is refused."""
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+
+
+def template_problem(text: str) -> str | None:
+    """What is wrong with a prompt template, or None: it needs exactly one ``{}`` (the
+    subject), no other field (``{city}``, ``{0}``, a format spec), and balanced braces (a
+    literal brace is written ``{{`` or ``}}``)."""
+    try:
+        fields = [f for f in string.Formatter().parse(text) if f[1] is not None]
+    except ValueError as e:
+        return f"is not a template ({e}): write a literal brace as '{{{{' or '}}}}'"
+    named = [name for _, name, _, _ in fields if name != ""]
+    if named:
+        return f"has the field {{{named[0]}}}: only '{{}}' (the subject) is allowed"
+    if any(spec or conversion for _, _, spec, conversion in fields):
+        return "'{}' takes no format spec or conversion"
+    if not fields:
+        return "template has no '{}' for the subject"
+    if len(fields) > 1:
+        return f"has {len(fields)} '{{}}': expected exactly one, for the subject"
+    return None

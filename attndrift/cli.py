@@ -4,6 +4,7 @@ The CLI presents and saves; the computation lives in the library modules.
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -12,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 COMMANDS: dict[str, tuple[str, Callable]] = {}
+#: commands that pick up where an interrupted run stopped
+RESUMABLE = ("sweep",)
 
 
 def command(name: str, help: str):
@@ -31,6 +34,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)"
+    )
+    _dtype_arg(p)
+
+
+def _dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the model weights' dtype (δ, covariance statistics and solves stay float32 or "
+        "float64; default: %(default)s)",
     )
 
 
@@ -64,11 +78,11 @@ def _count(flag: str) -> Callable[[str], int]:
     return parse
 
 
-def _ids(text: str) -> list[int]:
-    """Record ids from ``"3,5,10-14"`` (ranges inclusive); a ValueError naming ``--records``
-    for anything else (not integers, an empty range, an id given twice, no id at all)."""
-    ids: list[int] = []
-    seen: set[int] = set()
+def _ranges(text: str) -> list[tuple[int, int]]:
+    """``--records``: the inclusive ranges of ``"3,5,10-14"`` (not expanded: a range of a
+    billion ids costs nothing); a ValueError naming ``--records`` for anything else (not
+    integers, an empty range, an id given twice, no id at all)."""
+    ranges: list[tuple[int, int]] = []
     for part in text.split(","):
         if not part.strip():
             continue
@@ -81,24 +95,66 @@ def _ids(text: str) -> list[int]:
             ) from None
         if hi < lo:
             raise ValueError(f"--records: the range {lo}-{hi} is empty (write it {hi}-{lo})")
-        for i in range(lo, hi + 1):
-            if i in seen:
-                raise ValueError(f"--records: record {i} is given more than once")
-            seen.add(i)
-            ids.append(i)
-    if not ids:
+        ranges.append((lo, hi))
+    if not ranges:
         raise ValueError(f"--records: no record id in {text!r}")
-    return ids
+    highest = None
+    for lo, hi in sorted(ranges):
+        if highest is not None and lo <= highest:
+            raise ValueError(f"--records: record {lo} is given more than once")
+        highest = hi if highest is None else max(highest, hi)
+    return ranges
+
+
+def _in_ranges(record: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(lo <= record <= hi for lo, hi in ranges)
+
+
+def _ids(text: str, known=None) -> list[int]:
+    """Record ids from ``"3,5,10-14"`` (ranges inclusive), in the order given.
+
+    With ``known`` (a :class:`attndrift.data.Dataset`) the ranges are resolved against its
+    ids without being expanded: an id it lacks is a KeyError naming the first one. Without,
+    the ranges are expanded (at most a million ids).
+    """
+    import bisect
+
+    ranges = _ranges(text)
+    if known is None:
+        total = sum(hi - lo + 1 for lo, hi in ranges)
+        if total > 1_000_000:
+            raise ValueError(f"--records: {total} ids is more than a data file holds")
+        return [i for lo, hi in ranges for i in range(lo, hi + 1)]
+    have = sorted(r.id for r in known.records)
+    out: list[int] = []
+    for lo, hi in ranges:
+        inside = have[bisect.bisect_left(have, lo) : bisect.bisect_right(have, hi)]
+        if len(inside) != hi - lo + 1:  # the first id of the range that the data lacks
+            missing = next((lo + k for k, i in enumerate(inside) if i != lo + k), lo + len(inside))
+            raise KeyError(f"no record with id {missing} in {known.path or 'this dataset'}")
+        out += inside
+    return out
 
 
 def _load_data(args):
     from attndrift import data
 
-    ids = _ids(args.records) if args.records is not None else None  # bad ids: before reading
+    if args.records is not None:
+        _ranges(args.records)  # bad ids: before reading
     ds = data.load_dataset(args.data, lenient=args.lenient) if args.data else data.load_embedded()
     for s in ds.skipped:
         print(f"skipped record {s.record}: {s.field}: {s.problem}", file=sys.stderr)
-    return ds.select(ids=ids, limit=args.limit)
+    ids = _ids(args.records, known=ds) if args.records is not None else None
+    selected = ds.select(ids=ids, limit=args.limit)
+    if not len(selected):  # said now, before a model loads
+        if ds.skipped and not len(ds):
+            why = f"--lenient skipped all {len(ds.skipped)} records of {ds.path}"
+        elif not len(ds):
+            why = f"{ds.path} holds no records"
+        else:
+            why = "--limit 0"
+        raise ValueError(f"no records selected: {why}")
+    return selected
 
 
 def _check_output(path: Path, flag: str, directory: bool = False) -> None:
@@ -119,11 +175,26 @@ def _check_output(path: Path, flag: str, directory: bool = False) -> None:
         raise PermissionError(f"{flag} {path}: the directory {folder} is not writable")
 
 
+@contextlib.contextmanager
+def _writing(path: Path):
+    """An OSError of the block that names no file (a full disk: "No space left on device")
+    names ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+
+
 def _load_model(args):
     from attndrift import models
 
     t0 = time.perf_counter()
-    model = models.load_model(args.model, device=args.device)
+    import torch
+
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    model = models.load_model(args.model, device=args.device, dtype=dtype)
     print(f"model {args.model} on {models.model_device(model)} ({time.perf_counter() - t0:.1f} s)")
     return model
 
@@ -181,7 +252,8 @@ def evaluate(args) -> int:
         + ")"
     )
     if a.csv:
-        ev.probes.to_csv(a.csv, index=False)
+        with _writing(a.csv):
+            ev.probes.to_csv(a.csv, index=False)
         print(f"per-probe table: {a.csv}")
     return 0
 
@@ -193,7 +265,7 @@ def sweep_command(args) -> int:
     option takes a comma-separated list (MEMIT layer sets: separated by ';'): the sweep runs
     every combination. Rerunning with the same --out resumes. Under torchrun each rank takes a
     disjoint shard of the records."""
-    from attndrift import sweep
+    from attndrift import results, sweep
 
     p = argparse.ArgumentParser(prog="attndrift sweep", description=sweep_command.__doc__)
     _model_args(p)
@@ -208,13 +280,13 @@ def sweep_command(args) -> int:
     )
     a = p.parse_args(args)
     settings = settings_from_args(a, grid=True)
-    rank, world = sweep.distributed_rank()
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if a.device and "cuda" in a.device else "gloo")
-        a.device = a.device or sweep.device_for_rank()
+    results.check_out_name(a.out)
+    _check_output(a.out, "--out")
+    rank, world = sweep.distributed_rank()  # torchrun's variables: checked before waiting
     ds = _load_data(a)
+    if world > 1:
+        sweep.start("nccl" if a.device and "cuda" in a.device else "gloo", rank, world)
+        a.device = a.device or sweep.device_for_rank()
     model = _load_model(a)
     print(f"{len(ds)} records x {len(settings)} settings: " + ", ".join(s.key for s in settings))
     path = sweep.run(
@@ -229,14 +301,9 @@ def sweep_command(args) -> int:
     )
     print(f"rank {rank}/{world}: results in {path}")
     if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+        sweep.finish()
         if rank != 0:
             return 0
-    from attndrift import results
-
     print(_table_text(results.load([a.out])))
     return 0
 
@@ -300,8 +367,38 @@ def summarize_command(args) -> int:
                    help="drift vs P(o_new) of every setting, RS and DNS apart")  # fmt: skip
     p.add_argument("--plot", type=Path, default=None, help="write the trade-off figures (HTML)")
     p.add_argument("--csv", type=Path, default=None, help="write the trade-off numbers (CSV)")
+    p.add_argument("--by-provenance", action="store_true",
+                   help="results of different models, data files or versions: summarize each "
+                   "apart, labelled by its provenance (default: refused)")  # fmt: skip
     a = p.parse_args(args)
-    lines = _selected_lines(results.load(a.results), a)
+    for flag in ("--drift-plot", "--plot", "--csv"):
+        path = getattr(a, flag[2:].replace("-", "_"))
+        if path is not None:
+            _check_output(path, flag)
+    if a.records:
+        _ranges(a.records)
+    if a.by_provenance:
+        groups = results.load_by_provenance(a.results)
+        if len(groups) > 1 and (a.plot or a.csv or a.drift_plot):
+            raise ValueError(
+                f"--plot, --csv and --drift-plot take one provenance; these results hold "
+                f"{len(groups)}: summarize them apart"
+            )
+    else:
+        groups = {"": results.load(a.results)}
+    selected = {label: _selected_lines(group, a) for label, group in groups.items()}
+    for lines in selected.values():  # every named setting checked before anything is printed
+        _check_named_settings(lines, a)
+    for label, lines in selected.items():
+        if label:
+            print(f"\nprovenance: {label}")
+        _summarize(lines, a)
+    return 0
+
+
+def _summarize(lines, a) -> None:
+    from attndrift import summary
+
     print(_table_text(lines, a.interval, a.markdown))
     if a.choose:
         _print_choice(lines, a.choose, a.markdown)
@@ -316,7 +413,8 @@ def summarize_command(args) -> int:
     if a.plot or a.csv:
         frame = summary.tradeoff(lines)
         if a.csv:
-            frame.to_csv(a.csv, index=False)
+            with _writing(a.csv):
+                frame.to_csv(a.csv, index=False)
             print(f"trade-off numbers: {a.csv}")
         if a.plot:
             from attndrift import plotting
@@ -326,17 +424,34 @@ def summarize_command(args) -> int:
                 figures.insert(0, plotting.tradeoff(frame))
             except ValueError as e:
                 print(f"γ curves not drawn ({e}); the map is")
-            plotting.save_html(figures, a.plot)
+            with _writing(a.plot):
+                plotting.save_html(figures, a.plot)
             print(f"trade-off plot: {a.plot}")
-    return 0
+
+
+def _check_named_settings(lines, a) -> None:
+    """Every setting that --compare and --drift name has lines (a typo is not skipped)."""
+    have = {x.setting.key for x in lines}
+    named = [("--drift", key.strip()) for key in a.drift]
+    for pair in a.compare:
+        first, sep, second = pair.partition(";")
+        if not sep:
+            raise ValueError(f"--compare {pair!r}: expected 'SETTING_A;SETTING_B'")
+        named += [("--compare", first.strip()), ("--compare", second.strip())]
+    for flag, key in named:
+        if key not in have:
+            shown = sorted(have)[:8] + (["…"] if len(have) > 8 else [])
+            raise ValueError(
+                f"{flag}: no lines of setting {key!r} (the results have {'; '.join(shown)})"
+            )
 
 
 def _selected_lines(lines, a):
     from attndrift import summary
 
     if a.records:
-        ids = set(_ids(a.records))
-        lines = [x for x in lines if x.record in ids]
+        ranges = _ranges(a.records)
+        lines = [x for x in lines if _in_ranges(x.record, ranges)]
     if a.settings:
         keys = [k.strip() for k in a.settings.split(";") if k.strip()]
         missing = set(keys) - {x.setting.key for x in lines}
@@ -392,7 +507,7 @@ def _print_paired(lines, pair: str, markdown: bool) -> None:
             "probes": t.n_probes,
             "A": f"{100 * t.mean_a:.1f}",
             "B": f"{100 * t.mean_b:.1f}",
-            "B − A [95 % CI, records]": f"{100 * t.diff:+.1f} [{100 * t.diff_low:+.1f}, "
+            "B − A [95 % interval, records]": f"{100 * t.diff:+.1f} [{100 * t.diff_low:+.1f}, "
             f"{100 * t.diff_high:+.1f}]",
             "p (records)": _p_boot(t.p_bootstrap),
             "probe-level: only A / only B": f"{t.only_a} / {t.only_b}",
@@ -414,7 +529,8 @@ def _print_paired(lines, pair: str, markdown: bool) -> None:
             "probes": d.n_probes,
             "A": f"{d.mean_a:.3f}",
             "B": f"{d.mean_b:.3f}",
-            "B − A [95 % CI, records]": f"{d.diff:+.3f} [{d.diff_low:+.3f}, {d.diff_high:+.3f}]",
+            "B − A [95 % interval, records]": f"{d.diff:+.3f} [{d.diff_low:+.3f}, "
+            f"{d.diff_high:+.3f}]",
             "p (records)": _p_boot(d.p_bootstrap),
             "p (Wilcoxon, probe-level)": f"{d.p_wilcoxon:.3g}",
         }
@@ -441,7 +557,7 @@ def _print_drift(lines, key: str, plot: Path | None) -> None:
         )
         print(
             f"\ndrift factor vs P(o_new), {key}, {n_records} edits, {c.n} {label} probes: "
-            f"Pearson {c.pearson:.3f} [95 % CI over records {low:.2f}, {high:.2f}] "
+            f"Pearson {c.pearson:.3f} [95 % interval over records {low:.2f}, {high:.2f}] "
             f"(probe-level p {c.pearson_p:.1e}), Spearman {c.spearman:.3f} (probe-level p "
             f"{c.spearman_p:.1e})"
         )
@@ -450,34 +566,59 @@ def _print_drift(lines, key: str, plot: Path | None) -> None:
         if plot and kinds is None:
             from attndrift import plotting
 
-            plotting.save_html(plotting.drift_scatter(fa), plot)
+            with _writing(plot):
+                plotting.save_html(plotting.drift_scatter(fa), plot)
             print(f"scatter plot: {plot}")
 
 
-@command("demo", "the main job: edit, failure, drift, patching, sweep -> HTML report")
+@command("demo", "the main job: a failing probe from edit to drift, patching and SADR -> report")
 def demo_command(args) -> int:
-    """On the embedded SmolLM2 and dataset (offline): edit a fact with ROME and ROME+SADR,
-    show the specificity failure, measure attention drift, run the restoring patch sweep,
-    run a small sweep, and write one self-contained HTML report plus a JSON summary."""
+    """On the embedded SmolLM2 and dataset (offline): take the fact and the probe that ROME
+    breaks most (by the rule of attndrift.demo.choose_probe), edit the fact with ROME and
+    ROME+SADR, show the specificity failure, measure attention drift, localise the failure by
+    restoring vanilla attention or MLP outputs, run a small sweep, and write one
+    self-contained HTML report plus a JSON summary."""
     import json
 
-    from attndrift import demo, models, report
+    from attndrift import demo, models, report, sadr
     from attndrift.version import __version__, git_revision
 
     p = argparse.ArgumentParser(prog="attndrift demo", description=demo_command.__doc__)
     p.add_argument("--model", default=models.EMBEDDED_MODEL, help="(default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda … (default: cuda if available)")
-    p.add_argument("--record", type=int, default=0, help="record of the embedded dataset")
-    p.add_argument("--sadr-gamma", type=float, default=demo.DemoConfig.sadr_gamma)
+    _dtype_arg(p)
+    p.add_argument(
+        "--record",
+        type=int,
+        default=demo.DemoConfig.record,
+        help="record of the embedded dataset to edit (default: %(default)s, the rule's choice)",
+    )
+    preset = sadr.preset(models.EMBEDDED_MODEL).gamma
+    p.add_argument(
+        "--sadr-gamma",
+        type=float,
+        default=None,
+        help=f"SADR's weight γ for the ROME+SADR edit (default: the model's preset, "
+        f"attndrift.sadr.preset: {preset:g} for {models.EMBEDDED_MODEL})",
+    )
     p.add_argument(
         "--sweep-records",
         default=",".join(map(str, demo.DemoConfig.sweep_records)),
         help="embedded records of the small sweep (default: %(default)s)",
     )
-    p.add_argument("--window", type=int, default=1, help="patching window (layers)")
-    p.add_argument("--steps", type=int, default=None, help="edit steps (default: presets)")
     p.add_argument(
-        "--identity-cov", action="store_true", help="no covariance adjustment (quick, crude)"
+        "--window",
+        type=int,
+        default=demo.DemoConfig.window,
+        help="layers per restored window in the patching sweep (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="edit steps (default: the presets' budgets)"
+    )
+    p.add_argument(
+        "--identity-cov",
+        action="store_true",
+        help="no covariance adjustment (quick, crude; default: the preset's covariance)",
     )
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="(default: %(default)s)")
     a = p.parse_args(args)
@@ -496,20 +637,21 @@ def demo_command(args) -> int:
     result = demo.run(model, cfg, a.out / f"sweep-{git_revision()}.jsonl")
     r = result.record.request
     print(f"\nrecord {result.record.id}: {r.subject!r}: {r.target_true!r} -> {r.target_new!r}")
+    print("\n".join(demo.sentences(result)))
     shown = result.probes[["kind", "right", "wrong"]].copy()
-    for name in ("unedited", "ROME", "ROME+SADR"):
+    for name in demo.MODELS:
         shown[name] = [
             f"{x:.3f}/{y:.3f}"
             for x, y in zip(
                 result.probes[f"P(right) {name}"], result.probes[f"P(wrong) {name}"], strict=True
             )
         ]
-    print("P(right)/P(wrong) per probe:")
+    print("\nP(right)/P(wrong) per probe:")
     print(shown.to_string(index=False))
     print("\nattention drift on the record's RS/DNS prompts:")
-    print(demo._drift_table(result).to_string(float_format=lambda x: f"{x:.3f}"))
-    print("\nbest restoring patch per component (ROME edit):")
-    print(demo._best_patches(result.patches).to_string(float_format=lambda x: f"{x:.3f}"))
+    print(demo._drift_table(result).to_string())
+    print(f"\nbest restoring cell per component (ROME edit, {result.probe.prompt!r}):")
+    print(demo._best_patches(result.patches).to_string())
     print(f"\nsmall sweep (% of probes right [95 % Wilson interval], † under {demo.SMALL_N}):")
     small = demo._sweep_small_n(result.sweep_lines)
     sweep_table = demo._sweep_table(result.sweep_lines).where(~small, lambda t: t + " †")
@@ -584,6 +726,7 @@ def settings_from_args(a, grid: bool = False) -> list:
         options[f.name] = [_parse(f.name, kind, t.strip()) for t in texts if t.strip()]
         if not options[f.name]:
             raise ValueError(f"--{f.name.replace('_', '-')}: no value given")
+    _note_huge(options)
     if not grid:  # one setting: every option given applies (or the setting refuses it)
         return [setting.Setting(**{k: v[0] for k, v in options.items()})]
     settings = setting.grid(**options)
@@ -594,6 +737,32 @@ def settings_from_args(a, grid: bool = False) -> list:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} applies to no setting of this sweep (another editor's?)")
     return settings
+
+
+#: values above these are legal but take long: a log line says what will happen
+HUGE = {"steps": 1_000, "cov_tokens": 10_000_000}
+
+
+def _note_huge(options: dict[str, list]) -> None:
+    log = logging.getLogger("attndrift.cli")
+    steps = max((v for v in options.get("steps", []) if isinstance(v, int)), default=0)
+    if steps > HUGE["steps"]:
+        log.warning(
+            "--steps %d: every edit runs up to %d optimisation steps, each a forward and a "
+            "backward pass (the presets run 20 to 30; early stopping may end sooner)",
+            steps,
+            steps,
+        )
+    tokens = max((v for v in options.get("cov_tokens", []) if isinstance(v, int)), default=0)
+    if tokens > HUGE["cov_tokens"]:
+        log.warning(
+            "--cov-tokens %d: the covariance of each edited layer averages %d token keys "
+            "(the presets: 2,000 to 100,000); the sampled corpus generates about %d texts "
+            "first; computed once per layer, then cached",
+            tokens,
+            tokens,
+            -(-tokens // 128),
+        )
 
 
 def make_edit(model, requests, s):
@@ -656,7 +825,8 @@ def edit_command(args) -> int:
             f"{b.p_wrong:>12.4f} -> {c.p_wrong:<10.4f}  {text}  [{probe.right} / {probe.wrong}]"
         )
     if a.out:
-        e.save(a.out)
+        with _writing(a.out):
+            e.save(a.out)
         print(f"edit saved to {a.out}")
     return 0
 
@@ -717,8 +887,9 @@ def _analysis_setup(a):
             print(f"warning: {a.edit} was not made for record {record.id}", file=sys.stderr)
     else:
         e = make_edit(model, [record.request], settings_from_args(a)[0])
-        a.out.mkdir(parents=True, exist_ok=True)
-        e.save(a.out / "edit.safetensors")
+        with _writing(a.out):
+            a.out.mkdir(parents=True, exist_ok=True)
+            e.save(a.out / "edit.safetensors")
         cov = e.run.config.covariance
         cov_text = "identity covariance" if cov is None else f"C from {cov.n_tokens} tokens"
         print(
@@ -759,9 +930,10 @@ def drift_command(args) -> int:
     tokens = encoding.token_strings(model, batch.tokens[0].tolist())
     print(f"{len(kept)} probes analysed in {time.perf_counter() - t0:.1f} s")
 
-    a.out.mkdir(parents=True, exist_ok=True)
-    d.frame().to_csv(a.out / "drift.csv", index=False)
-    analysis.probes.to_csv(a.out / "probes.csv", index=False)
+    with _writing(a.out):
+        a.out.mkdir(parents=True, exist_ok=True)
+        d.frame().to_csv(a.out / "drift.csv", index=False)
+        analysis.probes.to_csv(a.out / "probes.csv", index=False)
     figures = [
         plotting.drift_heatmap(d, "delta"),
         plotting.drift_heatmap(d, "kl"),
@@ -769,7 +941,8 @@ def drift_command(args) -> int:
         plotting.attention_rows(pair, tokens, heads),
         plotting.drift_scatter(analysis),
     ]
-    plotting.save_html(figures, a.out / "drift.html")
+    with _writing(a.out):
+        plotting.save_html(figures, a.out / "drift.html")
     c = analysis.overall
     print(
         f"drift factor: max {float(d.factor().max()):.3f}, mean {float(d.factor().mean()):.3f}; "
@@ -835,12 +1008,13 @@ def patch_command(args) -> int:
     ]
     n_cells = sum(r.p_true.numel() for r in results)
     print(f"{n_cells} cells patched in {time.perf_counter() - t0:.1f} s")
-    a.out.mkdir(parents=True, exist_ok=True)
-    patching.frame(results).to_csv(a.out / "patching.csv", index=False)
     metrics = ["p_true", "p_new", "recovery"] + (["p_true_full"] if a.full_answer else [])
-    plotting.save_html(
-        [plotting.patching_heatmap(results, m) for m in metrics], a.out / "patching.html"
-    )
+    with _writing(a.out):
+        a.out.mkdir(parents=True, exist_ok=True)
+        patching.frame(results).to_csv(a.out / "patching.csv", index=False)
+        plotting.save_html(
+            [plotting.patching_heatmap(results, m) for m in metrics], a.out / "patching.html"
+        )
     print(f"{probe.kind} prompt: {probe.prompt!r}  (o_true {true!r}, o_new {new!r})")
     for r in results:
         t, s = r.target, r.source
@@ -907,9 +1081,10 @@ def trace_command(args) -> int:
                       components=[c.strip() for c in a.components.split(",")],
                       max_batch_tokens=a.batch_tokens, progress=True)  # fmt: skip
     print(f"{t.indirect.numel()} cells traced in {time.perf_counter() - t0:.1f} s")
-    a.out.mkdir(parents=True, exist_ok=True)
-    tracing.frame(t).to_csv(a.out / "tracing.csv", index=False)
-    plotting.save_html(plotting.tracing_heatmap(t), a.out / "tracing.html")
+    with _writing(a.out):
+        a.out.mkdir(parents=True, exist_ok=True)
+        tracing.frame(t).to_csv(a.out / "tracing.csv", index=False)
+        plotting.save_html(plotting.tracing_heatmap(t), a.out / "tracing.html")
     print(f"{probe.kind} prompt: {probe.prompt!r} -> {true!r}; subject tokens "
           f"{[t.tokens[i] for i in t.subject_positions]}")  # fmt: skip
     print(f"σ = {sigma:.4g} (token-embedding std over {len(subjects)} subjects); noise "
@@ -1012,9 +1187,10 @@ def knockout_command(args) -> int:
     k = knockout.run(model, edited, probe.prompt, probe.subject, true, new, window=a.window,
                      max_batch_tokens=a.batch_tokens)  # fmt: skip
     print(f"{2 * k.p_true.shape[1]} windows blocked in {time.perf_counter() - t0:.1f} s")
-    a.out.mkdir(parents=True, exist_ok=True)
-    k.frame().to_csv(a.out / "knockout.csv", index=False)
-    plotting.save_html(plotting.knockout_figure(k), a.out / "knockout.html")
+    with _writing(a.out):
+        a.out.mkdir(parents=True, exist_ok=True)
+        k.frame().to_csv(a.out / "knockout.csv", index=False)
+        plotting.save_html(plotting.knockout_figure(k), a.out / "knockout.html")
     print(f"{probe.kind} prompt: {probe.prompt!r}  (o_true {true!r}, o_new {new!r})")
     print(f"blocked: last token -> subject tokens {[k.tokens[i] for i in k.keys]}")
     for i, name in enumerate(k.models):
@@ -1081,6 +1257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"attndrift {name}: error: {_error_text(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the model and the files are intact (the guarantees)
+        if debug:
+            raise
+        hint = "; rerun the same command to resume" if name in RESUMABLE else ""
+        print(f"\nattndrift {name}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ Corpora (:func:`corpus_texts`):
 import hashlib
 import json
 import logging
+import os
 import time
 import weakref
 from collections.abc import Sequence
@@ -33,7 +34,8 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from attndrift import capture, checks, encoding, generation, models
-from attndrift.models.loading import atomic_write
+from attndrift.models import loading
+from attndrift.models.loading import atomic_write, is_regular, read_cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +142,12 @@ def sampled_corpus(
     directory = models.cache_dir() / "corpora"
     stem = f"{model.cfg.model_name}-{models.fingerprint(model)}-s{seed}-t{text_tokens}"
     for path in sorted(directory.glob(f"{stem}-n*.json")):
-        if int(path.stem.rsplit("-n", 1)[1]) >= n_texts:
-            try:
-                return json.loads(path.read_text())[:n_texts]
-            except json.JSONDecodeError:
-                log.warning("corrupt corpus cache %s: sampling again", path)
+        size = path.stem.rsplit("-n", 1)[1]
+        if not size.isdigit() or int(size) < n_texts:
+            continue
+        texts = _cached_corpus(path, int(size))
+        if texts is not None:
+            return texts[:n_texts]
     log.info("sampling %d texts of %d tokens for the covariance corpus", n_texts, text_tokens)
     texts: list[str] = []
     # whole chunks only: chunk i is the same whatever n_texts, so corpora nest
@@ -161,6 +164,28 @@ def sampled_corpus(
     text = json.dumps(texts)
     atomic_write(directory / f"{stem}-n{len(texts)}.json", lambda tmp: tmp.write_text(text))
     return texts[:n_texts]
+
+
+def _cached_corpus(path: Path, size: int) -> list[str] | None:
+    """The texts of a corpus cache file if it holds the ``size`` texts its name says; None
+    (and the damaged file removed, with a warning that names it) otherwise."""
+    texts, problem = None, "not a regular file"
+    if is_regular(path):  # (a FIFO would block the reader)
+        try:
+            texts, problem = json.loads(read_cache_bytes(path)), None
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError
+            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if problem is None:
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            problem = "not a JSON list of texts"
+        elif len(texts) != size:
+            problem = f"{len(texts)} texts, its name says {size}"
+    if problem is None:
+        return texts
+    log.warning("damaged corpus cache %s (%s): sampling again", path, problem)
+    if is_regular(path):
+        path.unlink(missing_ok=True)
+    return None
 
 
 def _corpus_name(cfg: CovarianceConfig) -> str:
@@ -260,7 +285,11 @@ def layer_covariance(
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = models.cache_dir() / "covariance" / f"{key['model']}-L{layer}-{name}.safetensors"
     device = models.model_device(model)
-    if cache and path.exists():
+    if cache and path.exists() and not is_regular(path):  # a FIFO would block the reader
+        log.warning("covariance cache %s is not a regular file: recomputing", path)
+    elif cache and path.exists():
+        if not os.access(path, os.R_OK):
+            raise PermissionError(13, loading.PERMISSION_HINT, str(path))
         try:
             from safetensors import safe_open
 

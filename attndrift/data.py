@@ -18,7 +18,14 @@ AS     subject-alias prompts (merged WikiData records)        o_new            o
 =====  =====================================================  ===============  =========
 
 Absence is explicit: a probe set a record does not have is ``None`` (a present but empty list
-is ``()``). Loaders read (a) the paper's merged format (``requested_rewrite``, ``p-paraphrase``,
+is ``()``).
+
+Inputs are checked where they enter, with a message that names the file, the record and the
+field: subjects and targets must have visible text (whitespace and format characters such as
+U+200B do not count, :func:`attndrift.checks.visible`); prompts must not be empty; a ROME
+template has exactly one ``{}`` and no other field; record ids are integers (``case_id``, or
+the record's position when absent; ``null`` is refused) and unique within a dataset. Loaders
+read (a) the paper's merged format (``requested_rewrite``, ``p-paraphrase``,
 ``l-neighbor``, ``l-relation``, ``p-subject_alias``, ``generation``) and (b) ROME's
 ``counterfact.json`` (template prompts with ``"{}"``). Fields neither metric uses
 (``p-reasoning``, ``o-commonsense``, ROME's ``attribute_prompts``) are not loaded.
@@ -27,11 +34,14 @@ is ``()``). Loaders read (a) the paper's merged format (``requested_rewrite``, `
 import hashlib
 import json
 import logging
+import stat
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
+
+from attndrift.checks import template_problem, visible
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +78,19 @@ class EditRequest:
     def __post_init__(self) -> None:
         for name in ("subject", "prompt", "target_new", "target_true"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"EditRequest.{name} must be a non-empty string, got {value!r}")
+            if not isinstance(value, str) or not visible(value):
+                raise ValueError(
+                    f"EditRequest.{name} must be a non-empty string (whitespace and format "
+                    f"characters do not count), got {value!r}"
+                )
         if self.subject not in self.prompt:
             raise ValueError(
                 f"EditRequest.prompt must contain the subject {self.subject!r}: {self.prompt!r}"
             )
-        if self.target_new.strip() == self.target_true.strip():
-            raise ValueError(f"EditRequest.target_new equals target_true ({self.target_new!r})")
+        if visible(self.target_new) == visible(self.target_true):  # o_true == o_new: degenerate
+            raise ValueError(
+                f"EditRequest.target_new equals target_true ({self.target_new!r}): nothing to edit"
+            )
 
     @property
     def template(self) -> str:
@@ -112,6 +127,17 @@ class Record:
     alias_prompts: tuple[str, ...] | None = None
     generation_prompts: tuple[str, ...] | None = None
     source: str = ""
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        new = visible(self.request.target_new)
+        for name, pairs in (("neighborhood", self.neighborhood), ("relation", self.relation)):
+            for i, (_, answer) in enumerate(pairs or ()):
+                if visible(answer) == new:  # o_true == o_new for its probes: degenerate
+                    raise ValueError(
+                        f"record {self.id}: the {name} answer {i} ({answer!r}) equals target_new: "
+                        "its probes could not tell right from wrong"
+                    )
 
     def available(self) -> tuple[ProbeKind, ...]:
         """Probe kinds this record has data for."""
@@ -176,6 +202,14 @@ class Dataset:
     sha256: str = ""
 
     def __post_init__(self) -> None:
+        seen: set[int] = set()
+        for r in self.records:
+            if r.id in seen:
+                where = f" in {self.path}" if self.path else ""
+                raise ValueError(
+                    f"the records repeat an id ({r.id}{where}): every record needs its own id"
+                )
+            seen.add(r.id)
         if not self.sha256:
             object.__setattr__(self, "sha256", records_sha256(self.records))
 
@@ -205,7 +239,10 @@ class Dataset:
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
         ):
             raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
-        records = [self.by_id(i) for i in ids] if ids is not None else list(self.records)
+        records = list(self.records)
+        if ids is not None:
+            index = {r.id: r for r in self.records}
+            records = [index[i] if i in index else self.by_id(i) for i in ids]  # by_id: KeyError
         if limit is not None:
             records = records[:limit]
         return Dataset(tuple(records), self.skipped, self.path, self.sha256)
@@ -228,6 +265,9 @@ def load_dataset(path: str | Path, *, lenient: bool = False) -> Dataset:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"data path {path} is a directory, not a JSON file of records")
+    mode = path.stat().st_mode if path.exists() else 0
+    if stat.S_ISBLK(mode) or stat.S_ISCHR(mode):  # /dev/zero would never end
+        raise ValueError(f"data path {path} is a device, not a JSON file of records")
     try:
         raw_bytes = path.read_bytes()
         raw = json.loads(raw_bytes.decode("utf-8"))
@@ -249,7 +289,17 @@ def load_dataset(path: str | Path, *, lenient: bool = False) -> Dataset:
             log.warning("skipping %s", e)
             skipped.append(Skipped(index, e.field, e.problem))
     sha = hashlib.sha256(raw_bytes).hexdigest()
-    return Dataset(tuple(records), tuple(skipped), str(path), sha)
+    return Dataset(tuple(records), tuple(skipped), str(path), sha)  # refuses repeated ids
+
+
+def _check_id(rid: object) -> None:
+    if rid is None:
+        raise ValueError("a record id is null: give every record an integer id (or none)")
+    if isinstance(rid, bool) or not isinstance(rid, int):
+        raise ValueError(
+            f'record id {rid!r} is a {type(rid).__name__}: record ids are integers ("7" and 7 '
+            "would be two different records)"
+        )
 
 
 def parse_record(item: dict, index: int) -> Record:
@@ -257,6 +307,10 @@ def parse_record(item: dict, index: int) -> Record:
     if not isinstance(item, dict):
         raise DataError(index, "<record>", f"expected an object, got {type(item).__name__}")
     rid = item.get("case_id", index)
+    try:
+        _check_id(rid)
+    except ValueError as e:
+        raise DataError(f"#{index}", "case_id", str(e)) from None
     rw = _get(item, "requested_rewrite", dict, rid)
     if isinstance(rw.get("target_new"), dict):
         return _parse_rome(item, rw, rid)
@@ -275,15 +329,16 @@ def _get(obj: dict, key: str, kind: type, rid, where: str = ""):
 
 def _text(obj: dict, key: str, rid, where: str = "") -> str:
     value = _get(obj, key, str, rid, where)
-    if not value.strip():
-        raise DataError(rid, f"{where}{key}", "empty")
+    if not visible(value):
+        shown = f" ({value!r}: whitespace and format characters only)" if value else ""
+        raise DataError(rid, f"{where}{key}", "empty" + shown)
     return value
 
 
 def _request(rid, subject: str, prompt: str, new: str, true: str, relation) -> EditRequest:
     if subject not in prompt:
         raise DataError(rid, "requested_rewrite.prompt", f"does not contain subject {subject!r}")
-    if new.strip() == true.strip():
+    if visible(new) == visible(true):
         raise DataError(rid, "requested_rewrite.target_new", "equals target_true")
     return EditRequest(
         subject=subject, prompt=prompt, target_true=true, target_new=new, relation_id=relation
@@ -297,10 +352,17 @@ def _prompt_list(item: dict, key: str, rid) -> tuple[str, ...] | None:
     prompts = block.get("prompts") if isinstance(block, dict) else block
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise DataError(rid, f"{key}.prompts", "expected a list of strings")
+    _no_empty(prompts, f"{key}.prompts", rid)
     return tuple(prompts)
 
 
-def _pairs(item: dict, key: str, rid) -> tuple[tuple[str, str], ...] | None:
+def _no_empty(prompts: list, name: str, rid) -> None:
+    for i, prompt in enumerate(prompts):
+        if not visible(prompt):
+            raise DataError(rid, f"{name}[{i}]", f"empty prompt {prompt!r}")
+
+
+def _pairs(item: dict, key: str, rid, new: str) -> tuple[tuple[str, str], ...] | None:
     if key not in item:
         return None
     block = _get(item, key, dict, rid)
@@ -308,9 +370,14 @@ def _pairs(item: dict, key: str, rid) -> tuple[tuple[str, str], ...] | None:
     targets = _get(block, "targets", list, rid, f"{key}.")
     if len(prompts) != len(targets):
         raise DataError(rid, key, f"{len(prompts)} prompts but {len(targets)} targets")
-    for t in targets:
-        if not isinstance(t, str) or not t.strip():
-            raise DataError(rid, f"{key}.targets", f"empty or non-string target {t!r}")
+    if not all(isinstance(p, str) for p in prompts):
+        raise DataError(rid, f"{key}.prompts", "expected a list of strings")
+    _no_empty(prompts, f"{key}.prompts", rid)
+    for i, t in enumerate(targets):
+        if not isinstance(t, str) or not visible(t):
+            raise DataError(rid, f"{key}.targets[{i}]", f"empty or non-string target {t!r}")
+        if visible(t) == visible(new):
+            raise DataError(rid, f"{key}.targets[{i}]", f"{t!r} equals target_new (degenerate)")
     return tuple(zip(prompts, targets, strict=True))
 
 
@@ -328,8 +395,8 @@ def _parse_merged(item: dict, rw: dict, rid) -> Record:
         id=rid,
         request=request,
         paraphrase_prompts=_prompt_list(item, "p-paraphrase", rid),
-        neighborhood=_pairs(item, "l-neighbor", rid),
-        relation=_pairs(item, "l-relation", rid),
+        neighborhood=_pairs(item, "l-neighbor", rid, request.target_new),
+        relation=_pairs(item, "l-relation", rid, request.target_new),
         alias_prompts=_prompt_list(item, "p-subject_alias", rid),
         generation_prompts=_prompt_list(item, "generation", rid),
         source="merged",
@@ -340,8 +407,9 @@ def _parse_rome(item: dict, rw: dict, rid) -> Record:
     where = "requested_rewrite."
     subject = _text(rw, "subject", rid, where)
     template = _text(rw, "prompt", rid, where)
-    if "{}" not in template:
-        raise DataError(rid, "requested_rewrite.prompt", "template has no '{}' for the subject")
+    problem = template_problem(template)
+    if problem:
+        raise DataError(rid, "requested_rewrite.prompt", f"{problem}: {template!r}")
     new = _text(_get(rw, "target_new", dict, rid, where), "str", rid, f"{where}target_new.")
     true = _text(_get(rw, "target_true", dict, rid, where), "str", rid, f"{where}target_true.")
     request = _request(rid, subject, template.format(subject), new, true, rw.get("relation_id"))

@@ -76,6 +76,7 @@ class Drift:
         mass_vanilla, mass_edited, mass_delta: attention mass on all subject tokens.
         kl_rows: KL of every query row (0 on padded rows), if asked for.
         lengths: prompt lengths in tokens (valid query rows of ``kl_rows``).
+        model, edit: names of the model and of the edit (figure titles; "" when unknown).
     """
 
     prompts: tuple[str, ...]
@@ -90,6 +91,20 @@ class Drift:
     mass_delta: Float[Tensor, "batch layer head_index"]
     lengths: Int[Tensor, " batch"]
     kl_rows: Float[Tensor, "batch layer head_index query_pos"] | None = None
+    model: str = ""
+    edit: str = ""
+
+    def __repr__(self) -> str:
+        b, n_layers, n_heads = self.kl.shape
+        factor = self.factor()
+        worst = int(factor.argmax()) if b else 0
+        name = " ".join(x for x in (self.edit, "on" if self.edit and self.model else "",
+                                    self.model) if x)  # fmt: skip
+        top = f"; largest drift factor {float(factor[worst]):.3f} on {self.prompts[worst]!r}"
+        return (
+            f"Drift({name + ': ' if name else ''}{b} prompts × {n_layers} layers × {n_heads} "
+            f"heads; mean drift factor {float(factor.mean()):.3f}{top if b else ''})"
+        )
 
     def factor_per_layer(self) -> Float[Tensor, "batch layer"]:
         """Drift factor per layer: the largest increase of attention to ``s_last`` over heads."""
@@ -181,7 +196,7 @@ def concat(parts: Sequence[Drift]) -> Drift:
     tensors = {
         f.name: torch.cat([getattr(d, f.name) for d in parts])
         for f in dataclasses.fields(Drift)
-        if f.name not in ("prompts", "subjects", "layers", "kl_rows")
+        if f.name not in ("prompts", "subjects", "layers", "kl_rows", "model", "edit")
     }
     kl_rows = None
     if all(d.kl_rows is not None for d in parts):
@@ -194,6 +209,8 @@ def concat(parts: Sequence[Drift]) -> Drift:
         subjects=tuple(t for d in parts for t in d.subjects),
         layers=parts[0].layers,
         kl_rows=kl_rows,
+        model=parts[0].model,
+        edit=parts[0].edit,
         **tensors,
     )
 
@@ -267,7 +284,8 @@ def measure(
         parts.append(compare(capture.Pair(van, edi), chunk, chunk_subjects, all_rows))
     if sum(len(p.prompts) for p in parts) != len(prompts):
         raise ValueError("the reference captures do not cover these prompts")
-    return concat(parts)
+    names = {"model": v.model.cfg.model_name, "edit": e.name}
+    return dataclasses.replace(concat(parts), **names)
 
 
 def top_heads(d: Drift, prompt: int, n: int, metric: str = "delta") -> list[tuple[int, int]]:

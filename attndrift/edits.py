@@ -18,12 +18,21 @@ An edit fits only the weights it was computed on: :meth:`Edit.check` (called by 
 another model, or the same model with other weights (another edit applied first).
 
 Files are safetensors (tensors) with the JSON description in the safetensors metadata: no
-pickle.
+pickle. A file is verified when it is loaded: it carries the sha256 of its tensors (names,
+dtypes, shapes and bytes) and of its metadata, checked on load, so a flipped bit or an edited
+field is refused; the layer list must be integers without repeats, the factors floating-point
+matrices of matching shapes, and the model fingerprint present (an edit that cannot be
+checked against its model is not applied). Files saved before checksums were stored (no
+``attndrift.sha256`` entry) are still read, with a logged warning that they are unverified;
+saving them again adds the checksums.
 """
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
+import re
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +49,11 @@ from attndrift.data import EditRequest
 from attndrift.sadr import SadrConfig
 from attndrift.value import StepLog
 from attndrift.version import __version__
+
+log = logging.getLogger(__name__)
+
+#: the safetensors metadata entries of an edit file: its description, and the checksums
+META_KEY, SHA_KEY = "attndrift.edit", "attndrift.sha256"
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,14 @@ class EditRun:
         """The loss terms at the first request's last step."""
         return self.traces[0][-1]
 
+    def __repr__(self) -> str:
+        sadr = "" if self.sadr is None else f", SADR γ={self.sadr.gamma:g}"
+        steps = "/".join(str(len(t)) for t in self.traces)
+        return (
+            f"EditRun({type(self.config).__name__}{sadr}, steps run {steps}, "
+            f"{self.seconds:.1f} s, {self.n_templates} templates)"
+        )
+
 
 @dataclass(frozen=True)
 class Edit:
@@ -82,7 +104,9 @@ class Edit:
     def __post_init__(self) -> None:
         if not (len(self.layers) == len(self.left) == len(self.right)):
             raise ValueError("Edit needs one (left, right) pair per layer")
+        _check_layers(self.layers)
         for layer, a, b in zip(self.layers, self.left, self.right, strict=True):
+            _check_factor(layer, a, b)
             if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
                 raise ValueError(
                     f"layer {layer}: left {tuple(a.shape)} and right {tuple(b.shape)} "
@@ -90,6 +114,18 @@ class Edit:
                 )
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise ValueError(f"layer {layer}: the edit's factors are not finite (NaN or inf)")
+
+    def __repr__(self) -> str:
+        facts = "; ".join(
+            f"{r.subject!r}: {r.target_true!r} → {r.target_new!r}" for r in self.requests[:3]
+        )
+        more = f" (+{len(self.requests) - 3} more)" if len(self.requests) > 3 else ""
+        layers = ",".join(map(str, self.layers))
+        layers = f"layer {layers}" if len(self.layers) == 1 else f"layers {layers}"
+        rank = "/".join(str(a.shape[1]) for a in self.left)
+        run = "" if self.run is None else f", {self.run.steps_run} steps, {self.run.seconds:.1f} s"
+        model = f" on {self.model_name}" if self.model_name else ""
+        return f"Edit({self.editor}{model}, {layers}, rank {rank}{run}: {facts}{more})"
 
     def delta(self, i: int) -> Float[Tensor, "d_mlp d_model"]:
         """ΔW_out of the i-th edited layer."""
@@ -104,6 +140,10 @@ class Edit:
                     f"edit for d_mlp={a.shape[0]}, d_model={b.shape[1]} does not fit model "
                     f"{model.cfg.model_name} (d_mlp={model.cfg.d_mlp}, d_model={model.cfg.d_model})"
                 )
+        if not self.model_fingerprint and self.model_name not in ("", model.cfg.model_name):
+            raise ValueError(
+                f"this edit was made on {self.model_name!r}; the model is {model.cfg.model_name!r}"
+            )
         if self.model_fingerprint and self.model_fingerprint != models.fingerprint(model):
             raise ValueError(
                 f"this edit was made on {self.model_name!r} with weights "
@@ -132,9 +172,15 @@ class Edit:
 
     def save(self, path: str | Path) -> Path:
         """Write the edit as safetensors (factors, targets) + JSON metadata (the rest)."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         path = Path(path)
+        if not self.model_fingerprint:
+            raise ValueError(
+                "an edit without the fingerprint of its model cannot be saved (it could not be "
+                "checked when loaded): give model_fingerprint=models.fingerprint(model)"
+            )
         tensors = {}
         for i, layer in enumerate(self.layers):
             tensors[f"layer{layer}.left"] = self.left[i].detach().cpu().contiguous()
@@ -161,11 +207,18 @@ class Edit:
             "model_fingerprint": self.model_fingerprint,
             "version": self.version,
         }
+        meta_text = json.dumps(meta)
+        sums = json.dumps({"tensors": _tensors_sha256(tensors), "metadata": _sha256(meta_text)})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            save_file(tensors, tmp, metadata={"attndrift.edit": json.dumps(meta)})
+            save_file(tensors, tmp, metadata={META_KEY: meta_text, SHA_KEY: sums})
             tmp.replace(path)
+        except (OSError, SafetensorError) as e:  # a full disk: the message names the file
+            if isinstance(e, OSError) and e.filename:
+                raise
+            errno_ = getattr(e, "errno", None)
+            raise OSError(errno_, f"cannot write the edit ({e})", str(path)) from None
         finally:
             tmp.unlink(missing_ok=True)
         return path
@@ -185,20 +238,42 @@ class Edit:
             raise FileNotFoundError(f"edit file not found: {path}")
         if path.is_dir():
             raise ValueError(f"{path} is a directory, not an edit file")
+        if not path.is_file():  # a FIFO would block, a device never end
+            raise ValueError(f"{path} is not a regular file, not an edit file")
         try:
-            with safe_open(path, "pt", device=str(device)) as f:
-                meta_text = (f.metadata() or {}).get("attndrift.edit")
-                if meta_text is None:
-                    raise ValueError("no attndrift metadata")
-                meta = json.loads(meta_text)
-                layers = tuple(meta["layers"])
-                tensor = f.get_tensor
-                left = tuple(tensor(f"layer{layer}.left") for layer in layers)
-                right = tuple(tensor(f"layer{layer}.right") for layer in layers)
-                run = meta.get("run")
-                targets = () if run is None else tuple(
-                    tensor(f"run.target{i}") for i in range(len(run["traces"]))
-                )  # fmt: skip
+            with safe_open(path, "pt", device="cpu") as f:
+                stored = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            meta_text = stored.get(META_KEY)
+            if meta_text is None:
+                raise ValueError("no attndrift metadata")
+            _verify(path, stored, meta_text, tensors)
+            meta = json.loads(meta_text)
+            if not isinstance(meta, dict):
+                raise ValueError("the metadata is not a JSON object")
+            layers = _meta_layers(meta.get("layers"))
+            fingerprint = meta.get("model_fingerprint")
+            if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{16}", fingerprint):
+                raise ValueError(
+                    f"model fingerprint {fingerprint!r} is not one (blank or altered): the edit "
+                    "cannot be checked against a model"
+                )
+            run = meta.get("run")
+            names = [f"layer{layer}.{side}" for layer in layers for side in ("left", "right")]
+            names += [] if run is None else [f"run.target{i}" for i in range(len(run["traces"]))]
+            if sorted(names) != sorted(tensors):
+                extra, missing = set(tensors) - set(names), set(names) - set(tensors)
+                raise ValueError(
+                    f"tensors {sorted(extra)} are not in its layer list, {sorted(missing)} missing"
+                )
+            for layer in layers:
+                _check_factor(layer, tensors[f"layer{layer}.left"], tensors[f"layer{layer}.right"])
+            device = str(device)
+            left = tuple(tensors[f"layer{layer}.left"].to(device) for layer in layers)
+            right = tuple(tensors[f"layer{layer}.right"].to(device) for layer in layers)
+            targets = () if run is None else tuple(
+                tensors[f"run.target{i}"].to(device) for i in range(len(run["traces"]))
+            )  # fmt: skip
             return cls(
                 layers=layers,
                 left=left,
@@ -207,13 +282,80 @@ class Edit:
                 editor=meta["editor"],
                 run=None if run is None else _run_from(run, targets),
                 model_name=meta["model_name"],
-                model_fingerprint=meta.get("model_fingerprint", ""),
+                model_fingerprint=fingerprint,
                 version=meta["version"],
             )
         except (SafetensorError, OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            if isinstance(e, PermissionError):
+                raise
             raise ValueError(f"{path} is not an attndrift edit file ({e})") from None
         except ValueError as e:
             raise ValueError(f"{path} is not an attndrift edit file ({e})") from None
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """sha256 of the tensors: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _verify(path: Path, stored: dict, meta_text: str, tensors: dict[str, Tensor]) -> None:
+    """Check the file's checksums (a ValueError on a mismatch; a warning when it has none)."""
+    sums_text = stored.get(SHA_KEY)
+    if sums_text is None:
+        log.warning(
+            "%s has no checksums (saved before they were stored): loaded unverified; "
+            "save it again to add them",
+            path,
+        )
+        return
+    try:
+        sums = json.loads(sums_text)
+        want_meta, want_tensors = sums["metadata"], sums["tensors"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError("its checksums are unreadable") from None
+    if _sha256(meta_text) != want_meta:
+        raise ValueError("its metadata does not match its sha256 (edited or damaged)")
+    if _tensors_sha256(tensors) != want_tensors:
+        raise ValueError("its tensors do not match their sha256 (edited or damaged)")
+
+
+def _check_layers(layers: object) -> None:
+    """A ValueError unless ``layers`` is a non-empty sequence of distinct integers >= 0."""
+    if not isinstance(layers, tuple | list) or not layers:
+        raise ValueError(f"an edit needs at least one layer, got {layers!r}")
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"layers must be integers >= 0, got {layer!r}")
+    repeated = sorted({x for x in layers if list(layers).count(x) > 1})
+    if repeated:
+        raise ValueError(f"layer {repeated[0]} is listed twice (its ΔW would be added twice)")
+
+
+def _meta_layers(value: object) -> tuple[int, ...]:
+    _check_layers(value)
+    return tuple(value)
+
+
+def _check_factor(layer: int, a: Tensor, b: Tensor) -> None:
+    """A ValueError unless both factors are floating-point matrices."""
+    for side, t in (("left", a), ("right", b)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"layer {layer}: the {side} factor is not a tensor")
+        if not t.is_floating_point():
+            raise ValueError(f"layer {layer}: the {side} factor is {t.dtype}, not floating point")
+        if t.ndim != 2:
+            raise ValueError(
+                f"layer {layer}: the {side} factor has shape {tuple(t.shape)}, not 2-D"
+            )
 
 
 def _run_from(meta: dict, targets: tuple[Tensor, ...]) -> EditRun:

@@ -1,7 +1,7 @@
 """Attention knockout: does the last token need to *see* the subject, and in which layers?
 
 Geva et al. 2023 ("Dissecting recall of factual associations in auto-regressive language
-models", §5) cut the information flow from key positions K to query positions Q in layer l by
+models", section 5) cut the information flow from key positions K to query positions Q in layer l by
 setting the attention scores of every head at every pair (q ∈ Q, k ∈ K) to −∞ before the
 softmax (``hook_attn_scores``, after the causal mask). The softmax then gives those keys
 weight 0 and renormalises each query's attention over the keys it may still see; nothing else
@@ -74,6 +74,13 @@ class Knockout:
     base_new: Float[Tensor, " model"]
     p_true: Float[Tensor, "model layer"]
     p_new: Float[Tensor, "model layer"]
+
+    def __repr__(self) -> str:
+        return (
+            f"Knockout({'/'.join(self.models)}, windows of {self.window} layers × "
+            f"{self.p_true.shape[1]} starts on {self.prompt!r}; o_true {self.target_true!r}, "
+            f"o_new {self.target_new!r})"
+        )
 
     @property
     def delta_true(self) -> Float[Tensor, "model layer"]:

@@ -58,7 +58,7 @@ class MemitConfig(EditorConfig):
 
 #: Documented defaults (MEMIT's released GPT-J and GPT-2 XL settings; Llama per the SADR
 #: paper's setting; SmolLM2: five layers centred on its ROME layer 6, λ = 2000 and early
-#: stopping on the NLL term, chosen by the rule of docs/RESULTS.md §12).
+#: stopping on the NLL term, chosen by the rule of the study docs/studies/calibration.md).
 PRESETS: dict[str, MemitConfig] = {
     "gpt-j": MemitConfig(layers=(3, 4, 5, 6, 7, 8)),
     "gpt2-xl": MemitConfig(
@@ -70,7 +70,7 @@ PRESETS: dict[str, MemitConfig] = {
         layers=(4, 5, 6, 7, 8),
         value=ValueConfig(steps=25, weight_decay=1e-3, clamp_norm_factor=0.75),
     ),
-    "smollm2-135m": MemitConfig(  # calibrated on dev records 1000-1059 (docs/RESULTS.md §12.2)
+    "smollm2-135m": MemitConfig(  # calibrated on dev records 1000-1059 (the same study)
         layers=(4, 5, 6, 7, 8),
         value=ValueConfig(steps=25, clamp_norm_factor=0.75, early_stop_on="nll"),
         mom2_update_weight=2000.0,

@@ -7,6 +7,8 @@
   For small samples, :func:`wilson` gives the Wilson score interval instead (never outside
   [0, 1], not degenerate at 0 % or 100 %): :meth:`MetricValue.wilson`, ``table(...,
   interval="wilson")``. The normal interval stays the default of every table.
+* :func:`frame` gives a table's numbers (%, interval bounds, probe counts) to compute with;
+  :func:`formatted` (and :func:`table`) the text view to read.
 * Score = harmonic mean of ES, PS, NS, RS and DNS (those that have probes; the table says
   which were missing).
 * Fluency (FL): bi- and tri-gram entropy of generated text, weights 2/3 and 4/3, averaged
@@ -175,13 +177,75 @@ def aggregate(probe_table: pd.DataFrame, fluency: float | None = None) -> Summar
     return Summary(metrics, score, kinds, fluency)
 
 
+def frame(
+    rows: dict[str, Summary],
+    kinds: Sequence[str] = (*SCORE_KINDS, "RS_D"),
+    interval: str = "wilson",
+) -> pd.DataFrame:
+    """The numbers of a paper-style table, to compute with: one row per setting; for each
+    metric its value in % (``ES``), its 95 % interval in % (``ES_low``, ``ES_high``: Wilson by
+    default) and its number of probes (``ES_n``); then ``Score`` (%) and ``FL`` (when any row
+    has fluency). NaN where a metric has no probes. :func:`formatted` is the view to read.
+
+    Args:
+        rows: the summaries, by setting name (the row labels).
+        kinds: the metrics.
+        interval: ``"wilson"`` (:func:`wilson`) or ``"normal"`` (``mean ± 1.96 · SEM``).
+    """
+    if interval not in INTERVALS:
+        raise ValueError(f"unknown interval {interval!r}: expected one of {INTERVALS}")
+    out = []
+    for name, s in rows.items():
+        row: dict[str, object] = {"": name}
+        for k in kinds:
+            m = s.metrics[k]
+            low, high = m.wilson() if interval == "wilson" else (m.low, m.high)
+            row |= {k: 100 * m.mean, f"{k}_low": 100 * low, f"{k}_high": 100 * high}
+            row[f"{k}_n"] = m.n
+        row["Score"] = 100 * s.score
+        if any(r.fluency is not None for r in rows.values()):
+            row["FL"] = math.nan if s.fluency is None else s.fluency
+        out.append(row)
+    table = pd.DataFrame(out).set_index("")
+    table.attrs["interval"] = interval
+    table.attrs["kinds"] = tuple(kinds)
+    return table
+
+
+def formatted(numbers: pd.DataFrame) -> pd.DataFrame:
+    """The view of a :func:`frame` to read: one text cell per metric, ``"50.0 [9.5, 90.5]
+    (n = 2)"`` (Wilson) or ``"50.0 ± 4.9"`` (normal), ``"—"`` without probes; Score and FL
+    with one decimal."""
+    interval = numbers.attrs.get("interval", "wilson")
+    kinds = numbers.attrs.get("kinds") or [
+        c for c in numbers.columns if f"{c}_n" in numbers.columns
+    ]
+    out = pd.DataFrame(index=numbers.index)
+    for k in kinds:
+        cells = []
+        for mean, low, high, n in numbers[[k, f"{k}_low", f"{k}_high", f"{k}_n"]].itertuples(
+            index=False
+        ):
+            if n == 0:
+                cells.append("—")
+            elif interval == "wilson":
+                cells.append(f"{mean:.1f} [{low:.1f}, {high:.1f}] (n = {n})")
+            else:
+                cells.append(f"{mean:.1f} ± {(high - low) / 2:.1f}")
+        out[k] = cells
+    for k in ("Score", "FL"):
+        if k in numbers.columns:
+            out[k] = ["—" if math.isnan(v) else f"{v:.1f}" for v in numbers[k]]
+    return out
+
+
 def table(
     rows: dict[str, Summary],
     kinds: Sequence[str] = (*SCORE_KINDS, "RS_D"),
     interval: str = "normal",
 ) -> pd.DataFrame:
-    """Paper-style table: one row per setting, each metric in % with its interval, plus Score
-    and FL.
+    """Paper-style table as text: one row per setting, each metric in % with its interval, plus
+    Score and FL (:func:`formatted` of :func:`frame`; the numbers are in :func:`frame`).
 
     Args:
         rows: the summaries, by setting name (the table's row labels).
@@ -189,18 +253,7 @@ def table(
         interval: ``"normal"`` (``mean ± half-width``) or ``"wilson"`` (``mean [low, high]
             (n = probes)``); see :meth:`MetricValue.format`.
     """
-    if interval not in INTERVALS:
-        raise ValueError(f"unknown interval {interval!r}: expected one of {INTERVALS}")
-    out = []
-    for name, s in rows.items():
-        row: dict[str, str] = {"": name}
-        for k in kinds:
-            row[k] = s.metrics[k].format(interval)
-        row["Score"] = "—" if math.isnan(s.score) else f"{100 * s.score:.1f}"
-        if any(r.fluency is not None for r in rows.values()):
-            row["FL"] = "—" if s.fluency is None else f"{s.fluency:.1f}"
-        out.append(row)
-    return pd.DataFrame(out).set_index("")
+    return formatted(frame(rows, kinds, interval))
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")

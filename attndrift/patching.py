@@ -57,7 +57,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from attndrift import capture, cells, encoding, models
-from attndrift.cells import Component
+from attndrift.cells import Cell, Component
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ CELL_METRICS = (
     "p_new_full",
     "custom",
 )
+#: metrics computed only when asked for (``full_answer``, ``metric``): NaN otherwise
+_OPTIONAL_METRICS = frozenset({"p_true_full", "p_new_full", "custom"})
 
 
 COMPONENTS: dict[str, Component] = {
@@ -114,6 +116,7 @@ class Patching:
             the module docstring (``*_full`` NaN unless ``full_answer``, ``custom`` unless
             ``metric``).
         skipped: cells not run because the patch changes nothing (result: the target's).
+        model, edit: names of the model and of the edited variant (figure titles).
     """
 
     direction: Direction
@@ -135,6 +138,18 @@ class Patching:
     p_new_full: Float[Tensor, "component layer pos"]
     custom: Float[Tensor, "component layer pos"]
     skipped: int = 0
+    model: str = ""
+    edit: str = ""
+
+    def __repr__(self) -> str:
+        _, n_l, n_p = self.p_true.shape
+        edit = f" of {self.edit}" if self.edit else ""
+        return (
+            f"Patching({self.direction}{edit}, {'/'.join(self.components)} × {n_l} layers "
+            f"(window {self.window}) × {n_p} positions of {self.prompt!r}; P(o_true "
+            f"{self.target_true!r}): unpatched {self.target.p_true:.4f}, source "
+            f"{self.source.p_true:.4f})"
+        )
 
     def metric(self, name: str) -> Float[Tensor, "component layer pos"]:
         """The tensor of one metric by name (one of :data:`CELL_METRICS`)."""
@@ -142,8 +157,9 @@ class Patching:
             raise ValueError(f"unknown metric {name!r}: expected one of {CELL_METRICS}")
         return getattr(self, name)
 
-    def best(self, component: str) -> tuple[int, int, float]:
-        """The cell that moves furthest the patch's way: ``(layer, position, value)``.
+    def best(self, component: str) -> "Cell":
+        """The cell that moves furthest the patch's way: a :class:`Cell` (layer, position,
+        value).
 
         Restoring looks for the largest P(o_true) (the vanilla answer back), contaminating for
         the largest P(o_new) (the edited answer carried into the vanilla model).
@@ -154,10 +170,11 @@ class Patching:
             self.components.index(component)
         ]
         layer, i = divmod(int(grid.argmax()), len(self.positions))
-        return layer, self.positions[i], float(grid[layer, i])
+        return Cell(layer, self.positions[i], float(grid[layer, i]))
 
     def frame(self) -> pd.DataFrame:
-        """Tidy table: one row per cell."""
+        """Tidy table: one row per cell; the optional metrics (``p_true_full``, ``p_new_full``,
+        ``custom``) only when they were computed."""
         n_c, n_l, n_p = self.p_true.shape
         comp = np.repeat(np.asarray(self.components, dtype=object), n_l * n_p)
         pos = np.tile(np.asarray(self.positions), n_c * n_l)
@@ -170,7 +187,10 @@ class Patching:
             "token": np.asarray(self.tokens, dtype=object)[pos],
         }
         for name in CELL_METRICS:
-            table[name] = getattr(self, name).flatten().numpy()
+            values = getattr(self, name).flatten().numpy()
+            if name in _OPTIONAL_METRICS and np.isnan(values).all():
+                continue
+            table[name] = values
         return pd.DataFrame(table)
 
 
@@ -338,6 +358,7 @@ def patch(
         grids, target=_outcome(t_scores), source=_outcome(s_scores), direction=direction,
         components=tuple(c.name for c in parts), window=window, positions=positions,
         prompt=prompt, target_true=target_true, target_new=target_new,
+        model=model.cfg.model_name, edit=e.name,
         tokens=tuple(encoding.token_strings(model, base.tokens[0, :n_prompt].tolist())),
         skipped=int(unchanged.sum()),
     )  # fmt: skip

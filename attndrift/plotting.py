@@ -4,20 +4,32 @@ Figures present numbers computed elsewhere (:mod:`attndrift.drift`, :mod:`attndr
 :mod:`attndrift.capture`); nothing here runs a model or calls ``.show()``.
 
 * :func:`headline`: P(o_true) and P(o_new) per model: each prompt a dot, the mean a labelled dash;
-* :func:`drift_heatmap`: layer x head (diverging scale centred on 0 for differences,
-  sequential for KL and attention), optionally on a fixed range (``zmax``);
-* :func:`drift_heatmaps`: several drifts side by side on one shared colour scale (figures that
-  are compared share one scale: :func:`common_zmax`);
+* :func:`drift_heatmap`: layer x head, on the metric's natural range by default (attention and
+  its change: [0, 1] and [-1, 1]), so that separate figures share one scale; a zoom
+  (``zmax``) for figures that are compared (:func:`common_zmax`);
+* :func:`drift_heatmaps`: several drifts side by side on one shared colour scale;
 * :func:`patching_heatmap`: layer x token for each direction (rows) and component (columns);
-* :func:`attention_rows`: vanilla vs edited attention of chosen (layer, head)s over the tokens;
-* :func:`drift_scatter`: drift factor vs P(o_new) with a least-squares line and ρ in the title;
+* :func:`attention_viewer`: vanilla vs edited attention over a prompt's tokens, the layer on a
+  slider and the head in a dropdown (circuitsvis' habit), the subject shaded; works offline;
+* :func:`attention_rows`: the same for a few chosen (layer, head)s, one panel each;
+* :func:`drift_scatter`: drift factor vs P(o_new) with a least-squares line, Pearson's r and
+  Spearman's ρ in the title;
 * :func:`tradeoff`: ES/PS vs NS/RS/DNS across SADR's γ, with and without head selection, one
   curve per variant; :func:`tradeoff_map`: PS against the harmonic mean of RS and DNS, one
   point per setting;
 * :func:`tracing_heatmap`: causal tracing, token x layer per component (ROME's Fig. 1);
 * :func:`knockout_figure`: ΔP(o_new), ΔP(o_true) per blocked window, vanilla vs edited;
-* :func:`save_html` (standalone, plotly.js embedded) and :func:`save_png` (needs kaleido and a
-  Chrome/Chromium; a clear RuntimeError otherwise).
+* :func:`save_html` (standalone, plotly.js embedded) and :func:`save_png` (a static PNG
+  without the modebar, through headless Chromium or kaleido; a clear RuntimeError when neither
+  is there). :func:`layout_problems` lists what a browser draws outside a figure or on top of
+  another label.
+
+One colour meaning in every figure: blue is the true object o_true and red the new object
+o_new (:data:`O_TRUE`, :data:`O_NEW`); grey is the unedited model and orange, then teal, the
+edited ones (:data:`VANILLA`, :data:`EDITED`). Signed quantities sit on diverging scales centred
+at 0 that keep this meaning: a change of attention is orange where the edit attends more
+(:data:`DIVERGING_ATTENTION`), a recovery blue where the true answer comes back
+(:data:`DIVERGING_ANSWER`). Colour bars name the quantity and its unit.
 
 Token labels are made unique (``"Paris·3"`` = the token at position 3) because plotly merges
 equal categories on an axis.
@@ -25,6 +37,11 @@ equal categories on an axis.
 
 import html
 import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,19 +53,49 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from attndrift.capture import Pair
+from attndrift.capture import Capture, Pair
 from attndrift.drift import METRICS as DRIFT_METRICS
 from attndrift.drift import Drift, FailureAnalysis
 from attndrift.knockout import Knockout
 from attndrift.patching import CELL_METRICS, Patching
 from attndrift.tracing import Tracing
 
-DIVERGING = "RdBu_r"
-SEQUENTIAL = "Viridis"
 #: colours of the true and the new object in every figure
 O_TRUE, O_NEW = "#2166ac", "#b2182b"
-#: metrics that are differences (diverging colour scale centred on 0)
-_DIFFERENCES = frozenset({"delta", "mass_delta", "logit_diff", "recovery", "gain_pct"})
+#: colours of the unedited model and of the edited ones (in order) where models are compared
+VANILLA = "#737373"
+EDITED = ("#e66101", "#1b9e77", "#7570b3", "#a6761d")
+#: a change of attention (edited − vanilla): purple where the edit attends less, orange more
+DIVERGING_ATTENTION = "PuOr_r"
+#: a change towards an answer: red towards o_new, blue towards o_true (e.g. a recovery)
+DIVERGING_ANSWER = "RdBu"
+SEQUENTIAL = "Viridis"
+#: the report's look: white background, readable font
+TEMPLATE = "plotly_white"
+#: metrics that are differences (diverging colour scale centred on 0), with their scale
+_DIFFERENCES = {
+    "delta": DIVERGING_ATTENTION,
+    "mass_delta": DIVERGING_ATTENTION,
+    "logit_diff": DIVERGING_ANSWER + "_r",  # o_new − o_true: red where o_new gains
+    "recovery": DIVERGING_ANSWER,
+    "gain_pct": DIVERGING_ANSWER,
+}
+#: sequential scales: the answers' own colours for their probabilities
+_SEQUENTIAL = {"p_true": "Blues", "p_new": "Reds", "p_true_full": "Blues", "p_new_full": "Reds"}
+#: natural colour ranges (``None``: from the data): figures drawn apart share these
+_NATURAL = {
+    "a_vanilla": (0.0, 1.0),
+    "a_edited": (0.0, 1.0),
+    "delta": (-1.0, 1.0),
+    "mass_vanilla": (0.0, 1.0),
+    "mass_edited": (0.0, 1.0),
+    "mass_delta": (-1.0, 1.0),
+    "p_true": (0.0, 1.0),
+    "p_new": (0.0, 1.0),
+    "p_true_full": (0.0, 1.0),
+    "p_new_full": (0.0, 1.0),
+    "recovery": (-1.0, 1.0),  # at least: 1 = the source's value, 0 = unpatched
+}
 _TITLES = {
     "kl": "KL(vanilla ‖ edited) of the last token's attention",
     "a_vanilla": "vanilla attention last → s_last",
@@ -64,6 +111,32 @@ _TITLES = {
     "gain_pct": "relative change of P(o_true) (%)",
     "p_true_full": "P(o_true), full answer",
     "p_new_full": "P(o_new), full answer",
+    "custom": "custom metric",
+}
+#: colour bar titles: the quantity in words, with its unit
+_COLORBARS = {
+    "kl": "KL<br>(nats)",
+    "a_vanilla": "attention<br>(probability)",
+    "a_edited": "attention<br>(probability)",
+    "delta": "Δ attention<br>(edited −<br>vanilla)",
+    "mass_vanilla": "attention<br>mass",
+    "mass_edited": "attention<br>mass",
+    "mass_delta": "Δ attention<br>mass (edited<br>− vanilla)",
+    "p_true": "P(o_true)",
+    "p_new": "P(o_new)",
+    "logit_diff": "logit o_new<br>− o_true",
+    "recovery": "recovery<br>(1 = vanilla,<br>0 = edited)",
+    "gain_pct": "change of<br>P(o_true) (%)",
+    "p_true_full": "P(o_true),<br>full answer",
+    "p_new_full": "P(o_new),<br>full answer",
+    "custom": "custom<br>metric",
+}
+#: the patched components in words
+COMPONENT_NAMES = {
+    "attn": "attention pattern rows (all heads)",
+    "mlp": "MLP output",
+    "attn_out": "attention output",
+    "resid": "residual stream",
 }
 
 
@@ -75,10 +148,29 @@ def unique_labels(tokens: Sequence[str]) -> list[str]:
     return [f"{t}·{i}" if counts[t] > 1 else t for i, t in enumerate(shown)]
 
 
+def style(fig: go.Figure) -> go.Figure:
+    """The look every figure shares: white background, readable font, labels kept inside."""
+    fig.update_layout(template=TEMPLATE, font={"size": 13})
+    fig.update_xaxes(automargin=True)
+    fig.update_yaxes(automargin=True)
+    return fig
+
+
+def _of(edit: str, model: str) -> str:
+    """``" · ROME on SmolLM2-135M"``: what a title says the figure is of ("" when unknown)."""
+    text = " on ".join(x for x in (edit, model) if x)
+    return f" · {html.escape(text)}" if text else ""
+
+
+def _colorbar(metric: str) -> dict:
+    """A colour bar titled with the quantity in words and its unit (beside the bar)."""
+    return {"title": {"text": _COLORBARS[metric], "side": "right"}}
+
+
 def _colours(metric: str) -> dict:
     if metric in _DIFFERENCES:
-        return {"colorscale": DIVERGING, "zmid": 0.0}
-    return {"colorscale": SEQUENTIAL}
+        return {"colorscale": _DIFFERENCES[metric], "zmid": 0.0}
+    return {"colorscale": _SEQUENTIAL.get(metric, SEQUENTIAL)}
 
 
 def _drift_values(
@@ -99,7 +191,7 @@ def common_zmax(drifts: Sequence[Drift], metric: str = "delta", prompt: int | No
     """One colour range for several drift heatmaps: the largest ``|value|`` any of them shows.
 
     Pass it as ``zmax`` to :func:`drift_heatmap` so that heatmaps that are compared share one
-    scale (an edit that drifts less then looks paler, not equally drifted).
+    zoomed scale (an edit that drifts less then looks paler, not equally drifted).
 
     Args:
         drifts: the drifts to be compared.
@@ -124,39 +216,54 @@ def _range(metric: str, zmax: int | float | None) -> tuple[float, float] | None:
     return (-float(zmax) if metric in _DIFFERENCES else 0.0), float(zmax)
 
 
+def _colour_range(metric: str, zmax: int | float | None) -> dict:
+    """The colour scale of a metric: ``zmax`` if given, else its natural range, else from 0
+    (non-negative metrics) or centred on 0 (differences) with the top from the data."""
+    fixed = _range(metric, zmax) or _NATURAL.get(metric)
+    colours = _colours(metric)
+    if fixed is not None:
+        return {"colorscale": colours["colorscale"], "zmin": fixed[0], "zmax": fixed[1]}
+    if metric not in _DIFFERENCES:
+        colours["zmin"] = 0.0
+    return colours
+
+
 def drift_heatmap(
     d: Drift, metric: str = "delta", prompt: int | None = None, zmax: int | float | None = None
 ) -> go.Figure:
     """Layer x head heatmap of a drift metric, for one prompt or averaged over prompts.
+
+    The title names the edit and the model (:attr:`Drift.edit`, :attr:`Drift.model`).
 
     Args:
         d: the drift.
         metric: ``kl``, ``a_vanilla``, ``a_edited``, ``delta``, ``mass_vanilla``,
             ``mass_edited`` or ``mass_delta``.
         prompt: index of the prompt (default: mean over prompts).
-        zmax: a fixed colour range: ``[-zmax, zmax]`` for differences (``delta``,
-            ``mass_delta``), ``[0, zmax]`` otherwise (default: the plotly autoscale). Use
-            :func:`common_zmax` to give heatmaps that are compared one range.
+        zmax: zoom to ``[-zmax, zmax]`` for differences (``delta``, ``mass_delta``),
+            ``[0, zmax]`` otherwise. Default: the metric's natural range (attention ``[0,
+            1]``, its change ``[-1, 1]``; KL from 0 to its largest value), so that heatmaps
+            drawn apart share one scale. Zoom compared heatmaps together with
+            :func:`common_zmax` (or draw them in one :func:`drift_heatmaps`).
     """
     z, which = _drift_values(d, metric, prompt)
-    fixed = _range(metric, zmax)
-    colours = _colours(metric)
-    if fixed is not None:
-        colours = {"colorscale": colours["colorscale"], "zmin": fixed[0], "zmax": fixed[1]}
     fig = go.Figure(
         go.Heatmap(
             z=z.numpy(),
             x=list(range(z.shape[1])),
             y=list(d.layers),
-            colorbar={"title": metric},
+            colorbar=_colorbar(metric),
             hovertemplate="layer %{y}, head %{x}: %{z:.4f}<extra></extra>",
-            **colours,
+            **_colour_range(metric, zmax),
         )
     )
-    fig.update_layout(title=f"{_TITLES[metric]}<br><sub>{html.escape(which)}</sub>")
+    fig.update_layout(
+        title=f"{_TITLES[metric]}{_of(d.edit, d.model)}<br><sub>{html.escape(which)}</sub>",
+        margin={"t": 90},
+    )
     fig.update_xaxes(title_text="head", dtick=1)
     fig.update_yaxes(title_text="layer")
-    return fig
+    return style(fig)
 
 
 def drift_heatmaps(
@@ -171,7 +278,8 @@ def drift_heatmaps(
         drifts: the drifts by name (panel titles, in this order).
         metric: the metric shown (see :func:`drift_heatmap`).
         prompt: index of the prompt (default: mean over prompts).
-        zmax: the shared range (default: :func:`common_zmax` of these drifts).
+        zmax: the shared range (default: :func:`common_zmax` of these drifts: zoomed to the
+            largest value any panel shows).
     """
     if not drifts:
         raise ValueError("no drifts to plot")
@@ -182,7 +290,7 @@ def drift_heatmaps(
     fig = make_subplots(
         rows=1,
         cols=len(names),
-        subplot_titles=names,
+        subplot_titles=[html.escape(n) for n in names],
         shared_yaxes=True,
         horizontal_spacing=0.06,
     )
@@ -207,19 +315,21 @@ def drift_heatmaps(
         fig.update_xaxes(title_text="head", dtick=1, row=1, col=j + 1)
     fig.update_yaxes(title_text="layer", row=1, col=1)
     which = whiches[0] if len(set(whiches)) == 1 else "; ".join(whiches)
+    models = sorted({d.model for d in drifts.values() if d.model})
+    on = f" · {html.escape(', '.join(models))}" if models else ""
     fig.update_layout(
         coloraxis={
             "colorscale": _colours(metric)["colorscale"],
             "cmin": low,
             "cmax": high,
-            "colorbar": {"title": {"text": metric, "side": "right"}, "thickness": 14},
+            "colorbar": _colorbar(metric) | {"thickness": 14},
         },
-        title=f"{_TITLES[metric]}<br><sub>{html.escape(which)}; one colour scale for all "
+        title=f"{_TITLES[metric]}{on}<br><sub>{html.escape(which)}; one colour scale for all "
         "panels</sub>",
         height=460,
         margin={"t": 110},
     )
-    return fig
+    return style(fig)
 
 
 #: the smallest probability :func:`headline` shows on its log axis
@@ -324,15 +434,24 @@ def headline(
         margin={"t": 50 if not title else 90},
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
     )
-    return fig
+    return style(fig)
 
 
-def patching_heatmap(results: Patching | Sequence[Patching], metric: str = "p_true") -> go.Figure:
+def patching_heatmap(
+    results: Patching | Sequence[Patching], metric: str = "p_true", zmax: float | None = None
+) -> go.Figure:
     """Layer x token heatmaps: one row per direction, one column per component.
+
+    The title names the prompt, the answers, the edit and the model, and states the baselines:
+    the metric's value in the unpatched runs of the edited and the vanilla model (for
+    ``recovery``: ``(P − P_edited) / (P_vanilla − P_edited)`` of P(o_true), 0 = the edited
+    run, 1 = the vanilla run, on a diverging scale centred at 0).
 
     Args:
         results: one or several sweeps (e.g. restore and contaminate) of one prompt.
         metric: one of :data:`attndrift.patching.CELL_METRICS`.
+        zmax: the colour range, ``[-zmax, zmax]`` for differences (default: the metric's
+            natural range, widened to the data; differences without one: symmetric about 0).
     """
     results = [results] if isinstance(results, Patching) else list(results)
     if not results:
@@ -340,20 +459,25 @@ def patching_heatmap(results: Patching | Sequence[Patching], metric: str = "p_tr
     if metric not in CELL_METRICS:
         raise ValueError(f"unknown metric {metric!r}: expected one of {CELL_METRICS}")
     components = results[0].components
-    titles = [f"{r.direction} · {c} (window {r.window})" for r in results for c in components]
+    titles = [f"{r.direction}: {COMPONENT_NAMES.get(c, c)}" for r in results for c in components]
     fig = make_subplots(
         rows=len(results),
         cols=len(components),
         subplot_titles=titles,
         shared_yaxes=True,
-        vertical_spacing=0.12 if len(results) > 1 else 0.0,
+        shared_xaxes=True,
+        vertical_spacing=0.1 if len(results) > 1 else 0.0,
+        horizontal_spacing=0.05,
     )
+    largest = 0.0
     for i, r in enumerate(results):
         if r.components != components:
             raise ValueError("every sweep must cover the same components")
         labels = unique_labels(r.tokens)
         x = [labels[p] for p in r.positions]
         values = r.metric(metric).float()
+        finite = values[values.isfinite()]
+        largest = max(largest, float(finite.abs().max()) if len(finite) else 0.0)
         for j in range(len(components)):
             fig.add_trace(
                 go.Heatmap(
@@ -366,20 +490,66 @@ def patching_heatmap(results: Patching | Sequence[Patching], metric: str = "p_tr
                 row=i + 1,
                 col=j + 1,
             )
-            fig.update_xaxes(title_text="token", row=i + 1, col=j + 1, tickangle=-45)
-            fig.update_yaxes(title_text="layer (window start)", row=i + 1, col=j + 1)
-    colours = _colours(metric)
-    coloraxis = {"colorscale": colours["colorscale"], "colorbar": {"title": metric}}
-    if "zmid" in colours:
-        coloraxis["cmid"] = 0.0
-    r0 = results[0]
+        n_layers = values.shape[1]
+        dtick = 1 if n_layers <= 16 else 2 if n_layers <= 32 else 5
+        fig.update_yaxes(dtick=dtick, row=i + 1)
+        fig.update_yaxes(title_text="layer (window start)", row=i + 1, col=1)
+    for j in range(len(components)):  # one x title, under the bottom row
+        fig.update_xaxes(title_text="token", tickangle=-45, row=len(results), col=j + 1)
     fig.update_layout(
-        coloraxis=coloraxis,
-        title=f"{_TITLES[metric]} after patching<br><sub>{html.escape(r0.prompt)} → "
-        f"o_true {html.escape(r0.target_true)}, o_new {html.escape(r0.target_new)}</sub>",
-        height=320 * len(results) + 120,
+        coloraxis=_coloraxis(metric, zmax, largest),
+        title=_patching_title(results, metric),
+        height=300 * len(results) + 200,
+        margin={"t": 120},
     )
-    return fig
+    return style(fig)
+
+
+def _coloraxis(metric: str, zmax: float | None, largest: float) -> dict:
+    """A patching figure's colour axis: ``zmax``, or the natural range widened to the data."""
+    colours = _colours(metric)
+    axis: dict = {"colorscale": colours["colorscale"]}
+    axis["colorbar"] = _colorbar(metric)
+    if zmax is not None:
+        low, high = _range(metric, zmax)
+    elif metric in _NATURAL:
+        low, high = _NATURAL[metric]
+        if metric in _DIFFERENCES:
+            high = max(high, largest)
+            low = -high
+    elif metric in _DIFFERENCES:
+        high = max(largest, 1e-12)
+        low = -high
+    else:
+        return axis
+    return axis | {"cmin": low, "cmax": high}
+
+
+def _patching_title(results: Sequence[Patching], metric: str) -> str:
+    r0 = results[0]
+    edited = next((r.target if r.direction == "restore" else r.source for r in results), None)
+    vanilla = r0.source if r0.direction == "restore" else r0.target
+    base = metric if metric in ("p_true", "p_new", "logit_diff") else "p_true"
+    name = {"p_true": "P(o_true)", "p_new": "P(o_new)", "logit_diff": "logit diff"}[base]
+    baselines = (
+        f"unpatched {name}: vanilla {getattr(vanilla, base):.4f}, edited "
+        f"{getattr(edited, base):.4f}"
+    )
+    what = _TITLES[metric] if metric != "recovery" else (
+        "recovery of P(o_true): (P − P_edited) / (P_vanilla − P_edited)"
+    )  # fmt: skip
+    windows = sorted({r.window for r in results})
+    window = f"windows of {'/'.join(map(str, windows))} layer{'s' if windows != [1] else ''}"
+    return (
+        f"{what} after patching{_of(r0.edit, r0.model)}<br><sub>{html.escape(r0.prompt)} → "
+        f"o_true {html.escape(r0.target_true)}, o_new {html.escape(r0.target_new)}; "
+        f"{baselines}; {window}</sub>"
+    )
+
+
+def _model_colours(names: Sequence[str]) -> list[str]:
+    """The first model is the unedited one (grey), then :data:`EDITED` in order."""
+    return [VANILLA, *(EDITED[i % len(EDITED)] for i in range(len(names) - 1))]
 
 
 def attention_rows(
@@ -409,14 +579,16 @@ def attention_rows(
         cols=1,
         subplot_titles=[f"layer {layer}, head {head}" for layer, head in heads],
         shared_xaxes=True,
+        vertical_spacing=min(0.4 / len(heads), 0.12),
     )
+    colours = _model_colours(["vanilla", "edited"])
     for i, (layer, head) in enumerate(heads):
         if layer not in pair.vanilla.layers:
             raise ValueError(f"layer {layer} was not captured (captured: {pair.vanilla.layers})")
         li = pair.vanilla.layers.index(layer)
         for name, cap, colour in (
-            ("vanilla", pair.vanilla, "#1f77b4"),
-            ("edited", pair.edited, "#d62728"),
+            ("vanilla", pair.vanilla, colours[0]),
+            ("edited", pair.edited, colours[1]),
         ):
             row = cap.pattern[prompt, li, head, query, :n].detach().float().cpu().numpy()
             fig.add_trace(
@@ -431,14 +603,147 @@ def attention_rows(
                 row=i + 1,
                 col=1,
             )
-        fig.update_yaxes(title_text="attention", row=i + 1, col=1)
+        fig.update_yaxes(title_text="attention", range=[0, 1.02], row=i + 1, col=1)
+    _mark_subject(fig, pair.vanilla, prompt, rows=len(heads))
     fig.update_xaxes(title_text="key token", row=len(heads), col=1, tickangle=-45)
     fig.update_layout(
         barmode="group",
-        title="attention of the query row: vanilla vs edited",
-        height=220 * len(heads) + 160,
+        title="attention of the query row: vanilla vs edited (subject shaded)",
+        height=200 * len(heads) + 200,
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "x": 1, "xanchor": "right"},
     )
-    return fig
+    return style(fig)
+
+
+def _mark_subject(fig: go.Figure, cap: Capture, prompt: int, rows: int = 1) -> None:
+    """Shade the subject's tokens (the key positions of the batch's subject span)."""
+    first, last = int(cap.batch.subject_first[prompt]), int(cap.batch.subject_last[prompt])
+    if first < 0:
+        return
+    for i in range(rows):
+        axis = "x" if i == 0 else f"x{i + 1}"
+        fig.add_shape(
+            type="rect",
+            xref=axis,
+            yref=f"{'y' if i == 0 else f'y{i + 1}'} domain",
+            x0=first - 0.5,
+            x1=last + 0.5,
+            y0=0,
+            y1=1,
+            fillcolor="rgba(0, 0, 0, 0.07)",
+            line={"width": 0},
+            layer="below",
+        )
+
+
+def attention_viewer(
+    captures: Pair | Mapping[str, Capture],
+    tokens: Sequence[str],
+    *,
+    prompt: int = 0,
+    query: int = 0,
+    start: tuple[int, int] | None = None,
+    title: str = "",
+) -> go.Figure:
+    """Attention of one query row over a prompt's tokens under several models, with the layer
+    chosen on a slider and the head in a dropdown (as circuitsvis' attention views).
+
+    The first model is the reference (vanilla, grey); the others are drawn beside it in the
+    edited colours. The subject's tokens are shaded and set in bold. The y axis keeps one
+    range for every layer and head, so that moving the slider compares like with like. The
+    figure is plain plotly: it works offline, in a notebook and in a saved report.
+
+    Args:
+        captures: a :class:`~attndrift.capture.Pair` (vanilla, edited) or captures by model
+            name (the first the reference), of the same batch and layers, with attention rows.
+        tokens: token strings of the prompt (its keys, in order).
+        prompt: which prompt of the batch.
+        query: which captured query row (default: the first, e.g. the last prompt token).
+        start: the (layer, head) shown first (default: where the second model's attention to
+            the subject's last token grows most over the reference's).
+        title: the figure title (default: the query token; name the edit and the model).
+    """
+    caps = {"vanilla": captures.vanilla, "edited": captures.edited} if isinstance(
+        captures, Pair
+    ) else dict(captures)  # fmt: skip
+    if len(caps) < 2:
+        raise ValueError("attention_viewer compares at least two models")
+    first = next(iter(caps.values()))
+    for name, cap in caps.items():
+        if cap.pattern is None:
+            raise ValueError(f"{name}: the capture has no attention patterns")
+        if cap.layers != first.layers or cap.pattern.shape != first.pattern.shape:
+            raise ValueError(f"{name}: the captures differ in layers or rows")
+    n = len(tokens)
+    if not 0 <= prompt < first.pattern.shape[0] or n > first.pattern.shape[-1]:
+        raise ValueError(f"prompt {prompt} or its {n} tokens do not fit the capture")
+    # [model, layer, head, key]: the rows shown, rounded for a compact page
+    rows = np.stack(
+        [c.pattern[prompt, :, :, query, :n].detach().float().cpu().numpy() for c in caps.values()]
+    ).round(4)
+    layers, n_heads = first.layers, rows.shape[2]
+    if start is None:
+        s_last = int(first.batch.subject_last[prompt])
+        growth = rows[1, :, :, s_last] - rows[0, :, :, s_last] if s_last >= 0 else rows[1, :, :, 0]
+        li, head = np.unravel_index(int(growth.argmax()), growth.shape)
+    else:
+        if start[0] not in layers or not 0 <= start[1] < n_heads:
+            raise ValueError(f"start {start} is not a captured (layer, head)")
+        li, head = layers.index(start[0]), start[1]
+    labels = unique_labels(tokens)
+    s0, s1 = int(first.batch.subject_first[prompt]), int(first.batch.subject_last[prompt])
+    ticks = [f"<b>{html.escape(t)}</b>" if s0 <= k <= s1 else html.escape(t)
+             for k, t in enumerate(labels)]  # fmt: skip
+    names, colours = list(caps), _model_colours(list(caps))
+    fig = go.Figure()
+    for i in range(len(layers)):
+        for m, (name, colour) in enumerate(zip(names, colours, strict=True)):
+            fig.add_trace(
+                go.Bar(
+                    x=list(range(n)),
+                    y=rows[m, i, head],
+                    name=name,
+                    marker_color=colour,
+                    visible=i == li,
+                    customdata=labels,
+                    hovertemplate=f"{html.escape(name)}: %{{customdata}} %{{y:.4f}}<extra></extra>",
+                )
+            )
+    order = [(i, m) for i in range(len(layers)) for m in range(len(names))]
+    heads = [
+        {
+            "label": f"head {h}",
+            "method": "restyle",
+            "args": [{"y": [rows[m, i, h] for i, m in order]}],
+        }
+        for h in range(n_heads)
+    ]
+    steps = [
+        {
+            "label": str(layer),
+            "method": "restyle",
+            "args": [{"visible": [i == k for i, _ in order]}],
+        }
+        for k, layer in enumerate(layers)
+    ]
+    _mark_subject(fig, first, prompt)
+    q = int(first.queries[prompt, query]) if first.queries is not None else n - 1
+    fig.update_layout(
+        barmode="group",
+        title=title or f"attention from {html.escape(labels[q])!r} over the prompt's tokens "
+        "(subject shaded)",
+        updatemenus=[{"buttons": heads, "active": int(head), "x": 0, "xanchor": "left", "y": 1.0,
+                      "yanchor": "bottom", "direction": "down", "showactive": True}],
+        sliders=[{"steps": steps, "active": int(li), "currentvalue": {"prefix": "layer "},
+                  "pad": {"t": 90}, "len": 1.0}],
+        height=520,
+        margin={"t": 110},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "x": 1, "xanchor": "right"},
+    )  # fmt: skip
+    top = float(min(1.0, rows.max() * 1.05)) if rows.size else 1.0
+    fig.update_yaxes(title_text="attention (probability)", range=[0, max(top, 0.05)])
+    fig.update_xaxes(title_text="key token", tickvals=list(range(n)), ticktext=ticks, tickangle=-45)
+    return style(fig)
 
 
 def drift_scatter(analysis: FailureAnalysis) -> go.Figure:
@@ -453,6 +758,7 @@ def drift_scatter(analysis: FailureAnalysis) -> go.Figure:
                 y=part["p_new"],
                 mode="markers",
                 name=str(kind),
+                marker={"color": METRIC_COLOURS.get(str(kind), VANILLA), "opacity": 0.75},
                 text=part["prompt"],
                 hovertemplate="%{text}<br>drift %{x:.3f}, P(o_new) %{y:.3f}<extra></extra>",
             )
@@ -461,35 +767,62 @@ def drift_scatter(analysis: FailureAnalysis) -> go.Figure:
         slope, intercept = np.polyfit(x, y, 1)
         xs = np.array([x.min(), x.max()])
         fig.add_trace(
-            go.Scatter(x=xs, y=slope * xs + intercept, mode="lines", name="least squares")
+            go.Scatter(
+                x=xs,
+                y=slope * xs + intercept,
+                mode="lines",
+                name="least squares",
+                line={"color": "black", "dash": "dash", "width": 1.5},
+            )
         )
     c = analysis.overall
     fig.update_layout(
-        title=f"drift factor vs P(o_new): Pearson ρ = {c.pearson:.2f} (p = {c.pearson_p:.1e}), "
-        f"Spearman ρ = {c.spearman:.2f} (p = {c.spearman_p:.1e}), n = {c.n}"
+        title=f"drift factor vs P(o_new): Pearson r = {c.pearson:.2f} (p = {c.pearson_p:.1e}), "
+        f"Spearman ρ = {c.spearman:.2f} (p = {c.spearman_p:.1e}), n = {c.n}",
+        margin={"t": 80},
     )
     fig.update_xaxes(title_text="drift factor (max over layers and heads of Δ attention to s_last)")
-    fig.update_yaxes(title_text="P(o_new) under the edited model")
-    return fig
+    fig.update_yaxes(title_text="P(o_new) under the edited model", range=[-0.02, 1.02])
+    return style(fig)
 
 
-#: one colour per metric in the trade-off figures, one line style per curve
-METRIC_COLOURS = {"ES": "#1f77b4", "PS": "#d62728", "NS": "#2ca02c", "RS": "#9467bd",
-                  "DNS": "#ff7f0e"}  # fmt: skip
+#: one colour per probe kind (metric) in the trade-off and scatter figures, one line style per
+#: curve; none of them is an answer's or a model's colour
+METRIC_COLOURS = {"ES": "#009e73", "PS": "#66a61e", "NS": "#7570b3", "RS": "#e7298a",
+                  "DNS": "#a6761d", "RS_D": "#4d4d4d"}  # fmt: skip
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 
 
-def tradeoff(frame, editor: str | None = None) -> go.Figure:
+def _percent_range(
+    values: Sequence[float] | np.ndarray, pad: float = 4.0, span: float = 10.0
+) -> list[float]:
+    """A y range in % fitted to the values (intervals included), inside [0, 100] plus room for
+    the markers at the ends, at least ``span`` points wide."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return [0.0, 100.0]
+    low, high = max(0.0, float(v.min()) - pad), min(100.0, float(v.max()) + pad)
+    if high - low < span:
+        middle = (high + low) / 2
+        low, high = max(0.0, middle - span / 2), min(100.0, middle + span / 2)
+        low, high = (100.0 - span, 100.0) if high >= 100 else (low, max(high, low + span))
+    return [low - 1.5, high + 1.5]
+
+
+def tradeoff(frame, editor: str | None = None, title: str = "") -> go.Figure:
     """The γ trade-off: edit success (ES, PS) and specificity (NS, RS, DNS) against γ.
 
     One curve per editor, head selection and variant (a colour per metric, a line style per
-    curve); an editor's γ = 0 row (its baseline) starts every curve of that editor.
+    curve); an editor's γ = 0 row (its baseline) starts every curve of that editor. Values and
+    intervals are in %, the intervals clipped to [0, 100] and the axis fitted to them. The
+    legend lists the metrics' colours and the curves' line styles once each.
 
     Args:
         frame: :func:`attndrift.summary.tradeoff` — one row per setting with ``editor``,
             ``gamma``, ``selection`` (``variant``: optional) and each metric with
             ``_low``/``_high`` interval bounds.
         editor: plot one editor's rows only (default: all).
+        title: the figure title (default: what is plotted; name the model and the records).
     """
     if editor is not None:
         frame = frame[frame["editor"] == editor]
@@ -507,6 +840,7 @@ def tradeoff(frame, editor: str | None = None) -> go.Figure:
         ((ed, True, ""), sadr_rows)
         for ed in sorted(set(frame["editor"]))  # baselines only
     ]
+    shown, kinds_drawn = [], []
     for i, ((ed, selection, variant), part) in enumerate(curves):
         base = frame[(frame["editor"] == ed) & (frame["gamma"] == 0)]
         part = pd.concat([base, part])
@@ -518,33 +852,96 @@ def tradeoff(frame, editor: str | None = None) -> go.Figure:
         part = part.set_index("gamma").reindex(gammas)
         suffix = f"{ed}, {'selected heads' if selection else 'all heads'}"
         suffix += f", {variant}" if variant else ""
+        dash = DASHES[i % len(DASHES)]
         for col, kinds in ((1, ("ES", "PS")), (2, ("NS", "RS", "DNS"))):
             for kind in kinds:
-                y = part[kind].to_numpy(float)
+                y = 100 * part[kind].to_numpy(float)
                 if np.isnan(y).all():
                     continue
+                low = np.clip(100 * part[f"{kind}_low"].to_numpy(float), 0, 100)
+                high = np.clip(100 * part[f"{kind}_high"].to_numpy(float), 0, 100)
+                shown += [*y, *low, *high]
+                kinds_drawn.append(kind)
                 fig.add_trace(
                     go.Scatter(
                         x=labels,
-                        y=100 * y,
+                        y=y,
                         error_y={
                             "type": "data",
                             "symmetric": False,
-                            "array": 100 * (part[f"{kind}_high"].to_numpy(float) - y),
-                            "arrayminus": 100 * (y - part[f"{kind}_low"].to_numpy(float)),
+                            "array": np.maximum(high - y, 0),
+                            "arrayminus": np.maximum(y - low, 0),
                         },
                         mode="lines+markers",
                         connectgaps=True,
-                        line={"dash": DASHES[i % len(DASHES)], "color": METRIC_COLOURS[kind]},
+                        cliponaxis=False,
+                        line={"dash": dash, "color": METRIC_COLOURS[kind]},
                         name=f"{kind} ({suffix})",
+                        legendgroup=kind,
+                        showlegend=False,
                     ),
                     row=1,
                     col=col,
                 )
+        fig.add_trace(  # the curve's line style, once in the legend
+            go.Scatter(
+                x=[None], y=[None], mode="lines", name=suffix, legendgroup=suffix,
+                line={"dash": dash, "color": "#444"},
+            )
+        )  # fmt: skip
+    for kind in dict.fromkeys(kinds_drawn):  # each metric's colour, once in the legend
+        fig.add_trace(
+            go.Scatter(
+                x=[None], y=[None], mode="markers", name=kind, legendgroup=kind,
+                marker={"color": METRIC_COLOURS[kind], "size": 10, "symbol": "square"},
+            )
+        )  # fmt: skip
     fig.update_xaxes(title_text="SADR γ", type="category")
     fig.update_yaxes(title_text="% of probes right (95 % interval)", row=1, col=1)
-    fig.update_layout(title="SADR trade-off: edit success vs specificity across γ")
-    return fig
+    fig.update_yaxes(range=_percent_range(shown))
+    entries = len(curves) + len(set(kinds_drawn))
+    fig.update_layout(
+        title=title or "SADR trade-off: edit success vs specificity across γ",
+        height=max(460, 22 * entries + 200),
+        legend={"tracegroupgap": 4, "title": {"text": "colour: metric · line: curve"}},
+    )
+    return style(fig)
+
+
+#: where a point's label may go, tried in order: plotly's position, and which way its centre
+#: lies from the point (x, y: -1, 0, 1)
+_LABEL_SPOTS = (("top center", (0, 1)), ("bottom center", (0, -1)), ("middle right", (1, 0)),
+                ("middle left", (-1, 0)), ("top right", (1, 1)), ("bottom left", (-1, -1)),
+                ("top left", (-1, 1)), ("bottom right", (1, -1)))  # fmt: skip
+
+
+def _label_positions(
+    x: np.ndarray, y: np.ndarray, labels: Sequence[str], x_range: list, y_range: list
+) -> list[str]:
+    """A text position per point whose label covers no marker and no label placed before it
+    (points taken left to right; label boxes estimated at 7 px a character in a 1000 x 450 px
+    figure)."""
+    sx = 0.76 * STATIC_WIDTH / (x_range[1] - x_range[0])
+    sy = 0.6 * STATIC_HEIGHT / (y_range[1] - y_range[0])
+    points = [(float(a) * sx, float(b) * sy) for a, b in zip(x, y, strict=True)]
+    placed = [(px - 5, px + 5, py - 5, py + 5) for px, py in points]  # the markers
+    out = ["top center"] * len(labels)
+    for i in sorted(range(len(labels)), key=lambda k: points[k]):
+        if not labels[i]:
+            continue
+        w, h = 7.0 * len(labels[i]) + 4, 16.0
+        px, py = points[i]
+        box = placed[i]
+        for spot, (dx, dy) in _LABEL_SPOTS:
+            cx = px + dx * (w / 2 + (8 if not dy else 0))
+            cy = py + dy * (h / 2 + 7)
+            box = (cx - w / 2, cx + w / 2, cy - h / 2, cy + h / 2)
+            out[i] = spot
+            if not any(box[0] < b[1] and b[0] < box[1] and box[2] < b[3] and b[2] < box[3]
+                       for b in placed):  # fmt: skip
+                break
+        placed.append(box)
+    return out
 
 
 def _short_keys(keys: list[str]) -> list[str]:
@@ -554,32 +951,49 @@ def _short_keys(keys: list[str]) -> list[str]:
     return ["|".join(p for p in ps if p not in shared) or "|".join(ps) for ps in parts]
 
 
-def tradeoff_map(frame) -> go.Figure:
+def tradeoff_map(frame, title: str = "") -> go.Figure:
     """Every setting as one point: paraphrase success (PS) against the harmonic mean of RS and
     DNS (``RS_DNS``, what the SADR rule maximises), with ES in the hover text; up and right is
-    better.
+    better. Both axes in %, fitted to the points inside [0, 100].
 
     Args:
         frame: :func:`attndrift.summary.tradeoff`.
+        title: the figure title (default: what is plotted).
     """
     if frame.empty:
         raise ValueError("no settings to plot")
+    x = 100 * frame["RS_DNS"].to_numpy(float)
+    y = 100 * frame["PS"].to_numpy(float)
+    labels = _short_keys(list(frame["setting"]))
+    x_range, y_range = _percent_range(x, 8.0), _percent_range(y, 8.0)
+    # points that (nearly) coincide share one label: "a · b" on the first, none on the others
+    near = 0.01 * (x_range[1] - x_range[0]), 0.01 * (y_range[1] - y_range[0])
+    for i in range(len(labels)):
+        for j in range(i):
+            if labels[j] and abs(x[i] - x[j]) < near[0] and abs(y[i] - y[j]) < near[1]:
+                labels[j], labels[i] = f"{labels[j]} · {labels[i]}", ""
+                break
     fig = go.Figure(
         go.Scatter(
-            x=100 * frame["RS_DNS"].to_numpy(float),
-            y=100 * frame["PS"].to_numpy(float),
+            x=x,
+            y=y,
             mode="markers+text",
-            text=_short_keys(list(frame["setting"])),
-            textposition=[("top center", "bottom center")[i % 2] for i in range(len(frame))],
+            text=labels,
+            textposition=_label_positions(x, y, labels, x_range, y_range),
             customdata=list(frame["setting"]),
             hovertext=[f"ES {100 * e:.1f}" for e in frame["ES"].to_numpy(float)],
             name="settings",
+            cliponaxis=False,
+            marker={"color": "#444", "size": 9},
         )
     )
-    fig.update_xaxes(title_text="harmonic mean of RS and DNS (%)")
-    fig.update_yaxes(title_text="PS (%)")
-    fig.update_layout(title="Specificity against generalisation, one point per setting")
-    return fig
+    fig.update_xaxes(title_text="harmonic mean of RS and DNS (%)", range=x_range)
+    fig.update_yaxes(title_text="PS (%)", range=y_range)
+    fig.update_layout(
+        title=title or "Specificity against generalisation, one point per setting",
+        margin={"l": 80, "r": 80},
+    )
+    return style(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -605,25 +1019,216 @@ def save_html(figures: go.Figure | Sequence[go.Figure], path: str | Path) -> Pat
     return path
 
 
+#: the size of a static figure whose layout sets none (px)
+STATIC_WIDTH, STATIC_HEIGHT = 1000, 450
+#: browsers :func:`save_png` and :func:`layout_problems` look for on the PATH, in order
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+#: run in the page once every figure is drawn: what lies outside its figure, what covers a
+#: title, a title on a plot area, and legends that scroll; written into the page as JSON
+_CHECK = r"""
+function attndriftCheck() {
+  var problems = [];
+  var title = function (t) {
+    var c = t.getAttribute('class') || '';
+    return /title$/.test(c) || c === 'annotation-text';
+  };
+  var name = function (t) { return JSON.stringify(t.textContent.trim().slice(0, 50)); };
+  document.querySelectorAll('.js-plotly-plot').forEach(function (gd, k) {
+    var box = gd.getBoundingClientRect();
+    var texts = Array.from(gd.querySelectorAll('svg text')).filter(function (t) {
+      var r = t.getBoundingClientRect();
+      return t.textContent.trim() && r.width > 0 && r.height > 0;
+    });
+    texts.forEach(function (t) {
+      var r = t.getBoundingClientRect();
+      if (r.left < box.left - 2 || r.right > box.right + 2 || r.top < box.top - 2 ||
+          r.bottom > box.bottom + 2) {
+        problems.push('figure ' + (k + 1) + ': ' + name(t) + ' lies outside the figure');
+      }
+    });
+    var labels = texts.filter(function (t) {
+      return (t.parentNode.getAttribute('class') || '').indexOf('textpoint') >= 0;
+    });
+    labels.forEach(function (a, i) {
+      labels.slice(i + 1).forEach(function (b) {
+        var ra = a.getBoundingClientRect(), rb = b.getBoundingClientRect();
+        var w = Math.min(ra.right, rb.right) - Math.max(ra.left, rb.left);
+        var h = Math.min(ra.bottom, rb.bottom) - Math.max(ra.top, rb.top);
+        if (w > 2 && h > 2) {
+          problems.push('figure ' + (k + 1) + ': ' + name(a) + ' overlaps ' + name(b));
+        }
+      });
+    });
+    texts.filter(title).forEach(function (a) {
+      var ra = a.getBoundingClientRect();
+      texts.forEach(function (b) {
+        if (a === b || (title(b) && a.compareDocumentPosition(b) & 2)) return;
+        var rb = b.getBoundingClientRect();
+        var w = Math.min(ra.right, rb.right) - Math.max(ra.left, rb.left);
+        var h = Math.min(ra.bottom, rb.bottom) - Math.max(ra.top, rb.top);
+        if (w > 2 && h > 2) {
+          problems.push('figure ' + (k + 1) + ': ' + name(a) + ' overlaps ' + name(b));
+        }
+      });
+    });
+    var plots = (gd._fullLayout && gd._fullLayout._plots) || {};
+    Object.keys(plots).forEach(function (id) {
+      var xa = plots[id].xaxis, ya = plots[id].yaxis;
+      var area = {left: box.left + xa._offset, right: box.left + xa._offset + xa._length,
+                  top: box.top + ya._offset, bottom: box.top + ya._offset + ya._length};
+      texts.filter(title).forEach(function (t) {
+        var r = t.getBoundingClientRect();
+        var w = Math.min(r.right, area.right) - Math.max(r.left, area.left);
+        var h = Math.min(r.bottom, area.bottom) - Math.max(r.top, area.top);
+        if (w > 2 && h > 2) {
+          problems.push('figure ' + (k + 1) + ': ' + name(t) + ' lies on the plot of ' + id);
+        }
+      });
+    });
+    gd.querySelectorAll('.legend .scrollbar').forEach(function (bar) {
+      var r = bar.getBoundingClientRect();
+      if (r.height > 0 && r.width > 0) {
+        problems.push('figure ' + (k + 1) + ': the legend scrolls (part of it is hidden)');
+      }
+    });
+    if (gd.querySelector('.modebar-container .modebar-btn')) {
+      problems.push('figure ' + (k + 1) + ': the modebar is shown');
+    }
+  });
+  var out = document.createElement('pre');
+  out.id = 'attndrift-problems';
+  out.textContent = JSON.stringify(problems);
+  document.body.appendChild(out);
+}
+window.addEventListener('load', function () { setTimeout(attndriftCheck, 200); });
+"""
+
+
+def _static(fig: go.Figure) -> go.Figure:
+    """A copy with an explicit size (what a static export draws)."""
+    out = go.Figure(fig)
+    out.update_layout(
+        width=fig.layout.width or STATIC_WIDTH, height=fig.layout.height or STATIC_HEIGHT
+    )
+    return out
+
+
+def _static_page(figures: Sequence[go.Figure], check: bool) -> str:
+    """The figures stacked on one page at their sizes, without modebars (and the check)."""
+    from plotly.offline import get_plotlyjs
+
+    config = {"displayModeBar": False, "responsive": False}
+    divs = [f.to_html(full_html=False, include_plotlyjs=False, config=config) for f in figures]
+    script = f"<script>{_CHECK}</script>" if check else ""
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        "<style>body{margin:0;background:white} div{margin:0}</style>"
+        f"<script>{get_plotlyjs()}</script>{script}</head><body>" + "".join(divs) + "</body></html>"
+    )
+
+
+def chromium() -> str | None:
+    """The headless browser :func:`save_png` uses (None when none is installed)."""
+    return next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
+
+
+def _browse(page: str, *args: str) -> subprocess.CompletedProcess:
+    """Open ``page`` in headless Chromium with ``args`` (a throwaway profile; nothing else on
+    disk changes)."""
+    browser = chromium()
+    if browser is None:
+        raise RuntimeError(
+            "no Chrome/Chromium browser on the PATH (Debian/Ubuntu: apt-get install chromium)"
+        )
+    with tempfile.TemporaryDirectory(prefix="attndrift-png-") as tmp:
+        html_path = Path(tmp) / "figure.html"
+        html_path.write_text(page, encoding="utf-8")
+        command = [
+            browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={Path(tmp) / 'profile'}",
+            "--virtual-time-budget=10000", *args, html_path.as_uri(),
+        ]  # fmt: skip
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=180, env={**os.environ, "HOME": tmp}
+        )
+
+
+def layout_problems(figures: go.Figure | Sequence[go.Figure]) -> list[str]:
+    """What a browser draws badly when the figures are exported at their sizes: labels outside
+    the figure (cut off), a label over a title, a title on a plot area (e.g. an axis title on
+    the panel below), a legend that scrolls, a modebar. Needs Chromium (:func:`chromium`).
+
+    Returns:
+        One sentence per problem (empty: the figures draw cleanly).
+    """
+    figures = [figures] if isinstance(figures, go.Figure) else list(figures)
+    if not figures:
+        raise ValueError("no figures to check")
+    shown = [_static(f) for f in figures]
+    width = max(int(f.layout.width) for f in shown)
+    height = sum(int(f.layout.height) for f in shown)
+    done = _browse(
+        _static_page(shown, check=True), f"--window-size={width},{height + 200}", "--dump-dom"
+    )
+    found = done.stdout.split('<pre id="attndrift-problems">', 1)
+    if done.returncode != 0 or len(found) != 2:
+        raise RuntimeError(f"Chromium could not draw the figures: {done.stderr[-500:]}")
+    return json.loads(html.unescape(found[1].split("</pre>", 1)[0]))
+
+
 def _kaleido_available() -> bool:
     return importlib.util.find_spec("kaleido") is not None
 
 
-def save_png(fig: go.Figure, path: str | Path) -> Path:
-    """Write a PNG with kaleido (not a dependency of attndrift).
+def save_png(
+    figures: go.Figure | Sequence[go.Figure], path: str | Path, *, check: bool = True
+) -> Path:
+    """Write a static PNG of one figure, or of several stacked, at their layout sizes (width
+    :data:`STATIC_WIDTH`, height :data:`STATIC_HEIGHT` where unset), without the modebar.
+
+    Renders with headless Chromium where one is installed (:func:`chromium`), else with the
+    optional package kaleido (one figure). With ``check`` (Chromium only), a figure that draws
+    badly (:func:`layout_problems`: a label cut off or over a title, a scrolling legend) is
+    refused with a ValueError that lists the problems, and no file is written.
 
     Raises:
-        RuntimeError: kaleido is not installed, or it cannot render (e.g. no Chrome/Chromium).
+        RuntimeError: neither Chromium nor kaleido can render.
+        ValueError: ``check`` found problems.
     """
+    figures = [figures] if isinstance(figures, go.Figure) else list(figures)
+    if not figures:
+        raise ValueError("no figures to save")
+    path = Path(path)
+    shown = [_static(f) for f in figures]
+    if chromium() is not None:
+        if check:
+            problems = layout_problems(shown)
+            if problems:
+                raise ValueError("the figure draws badly: " + "; ".join(problems))
+        width = max(int(f.layout.width) for f in shown)
+        height = sum(int(f.layout.height) for f in shown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        done = _browse(
+            _static_page(shown, check=False),
+            f"--window-size={width},{height}",
+            f"--screenshot={path.resolve()}",
+        )
+        if done.returncode != 0 or not path.exists():
+            raise RuntimeError(f"Chromium could not render the PNG: {done.stderr[-500:]}")
+        return path
     if not _kaleido_available():
         raise RuntimeError(
-            "save_png needs the optional package kaleido and a Chrome/Chromium browser "
-            "(pip install kaleido); use save_html for a standalone file instead"
+            "save_png needs a Chrome/Chromium browser (Debian/Ubuntu: apt-get install "
+            "chromium) or the optional package kaleido (pip install kaleido); use save_html "
+            "for a standalone file instead"
         )
-    path = Path(path)
+    if len(shown) != 1:
+        raise RuntimeError("kaleido writes one figure per PNG: install Chromium to stack them")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.write_image(path, format="png")
+        shown[0].write_image(path, format="png")
     except Exception as err:
         raise RuntimeError(
             f"kaleido could not render the PNG ({type(err).__name__}: {err}); it needs a "
@@ -664,7 +1269,12 @@ def tracing_heatmap(result: Tracing) -> go.Figure:
                 x=list(range(n_layers)),
                 y=y,
                 colorscale=_TRACE_COLOURS.get(name, SEQUENTIAL),
-                colorbar={"x": right + 0.005, "thickness": 10, "len": 0.8},
+                colorbar={
+                    "x": right + 0.005,
+                    "thickness": 10,
+                    "len": 0.8,
+                    "title": {"text": "indirect effect (ΔP)" if j == 0 else "", "side": "right"},
+                },
                 name=name,
                 hovertemplate=f"{name}: layer %{{x}}, token %{{y}}: %{{z:.4f}}<extra></extra>",
             ),
@@ -682,7 +1292,7 @@ def tracing_heatmap(result: Tracing) -> go.Figure:
         width=max(900, 380 * len(names)),
         margin={"t": 110},
     )
-    return fig
+    return style(fig)
 
 
 def knockout_figure(result: Knockout) -> go.Figure:
@@ -728,4 +1338,4 @@ def knockout_figure(result: Knockout) -> go.Figure:
         title_text="first blocked layer (window start)", dtick=1 if n_layers <= 32 else 2
     )
     fig.update_yaxes(title_text="P(blocked) − P(unblocked)")
-    return fig
+    return style(fig)

@@ -91,9 +91,9 @@ class PmetConfig(EditorConfig):
 #: Documented defaults. GPT-J: PMET's hyper-parameters in EasyEdit, which the SADR paper's
 #: PMET runs use (layers 3-8, 30 steps at lr 0.2, weight decay 0.5, clamp 0.75, KL factor 1,
 #: λ 15000; 40 steps with SADR); Llama: the SADR code's Llama-3-8B PMET setting; SmolLM2:
-#: MEMIT's SmolLM2 layers, and lr 0.5, clamp 4, λ 2000 from the tuning slice (docs/RESULTS.md
-#: §12.5-12.6: at GPT-J's lr 0.2 the MLP delta stays too small to edit 95 % of facts in 30 steps),
-#: with SADR in PMET's own step budget.
+#: MEMIT's SmolLM2 layers, and lr 0.5, clamp 4, λ 2000 from the tuning slice of the study
+#: docs/studies/calibration.md (at GPT-J's lr 0.2 the MLP delta stays too small to edit 95 % of
+#: facts in 30 steps), with SADR in PMET's own step budget.
 PRESETS: dict[str, PmetConfig] = {
     "gpt-j": PmetConfig(layers=(3, 4, 5, 6, 7, 8)),
     "llama": PmetConfig(
@@ -106,7 +106,7 @@ PRESETS: dict[str, PmetConfig] = {
         value=ValueConfig(steps=30, lr=0.5, weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=1.0),
         mom2_update_weight=2000.0,
         covariance=CovarianceConfig(n_tokens=32_768, text_tokens=128),
-        sadr_steps=None,  # SADR in PMET's own budget: no step-count confound (RESULTS §12.3)
+        sadr_steps=None,  # SADR in PMET's own budget: no step-count confound
     ),
     "tiny": PmetConfig(
         layers=(0, 1),

@@ -64,10 +64,11 @@ class RomeConfig(EditorConfig):
 _GPTJ = RomeConfig(layer=5)
 #: Documented defaults. GPT-2 XL / GPT-J: ROME's released hyper-parameters (METHOD §3);
 #: Llama: the paper's Llama-3-8B setting; SmolLM2-135M: layer 6, the best Score among the
-#: layers reaching ES and PS >= 90 % in the layer sweep of ``docs/RESULTS.md``
+#: layers reaching ES and PS >= 90 % in the layer sweep of ``docs/studies/calibration.md``
 #: (``scripts/layer_sweep.sh``), C from 32k tokens of self-sampled text, and the value
-#: optimisation calibrated on dev records 1000-1099 by the rule of ``docs/RESULTS.md`` §12: at
-#: most 25 steps, stopping when the NLL term (not the whole loss) falls below 0.05.
+#: optimisation calibrated on dev records 1000-1099 by the rule of the study
+#: ``docs/studies/calibration.md``: at most 25 steps, stopping when the NLL term (not
+#: the whole loss) falls below 0.05.
 PRESETS: dict[str, RomeConfig] = {
     "gpt2-xl": RomeConfig(layer=17),
     "gpt-j": _GPTJ,

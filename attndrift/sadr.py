@@ -36,12 +36,14 @@ Axis names: ``prompt layer head_index query key_pos`` (the restrained query rows
 selected).
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+from transformer_lens import HookedTransformer
 
 from attndrift import checks, metrics
 
@@ -67,10 +69,11 @@ Prompts = Literal["rewrite", "distractors", "both"]
 
 @dataclass(frozen=True)
 class SadrConfig:
-    """SADR settings. The paper used γ = 0.01 for ROME (with 80 steps) and 0.005 for MEMIT
-    on GPT-J; the other fields' defaults are the paper's SADR."""
+    """SADR settings. ``gamma`` has no default: a model's chosen value is its preset
+    (:func:`preset`, e.g. ``sadr.preset(model)``); the other fields' defaults are the paper's
+    SADR."""
 
-    gamma: float = 0.01  # weight of L_SADR in the value loss
+    gamma: float  # weight of L_SADR in the value loss
     all_heads: bool = False  # ablation: restrain every head (no selection)
     # the options are Queries, Keys, Threshold, Prompts (typed str: checks.option says why)
     queries: str = "last"  # "last" (t_j) or "after_subject" (every query after s_j)
@@ -103,6 +106,48 @@ class SadrConfig:
         return ",".join(parts)
 
 
+#: γ of ROME+SADR on SmolLM2-135M: the value the study docs/studies/sadr.md chose by its rule
+#: (ES ≥ 99 %, PS within 3 points of the same-budget baseline, then the best harmonic mean of
+#: RS and DNS), with ROME's SADR budget of 80 steps (``rome.PRESETS``' ``sadr_steps``). The one
+#: place this number is written: the demo, the README and the notebooks read it from here.
+SMOLLM2_ROME_GAMMA = 0.05
+
+#: SADR per editor and model (the keys of :data:`attndrift.rome.PRESETS`): GPT-J's are the
+#: paper's (ROME 0.01, MEMIT 0.005); SmolLM2's ROME γ is :data:`SMOLLM2_ROME_GAMMA`, its MEMIT γ
+#: half of it (the paper's MEMIT-to-ROME ratio, as the SmolLM2 MEMIT studies ran it), its PMET
+#: γ the one the PMET ± SADR study fixed before its runs.
+PRESETS: dict[str, dict[str, SadrConfig]] = {
+    "rome": {
+        "gpt-j": SadrConfig(gamma=0.01),
+        "smollm2-135m": SadrConfig(gamma=SMOLLM2_ROME_GAMMA),
+    },
+    "memit": {
+        "gpt-j": SadrConfig(gamma=0.005),
+        "smollm2-135m": SadrConfig(gamma=SMOLLM2_ROME_GAMMA / 2),
+    },
+    "pmet": {"smollm2-135m": SadrConfig(gamma=0.4)},
+}
+
+
+def preset(model: HookedTransformer | str, editor: str = "rome") -> SadrConfig:
+    """The SADR setting chosen for ``editor`` on a model (by name), e.g.
+    ``sadr.preset(model).gamma``; a ValueError naming the presets there are otherwise.
+
+    Pair it with the editor's preset (``rome.preset(model)``), whose ``sadr_steps`` is the step
+    budget the γ was chosen under.
+    """
+    from attndrift import editors  # model-name matching (editors imports this module)
+
+    checks.choice("editor", editor, tuple(PRESETS))
+    return editors.preset_for(PRESETS[editor], model, f"{editor.upper()}+SADR")
+
+
+def watched_layers(model: HookedTransformer, layers: Sequence[int]) -> range:
+    """The layers whose attention SADR watches for an edit of ``layers`` (an edit's
+    ``layers``): every layer after the last edited one, the order of ``StepLog.heads``."""
+    return range(max(layers) + 1, model.cfg.n_layers)
+
+
 def attention_to_subject(
     rows: Float[Tensor, "prompt layer head_index query key_pos"],
     subject: Bool[Tensor, "prompt key_pos"],
@@ -131,7 +176,7 @@ def sadr_loss(
     current: Float[Tensor, "prompt layer head_index query key_pos"],
     subject: Bool[Tensor, "prompt key_pos"],
     query_weight: Float[Tensor, "prompt query"],
-    cfg: SadrConfig = SadrConfig(),
+    cfg: SadrConfig,
 ) -> tuple[Float[Tensor, ""], Float[Tensor, " layer"]]:
     """L_SADR and the mean number of restrained heads per layer.
 

@@ -181,6 +181,34 @@ def tradeoff(lines: Sequence[Line]) -> pd.DataFrame:
     return frame.sort_values(order).reset_index(drop=True)
 
 
+def strength(lines: Sequence[Line]) -> pd.DataFrame:
+    """Specificity against edit strength: :func:`tradeoff`'s rows with the median ES and PS
+    log-odds margins (``ES_margin``, ``PS_margin``) and a ``family``: ``"margin stop"`` for
+    plain ROME stopped on the edit prompt's margin and ``"baseline"`` for its same-budget
+    baseline (together, the curve a weaker plain edit traces), else the variant's name. A
+    variant that keeps more RS or DNS than the curve at its own ES margin does more than edit
+    less."""
+    frame = tradeoff(lines)
+    es, ps = margins(lines, "ES"), margins(lines, "PS")
+    frame["ES_margin"] = [es[k] for k in frame["setting"]]
+    frame["PS_margin"] = [ps[k] for k in frame["setting"]]
+    settings = {line.setting.key: line.setting for line in lines}
+
+    def family(key: str) -> str:
+        s = settings[key]
+        if key == baseline_key(s):
+            return "baseline"
+        plain = s.sadr_gamma == 0 and s.offtarget is None and s.relation_kl is None
+        if plain and s.stop_margin is not None and s.early_stop_on == "margin":
+            return "margin stop"
+        if plain and s.stop_margin is not None:
+            return f"NLL < {s.early_stop:g} and margin stop"
+        return variant_of(s) or f"SADR γ {s.sadr_gamma:g}"
+
+    frame["family"] = [family(k) for k in frame["setting"]]
+    return frame.sort_values(["family", "ES_margin"]).reset_index(drop=True)
+
+
 def drift_vs_failure(
     lines: Sequence[Line], setting: str, kinds: Sequence[str] | None = None
 ) -> drift.FailureAnalysis:
@@ -260,7 +288,7 @@ def drift_table(lines: Sequence[Line], kinds: Sequence[str] = ("RS", "DNS")) -> 
                     "probes": c.n,
                     "drift factor": f"{fa.probes['factor'].mean():.2f}",
                     "P(o_new)": f"{fa.probes['p_new'].mean():.3f}",
-                    "Pearson [95 % CI, records]": f"{c.pearson:.2f} [{low:.2f}, {high:.2f}]",
+                    "Pearson [95 % interval, records]": f"{c.pearson:.2f} [{low:.2f}, {high:.2f}]",
                     "Spearman": f"{c.spearman:.2f}",
                 }
             )

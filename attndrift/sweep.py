@@ -16,6 +16,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -176,32 +177,43 @@ def run(
             version (for code changes that leave the numbers alone).
     """
     dataset = _checked(dataset, settings, rank, world)
+    results.check_out_name(Path(out))  # x.jsonl.gz: refused, x.jsonl resumes from it
     path = results.shard_path(Path(out), rank, world)
     if path.parent.exists() and not path.parent.is_dir():
         raise ValueError(f"--out {path}: {path.parent} is not a directory")
-    results.prepare_append(path)  # refuses a foreign file, cuts a torn tail
-    # finished pairs: this rank's file, the other ranks' shards and .gz copies (a rerun with
-    # another number of ranks, or after a rebalance, redoes nothing)
-    done_lines = [line for f in results.files(Path(out)) for line in results.read(f)]
     prov = provenance(model, dataset, model_name)
     configs = {s.key: _jsonable(dataclasses.asdict(s.config(model))) for s in settings}
-    check_resume(path, done_lines, prov, configs, allow_new_revision)
+    # everything checked before the file is touched (or created by the lock) …
+    check_resume(path, _done_lines(out, path), prov, configs, allow_new_revision)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(path.parent, os.W_OK):
         raise PermissionError(f"--out {path}: {path.parent} is not writable")
-    done = {line.key for line in done_lines}
-    todo = _todo(dataset.records, settings, rank, world, done)
-    n = sum(len(g) for _, g in todo)
-    log.info("%s: %d (record, setting) pairs to do", path, n)
-    ctx = _Context(model, Editor(model), fluency, prov, configs, rank, world)
-    bar = tqdm(total=n, desc=f"sweep r{rank}", unit="edit", disable=not progress)
-    for setting, group in todo:
-        for line in _group_lines(ctx, setting, group):
-            if line.key not in done:
-                results.append(path, line)
-            bar.update(1)
-    bar.close()
+    with results.locked(path):  # … and again under the lock: the file is this run's now
+        results.prepare_append(path)  # completes a last line's newline, cuts a torn tail
+        done_lines = _done_lines(out, path)
+        check_resume(path, done_lines, prov, configs, allow_new_revision)
+        done = {line.key for line in done_lines}
+        todo = _todo(dataset.records, settings, rank, world, done)
+        n = sum(len(g) for _, g in todo)
+        log.info("%s: %d (record, setting) pairs to do", path, n)
+        ctx = _Context(model, Editor(model), fluency, prov, configs, rank, world)
+        bar = tqdm(total=n, desc=f"sweep r{rank}", unit="edit", disable=not progress)
+        try:
+            for setting, group in todo:
+                for line in _group_lines(ctx, setting, group):
+                    if line.key not in done:
+                        results.append(path, line)
+                    bar.update(1)
+        finally:  # closed now, not when collected (after an interrupt's message)
+            bar.close()
     return path
+
+
+def _done_lines(out: str | Path, path: Path) -> list[Line]:
+    """Finished lines: this rank's file (refused if foreign), the other ranks' shards and the
+    .gz copies (a rerun with another number of ranks, or after a rebalance, redoes nothing)."""
+    mine = results.check_appendable(path)
+    return mine + [x for f in results.files(Path(out)) if f != path for x in results.read(f)]
 
 
 def _checked(dataset, settings, rank: int, world: int) -> Dataset:
@@ -213,10 +225,9 @@ def _checked(dataset, settings, rank: int, world: int) -> Dataset:
     if len(set(keys)) != len(keys):
         raise ValueError(f"duplicate settings: {keys}")
     if not isinstance(dataset, Dataset):
-        dataset = Dataset(tuple(dataset))
-    ids = [r.id for r in dataset.records]
-    if len(set(ids)) != len(ids):
-        raise ValueError("the records repeat an id: each record is swept once")
+        dataset = Dataset(tuple(dataset))  # refuses repeated ids
+    if not len(dataset):
+        raise ValueError("no records to sweep")
     return dataset
 
 
@@ -328,13 +339,101 @@ def _score_group(ctx, setting, group, states, edits, variant, t0: float, t1: flo
     return lines
 
 
+#: seconds the ranks of a distributed sweep wait for each other to start
+#: (``$ATTNDRIFT_RENDEZVOUS_TIMEOUT`` overrides it)
+RENDEZVOUS_SECONDS = 600.0
+
+
+def _env_int(name: str, default: int, low: int = 0) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not an integer (torchrun's variables)") from None
+    if value < low:
+        raise ValueError(f"{name}={value} must be >= {low} (torchrun's variables)")
+    return value
+
+
 def distributed_rank() -> tuple[int, int]:
-    """(rank, world) from torchrun's environment; (0, 1) when not distributed."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """(rank, world) from torchrun's environment; (0, 1) when not distributed.
+
+    Checked before any process group starts (a wrong value would otherwise wait for peers
+    that never come): ``RANK`` and ``WORLD_SIZE`` integers with 0 <= RANK < WORLD_SIZE, and,
+    when distributed, ``MASTER_ADDR`` and ``MASTER_PORT`` set (a ValueError names the
+    variable).
+    """
+    world = _env_int("WORLD_SIZE", 1, low=1)
+    rank = _env_int("RANK", 0)
+    if rank >= world:
+        raise ValueError(f"RANK={rank} is not in 0..{world - 1} (WORLD_SIZE={world})")
+    _env_int("LOCAL_RANK", 0)
+    if world > 1:
+        missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
+        if missing:
+            raise ValueError(
+                f"WORLD_SIZE={world} but {' and '.join(missing)} not set: start the ranks with "
+                "torchrun (or set WORLD_SIZE=1)"
+            )
+        port = _env_int("MASTER_PORT", 0, low=1)
+        if port > 65535:
+            raise ValueError(f"MASTER_PORT={port} is not a port (1..65535)")
+    return rank, world
+
+
+def rendezvous_seconds() -> float:
+    """How long ranks wait for each other (``$ATTNDRIFT_RENDEZVOUS_TIMEOUT``, default
+    :data:`RENDEZVOUS_SECONDS`)."""
+    text = os.environ.get("ATTNDRIFT_RENDEZVOUS_TIMEOUT")
+    if text is None:
+        return RENDEZVOUS_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"ATTNDRIFT_RENDEZVOUS_TIMEOUT={text!r} must be a number of seconds > 0")
+    return value
+
+
+_FINISH_GROUP = []  # the process group of finish(): ranks may end hours apart
+
+
+def start(backend: str, rank: int, world: int) -> None:
+    """Join the other ranks (the default process group), waiting at most
+    :func:`rendezvous_seconds`; a RuntimeError that says so when they do not come."""
+    import torch.distributed as dist
+
+    seconds = rendezvous_seconds()
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    try:
+        dist.init_process_group(
+            backend, rank=rank, world_size=world, timeout=dt.timedelta(seconds=seconds)
+        )
+        # the end of the sweep waits for the slowest rank: no rendezvous timeout there
+        _FINISH_GROUP[:] = [dist.new_group(backend="gloo", timeout=dt.timedelta(days=30))]
+    except (RuntimeError, TimeoutError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(
+            f"rank {rank} of {world}: the other ranks did not join at {where} within "
+            f"{seconds:g} s ({first[:120]}): start every rank with torchrun "
+            "(ATTNDRIFT_RENDEZVOUS_TIMEOUT sets the wait)"
+        ) from None
+
+
+def finish() -> None:
+    """Wait for every rank to finish its shard, then leave the process group."""
+    import torch.distributed as dist
+
+    dist.barrier(group=_FINISH_GROUP[0] if _FINISH_GROUP else None)
+    _FINISH_GROUP.clear()
+    dist.destroy_process_group()
 
 
 def device_for_rank() -> str | None:
     """``cuda:<LOCAL_RANK>`` under torchrun on a CUDA machine, else None (default device)."""
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        return f"cuda:{_env_int('LOCAL_RANK', 0)}"
     return None

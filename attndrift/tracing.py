@@ -56,7 +56,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from attndrift import capture, cells, encoding, models
-from attndrift.cells import Component
+from attndrift.cells import Cell, Component
 
 COMPONENTS: dict[str, Component] = {
     c.name: c
@@ -109,9 +109,17 @@ class Tracing:
     indirect: Float[Tensor, "component layer pos"]
     skipped: int = 0
 
-    def best(self, component: str, position: int | None = None) -> tuple[int, int, float]:
-        """The cell of largest indirect effect: ``(layer, position, effect)``, over every
-        traced position or at one ``position``."""
+    def __repr__(self) -> str:
+        _, n_l, n_p = self.indirect.shape
+        return (
+            f"Tracing({'/'.join(self.components)} × {n_l} layers × {n_p} positions of "
+            f"{self.prompt!r}; P({self.target!r}) clean {self.p_clean:.4f}, corrupted "
+            f"{self.p_corrupted:.4f}, largest indirect effect {float(self.indirect.max()):.4f})"
+        )
+
+    def best(self, component: str, position: int | None = None) -> Cell:
+        """The cell of largest indirect effect (a :class:`~attndrift.cells.Cell`: layer,
+        position, value = the effect), over every traced position or at one ``position``."""
         if component not in self.components:
             raise ValueError(f"component {component!r} was not traced ({self.components})")
         grid = self.indirect[self.components.index(component)]
@@ -121,7 +129,7 @@ class Tracing:
                 raise ValueError(f"position {position} was not traced ({self.positions})")
             columns = [self.positions.index(position)]
         layer, j = divmod(int(grid[:, columns].argmax()), len(columns))
-        return layer, self.positions[columns[j]], float(grid[layer, columns[j]])
+        return Cell(layer, self.positions[columns[j]], float(grid[layer, columns[j]]))
 
     def frame(self) -> pd.DataFrame:
         """Tidy table: one row per cell, with the layers it restores."""

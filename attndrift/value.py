@@ -102,8 +102,8 @@ class ValueConfig:
         checks.number("relation_kl", self.relation_kl, low=0)
         checks.number("early_stop_loss", self.early_stop_loss, low=0)
         checks.option("early_stop_on", self.early_stop_on, StopOn)
-        if not isinstance(self.essence_prompt, str) or "{}" not in self.essence_prompt:
-            raise ValueError("essence_prompt needs '{}' for the subject")
+        if not isinstance(self.essence_prompt, str) or checks.template_problem(self.essence_prompt):
+            raise ValueError("essence_prompt needs exactly one '{}' for the subject")
         if self.stop_margin is not None:
             checks.number("stop_margin", self.stop_margin)
         if self.early_stop_on == "margin" and self.stop_margin is None:
@@ -151,6 +151,16 @@ class StepLog:
     heads: tuple[float, ...]
     offtarget: float | None = None  # the off-target hinge, unweighted (None: off)
     margin: float | None = None  # log P(o_new) − log P(o_true) on the edit prompt (None: off)
+
+    def __repr__(self) -> str:
+        sadr = ""
+        if self.heads:
+            sadr = f", sadr {self.sadr:.4g}, heads restrained {sum(self.heads):.1f}"
+        return (
+            f"StepLog(step {self.step}: loss {self.loss:.4g}, nll {self.nll:.4g}, kl "
+            f"{self.kl:.4g}, weight decay {self.weight_decay:.4g}{sadr}, P(o_new) "
+            f"{self.p_new:.3f}, ‖δ‖ {self.delta_norm:.3g})"
+        )
 
 
 @dataclass(frozen=True)
@@ -445,7 +455,7 @@ class ValueObjective:
             self.model, self.tokens, {n: at for n in self.hook_names}, stop_at_layer=self.layer + 1
         )
         init = [kept[n][0, 0].to(self.device) for n in self.hook_names]  # row 0 ("{}") at s_0
-        self.init = torch.stack(init) if self.stacked else init[0]  # [n_hooks,] d_model
+        self.init = _precise(torch.stack(init) if self.stacked else init[0])  # [n_hooks,] d_model
 
     def _start_suffix(self, rows: list, subject_last: list[int], width: int) -> None:
         """Cache each row's prefix (positions < s_j) and run the rest up to layer L."""
@@ -464,6 +474,7 @@ class ValueObjective:
         self.tokens = tokens.to(self.device)  # [row, width + n]: the layout of every step
         self.mask = torch.tensor(mask, device=self.device)  # [row, width + n]
         self.cache = models.prefix_cache(model, self.tokens[:, :width], self.mask[:, :width])
+        self.lean_allowed = _LEAN[0]  # the steps may run the lean forward (hooked_forward)
         # one hook: the residual after block L at s_j onwards, delta adds to it from here on;
         # several: the residual entering block L (the steps run block L with the deltas' hooks)
         entering = models.resid_pre_hook(self.layer)
@@ -481,11 +492,26 @@ class ValueObjective:
         self.start = kept[entering].clone() if self.stacked else after  # [row, n, d_model]
         # row 0 ("{}") at its s_j, the first position that runs: v_0 / z_0
         init = [kept[n][0, 0].clone().to(self.device) for n in self.hook_names]
-        self.init = torch.stack(init) if self.stacked else init[0]  # [n_hooks,] d_model
+        self.init = _precise(torch.stack(init) if self.stacked else init[0])  # [n_hooks,] d_model
         self.step_shape = tuple(self.start.shape[:2])
 
     def _forward(self, delta: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Final hidden states of the step batch at ``delta``, and SADR's attention rows."""
+        """Final hidden states of the step batch at ``delta``, and SADR's attention rows.
+
+        The prefix-cached steps of one δ run the lean forward (:mod:`attndrift.models.lean`)
+        where it covers the model, TransformerLens' hooked forward otherwise (and inside
+        :func:`hooked_forward`). The lean forward runs the last block's MLP only at the
+        positions :meth:`_read_positions` names; the others are NaN, so that a loss term
+        reading a position not named there fails at once (``check_finite``).
+        """
+        lean = self._lean_forward() if self.prefix_cached and not self.stacked else None
+        if lean is not None:
+            resid = self.start + (self.onehot[:, :, None] * delta).to(self.start.dtype)
+            if self.sadr_cfg is not None and self.sadr_layers:
+                hidden, rows = lean(resid, self.sadr_rows_t, self.sadr_query)
+            else:
+                hidden, rows = lean(resid)
+            return hidden.to(self.device), None if rows is None else _precise(rows)
         hooks, rec = [], None
         if self.sadr_cfg is not None and self.sadr_layers:
             # SADR's query rows of its prompts (other rows pick position 0, unused)
@@ -497,7 +523,7 @@ class ValueObjective:
             )
             hooks = list(rec.hooks)
         if self.prefix_cached and not self.stacked:
-            resid = self.start + self.onehot[:, :, None] * delta
+            resid = self.start + (self.onehot[:, :, None] * delta).to(self.start.dtype)
             hidden = models.final_hidden_from(
                 self.model, resid, self.layer + 1, hooks, self.cache, self.mask
             )
@@ -514,7 +540,42 @@ class ValueObjective:
              for layer in self.sadr_layers],
             dim=1,
         )  # fmt: skip
-        return hidden, rows
+        return hidden, _precise(rows)
+
+    def _lean_forward(self) -> models.SuffixForward | None:
+        """The lean forward of the prefix-cached steps (built at the first step), or None:
+        the model needs TransformerLens' forward, or :func:`hooked_forward` is on."""
+        if not self.lean_allowed or models.has_hooks(self.model):
+            return None
+        if not hasattr(self, "_lean"):
+            read = torch.zeros(self.step_shape, dtype=torch.bool, device=self.device)
+            read[self._read_positions()] = True
+            self._lean = models.suffix_forward(
+                self.model, self.cache, self.mask, self.layer + 1, read
+            )
+            self.sadr_rows_t = torch.tensor(self.rows.sadr_rows, device=self.device)
+        return self._lean
+
+    def _read_positions(self) -> tuple[Tensor, Tensor]:
+        """(rows, positions) of the step batch whose final hidden states a loss term reads:
+        the NLL's target positions, the essence row at s_j, the relation prompts' last tokens
+        and the answer rows' positions (the off-target hinge, the margin). A new term that
+        reads the hidden states elsewhere adds its positions here."""
+        essence = torch.tensor([self.n_rewrite], device=self.device)
+        rows = torch.cat([self.nll_rows, essence, self.relation_rows, self.answer_rows])
+        pos = torch.cat(
+            [self.nll_pos, self.delta_pos[essence], self.relation_query, self.answer_pos]
+        )
+        return rows, pos
+
+    def step_flops(self) -> dict[str, int]:
+        """Floating-point operations of one step's forward and backward pass through the
+        lean forward (:func:`attndrift.models.lean.step_flops`), from the shapes of the step
+        batch (prefix-cached steps of one δ)."""
+        n_rows, n_pos = self.step_shape
+        prefix = self.tokens.shape[1] - n_pos
+        n_read = len(self._read_positions()[0])
+        return models.lean.step_flops(self.model, n_rows, n_pos, prefix, self.layer + 1, n_read)
 
     def _delta_hooks(self, delta: Tensor) -> list:
         """Hooks adding each δ at (row, delta_pos[row]) of its activation."""
@@ -523,7 +584,7 @@ class ValueObjective:
         def adder(d: Tensor):
             def add_delta(x: Tensor, hook) -> Tensor:
                 # (multi-GPU models: the loss lives on the first device, this layer may not)
-                return x + self.onehot.to(x.device)[:, :, None] * d.to(x.device)
+                return x + (self.onehot.to(x.device)[:, :, None] * d.to(x.device)).to(x.dtype)
 
             return add_delta
 
@@ -609,6 +670,29 @@ class ValueObjective:
                 margin = (-per_prompt[0] - lp[-1]).detach()
         p_new = torch.exp(-per_prompt).mean()
         return LossTerms(total, nll, kl, wd, sadr_term, heads, p_new, offtarget, margin, greedy)
+
+
+#: whether prefix-cached value steps may run the lean forward (see :func:`hooked_forward`)
+_LEAN = [True]
+
+
+@contextmanager
+def hooked_forward() -> Iterator[None]:
+    """Inside the block, value steps run through TransformerLens' hooked forward, as they did
+    before the lean forward (:mod:`attndrift.models.lean`): the baseline that benchmarks and
+    checks compare the lean forward against. Objectives built inside keep this choice."""
+    before = _LEAN[0]
+    _LEAN[0] = False
+    try:
+        yield
+    finally:
+        _LEAN[0] = before
+
+
+def _precise(x: Tensor) -> Tensor:
+    """``x`` in float32 at least: δ, v_0 and SADR's attention rows of a half-precision model
+    (the optimisation stays in float32; a float64 model keeps float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _logits(model: HookedTransformer, h: Tensor) -> Tensor:

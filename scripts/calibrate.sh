@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Calibration of the SmolLM2-135M ROME, MEMIT and PMET presets on the tuning slice
-# (docs/RESULTS.md §12): every setting of each grid on dev records 1000-1099 (ROME) and
+# Calibration of the SmolLM2-135M ROME, MEMIT and PMET presets on the tuning slice (the study
+# docs/studies/calibration.md): every setting of each grid on dev records 1000-1099 (ROME) and
 # 1000-1059 (MEMIT, PMET). Resumable; raw lines go to runs/, gzipped copies to results/.
 #   scripts/calibrate.sh DATA [rome|memit|pmet|both]   (both: ROME and MEMIT; NPROC=2 torchrun
 #   ranks; SWEEP_FLAGS=… passed on)

@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# The batch and sequential study of docs/RESULTS.md §16 on the embedded SmolLM2, dev records
-# 0-49. Resumable; raw lines go to runs/, gzipped copies to results/.
+# The batch and sequential editing of the study docs/studies/editors.md, dev records 0-49. Resumable; raw lines go to runs/, gzipped copies to results/.
 #   scripts/group_study.sh DATA batch        MEMIT and AlphaEdit, γ 0 and 0.025, batch 1/10/50
 #                                            (one process: each record's z optimised once per γ)
 #   scripts/group_study.sh DATA sequential   ROME (preset) and ROME+SADR (γ 0.05, 80 steps) in

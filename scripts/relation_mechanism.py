@@ -152,22 +152,30 @@ def figures(lines: list[dict]) -> list:
     """The patch outcomes of the failing probes, and the per-head drift scatter per kind."""
     import plotly.graph_objects as go
 
+    from attndrift import plotting
+
+    records = sorted({x["record"] for x in lines})
+    of = f"ROME on SmolLM2-135M, dev records {records[0]}-{records[-1]}"
     probes = [p for line in lines for p in line["probes"]]
     bars = go.Figure()
-    patches = (("fixed by restoring attention", "restore_attn", True),
-               ("fixed by restoring the MLP", "restore_mlp", True),
-               ("caused by edited attention alone", "contaminate_attn", False))  # fmt: skip
-    for label, key, want in patches:
+    patches = (("fixed by restoring vanilla attention", "restore_attn", True, "#7570b3"),
+               ("fixed by restoring the vanilla MLP", "restore_mlp", True, "#66a61e"),
+               ("caused by edited attention alone", "contaminate_attn", False,
+                plotting.EDITED[0]))  # fmt: skip
+    for label, key, want, colour in patches:
         ys, texts = [], []
         for kind in ("RS", "DNS"):
             failing = _failing([p for p in probes if p["kind"] == kind])
             k = sum(p[key]["ok"] == want for p in failing)
             ys.append(100 * k / max(len(failing), 1))
             texts.append(f"{k}/{len(failing)}")
-        bars.add_trace(go.Bar(x=["RS", "DNS"], y=ys, text=texts, name=label))
-    bars.update_layout(title="Failing probes (vanilla right, edited wrong): what each patch does",
-                       yaxis_title="% of failing probes", barmode="group")  # fmt: skip
-    out = [bars]
+        bars.add_trace(go.Bar(x=["RS", "DNS"], y=ys, text=texts, name=label,
+                              marker_color=colour, textposition="outside"))  # fmt: skip
+    bars.update_layout(title=f"Failing probes (vanilla right, edited wrong): what each patch "
+                             f"does<br><sub>{of}</sub>", yaxis_title="% of failing probes",
+                       barmode="group", yaxis_range=[0, 110], height=460,
+                       margin={"t": 90})  # fmt: skip
+    out = [plotting.style(bars)]
     for kind in ("RS", "DNS"):
         rows = [x for x in lines if f"heads_{kind}" in x]
         if not rows:
@@ -179,16 +187,18 @@ def figures(lines: list[dict]) -> list:
         names = [f"L{layer + 1 + i // n_heads}H{i % n_heads}" for i in range(len(rewrite))]
         fig = go.Figure(go.Scatter(
             x=rewrite, y=target, mode="markers", text=names,
-            marker={"color": restrained, "colorscale": "Viridis", "showscale": True,
-                    "colorbar": {"title": "restrained<br>by SADR"}},
+            marker={"color": restrained, "colorscale": "Viridis", "showscale": True, "cmin": 0,
+                    "cmax": 1, "colorbar": {"title": {"text": "how often SADR<br>restrains the "
+                                                      "head<br>(fraction)", "side": "right"}}},
         ))  # fmt: skip
         fig.update_layout(
             title=f"Per head: attention drift to the subject on the rewriting prompts vs on "
-                  f"{kind} probes ({len(rows)} edits)",
+                  f"{kind} probes<br><sub>{of}: {len(rows)} edits</sub>",
             xaxis_title="mean Δ attention last → s_last, rewriting prompts",
-            yaxis_title=f"mean Δ attention last → s_last, {kind} probes",
+            yaxis_title=f"mean Δ attention last → s_last,<br>{kind} probes",
+            height=460, margin={"t": 90},
         )  # fmt: skip
-        out.append(fig)
+        out.append(plotting.style(fig))
     return out
 
 

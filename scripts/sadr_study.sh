@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The SADR study of docs/RESULTS.md §13 on the embedded SmolLM2: the selection rows on the
+# The study docs/studies/sadr.md on the embedded SmolLM2: the selection rows on the
 # selection slice, or the evaluation rows on the evaluation records. Resumable; raw lines go
 # to runs/, gzipped copies to results/.
 #   scripts/sadr_study.sh DATA selection              (dev records 1100-1179)
@@ -9,7 +9,7 @@
 #     every row of a block before the next block; results/ refreshed after each block)
 #   RECORDS=1100-1115 ROWS="baseline paper" PAPER_GAMMAS=0.2 scripts/sadr_study.sh DATA selection
 #     (a part: some records, some rows, some γ; OWN_GAMMAS and RELATION_KLS likewise)
-# Every row runs under the calibrated ROME preset (§12); SADR rows and the same-budget
+# Every row runs under the calibrated ROME preset; SADR rows and the same-budget
 # baseline have 80 steps at most. NPROC=2 torchrun ranks (NPROC=1: one plain process, e.g.
 # two instances on different BLOCKS, each with its own OUT); SWEEP_FLAGS=… passed on.
 set -euo pipefail

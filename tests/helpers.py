@@ -2,11 +2,27 @@
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
 
 from attndrift import data, edits, models, results, rome, setting, value
+
+#: the device of the tiny-model tests (``ATTNDRIFT_TEST_DEVICE``, see conftest.py)
+DEVICE = os.environ.get("ATTNDRIFT_TEST_DEVICE", "cpu")
+
+
+def needs_cpu(reason: str):
+    """Mark a test that cannot run with the tiny models on another device, saying why."""
+    return pytest.mark.skipif(DEVICE != "cpu", reason=f"runs on the CPU only: {reason}")
+
+
+def skip_if_cuda_here(case: str) -> None:
+    """Skip a case that shows the error for a missing CUDA, on a machine that has one."""
+    if "cuda" in case and torch.cuda.is_available():
+        pytest.skip("CUDA is available here: the error for a missing CUDA cannot happen")
+
 
 #: two requests edited together by the batch editors' tests (MEMIT, PMET, AlphaEdit)
 BATCH_REQUESTS = [

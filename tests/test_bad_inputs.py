@@ -37,6 +37,7 @@ from attndrift import (
     memit,
     models,
     patching,
+    results,
     rome,
     scoring,
     setting,
@@ -48,6 +49,7 @@ from attndrift.editors import TemplateConfig
 from attndrift.models import embedded, loading
 from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig
+from tests.helpers import skip_if_cuda_here
 
 NAN, INF = math.nan, math.inf
 TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
@@ -109,19 +111,158 @@ def world(tmp_path_factory, tiny_llama):
     rome.edit(gpt2, REQ, _quick_rome(), templates=TEMPLATES).save(w / "gpt2_edit.safetensors")
     (w / "readonly").mkdir()
     (w / "readonly").chmod(0o500)
+    _tampered_edits(w, gpt2)
+    _bad_data_files(w)
+    _results_files(w)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ATTNDRIFT_CACHE", str(cache))
         yield World(w, cache, tiny_llama, gpt2, data.load_embedded())
     (w / "readonly").chmod(0o700)
 
 
+def tamper(src: Path, dst: Path, meta=None, tensors=None, rehash: bool = True) -> Path:
+    """Copy the edit file ``src`` to ``dst`` with its metadata and tensors changed in place by
+    ``meta(dict)`` and ``tensors(dict)``; ``rehash``: with checksums that match the change
+    (so that the check after the checksum is what refuses it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(src, "pt") as f:
+        stored = dict(f.metadata())
+        ts = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    m = json.loads(stored[edits.META_KEY])
+    if meta is not None:
+        meta(m)
+    if tensors is not None:
+        tensors(ts)
+    stored[edits.META_KEY] = text = json.dumps(m)
+    if rehash:
+        stored[edits.SHA_KEY] = json.dumps(
+            {"tensors": edits._tensors_sha256(ts), "metadata": edits._sha256(text)}
+        )
+    save_file(ts, dst, metadata=stored)
+    return dst
+
+
+def _tampered_edits(w: Path, gpt2) -> None:
+    """One edit file per check of ``Edit.load`` / ``Edit.check``, each tampered that way."""
+    good = w / "done" / "edit.safetensors"
+    raw = bytearray(good.read_bytes())
+    raw[-3] ^= 0x01  # one flipped bit of the last tensor's data, same size
+    (w / "edit_bitflip.safetensors").write_bytes(bytes(raw))
+    tamper(good, w / "edit_meta.safetensors", meta=lambda m: m.update(editor="memit"), rehash=False)
+    tamper(
+        w / "gpt2_edit.safetensors",
+        w / "gpt2_blank.safetensors",
+        meta=lambda m: m.update(model_fingerprint=""),
+    )
+    tamper(good, w / "edit_twice.safetensors", meta=lambda m: m.update(layers=[1, 1]))
+    tamper(good, w / "edit_nolayers.safetensors", meta=lambda m: m.update(layers=[]))
+    tamper(good, w / "edit_layertext.safetensors", meta=lambda m: m.update(layers=["1"]))
+
+    def to_int(ts):
+        ts["layer1.left"] = ts["layer1.left"].round().to(torch.int64)
+
+    tamper(good, w / "edit_int64.safetensors", tensors=to_int)
+    tamper(good, w / "edit_extra.safetensors", tensors=lambda ts: ts.update(
+        {"layer2.left": ts["layer1.left"].clone()}))  # fmt: skip
+
+    def to_layer9(ts):
+        for side in ("left", "right"):
+            ts[f"layer9.{side}"] = ts.pop(f"layer1.{side}")
+
+    tamper(good, w / "edit_layer9.safetensors", meta=lambda m: m.update(layers=[9]),
+           tensors=to_layer9)  # fmt: skip
+
+    def wider(ts):
+        ts["layer1.left"] = torch.cat([ts["layer1.left"], ts["layer1.left"][:1]])
+
+    tamper(good, w / "edit_wide.safetensors", tensors=wider)
+
+
+def _merged_record(**changes) -> dict:
+    record = {
+        "case_id": 0,
+        "requested_rewrite": {
+            "prompt": "The Eiffel Tower is located in the city of",
+            "subject": "Eiffel Tower",
+            "target_new": "Rome",
+            "target_true": "Paris",
+        },
+        "l-neighbor": {"prompts": ["The Louvre is in the city of"], "targets": ["Paris"]},
+        "l-relation": {"prompts": ["The Eiffel Tower was designed by"], "targets": ["Eiffel"]},
+    }
+    for key, value in changes.items():
+        if key in record["requested_rewrite"]:
+            record["requested_rewrite"][key] = value
+        else:
+            record[key] = value
+    return record
+
+
+def _rome_record(template: str) -> dict:
+    return {
+        "case_id": 7,
+        "requested_rewrite": {
+            "prompt": template,
+            "subject": "Danielle Darrieux",
+            "target_new": {"str": "English"},
+            "target_true": {"str": "French"},
+        },
+    }
+
+
+def _bad_data_files(w: Path) -> None:
+    files = {
+        "empty.json": [],
+        "zwsp.json": [_merged_record(target_new="\u200b\ufeff")],
+        "dup-ids.json": [
+            _merged_record(),
+            _merged_record(subject="Louvre", prompt="The Louvre is"),
+        ],
+        "null-id.json": [_merged_record(case_id=None)],
+        "mixed-ids.json": [_merged_record(case_id=7), _merged_record(case_id="7")],
+        "rome-field.json": [_rome_record("The mother tongue of {} in {city} is")],
+        "rome-brace.json": [_rome_record("The mother tongue of {} is {")],
+        "rome-two.json": [_rome_record("{} and {} speak")],
+        "empty-neighbor.json": [
+            _merged_record(**{"l-neighbor": {"prompts": [" "], "targets": ["Paris"]}})
+        ],
+        "empty-relation.json": [
+            _merged_record(**{"l-relation": {"prompts": [""], "targets": ["Eiffel"]}})
+        ],
+        "degenerate.json": [
+            _merged_record(**{"l-neighbor": {"prompts": ["The Louvre is in"], "targets": ["Rome"]}})
+        ],
+    }
+    for name, records in files.items():
+        (w / name).write_text(json.dumps(records))
+
+
+def _results_files(w: Path) -> None:
+    """Results of two provenances (prov_a, prov_b: another model) over the same (record,
+    setting), one disagreeing with prov_a, and an empty results file (held.jsonl)."""
+    from tests.helpers import make_line
+
+    prov = results.Provenance("tiny-llama-s0", "0123456789abcdef", "d.json", "a" * 64, "0.1.0", "g")
+    other = dataclasses.replace(prov, model="tiny-gpt2-s0", fingerprint="fedcba9876543210")
+    line = make_line(0, [("ES", 1), ("NS", 0)])
+    for name, p, ok in (("prov_a", prov, 1), ("prov_b", other, 1), ("prov_a_other", prov, 0)):
+        x = dataclasses.replace(line, provenance=p, post=make_line(0, [("ES", ok), ("NS", 0)]).post)
+        results.append(w / f"{name}.jsonl", x)
+    (w / "held.jsonl").write_bytes(b"")
+
+
 def _files(folder: Path) -> dict[str, tuple]:
-    """Every path under ``folder``: (kind, size, mtime, sha256) of files, ("dir",) of folders."""
+    """Every path under ``folder``: (kind, size, mtime, sha256) of files, ("dir",) of folders,
+    (mode, mtime) of anything else (a FIFO: never read)."""
     out = {}
     for p in sorted(folder.rglob("*")):
         rel = str(p.relative_to(folder))
         if p.is_dir():
             out[rel] = ("dir",)
+        elif not p.is_file():
+            out[rel] = (p.stat().st_mode, p.stat().st_mtime_ns)
         else:
             st = p.stat()
             out[rel] = (
@@ -401,7 +542,7 @@ CLI_CASES = [
     # sweeps and results
     ("sweep-onto-notes", [*SWEEP, "--out", "{w}/notes.txt"], r"notes\.txt: line 1 is not a res"),
     ("sweep-out-under-file", [*SWEEP, "--out", "{w}/afile/r.jsonl"], r"afile is not a directory"),
-    ("sweep-out-is-dir", [*SWEEP, "--out", "{w}/adir"], r"adir is not a file"),
+    ("sweep-out-is-dir", [*SWEEP, "--out", "{w}/adir"], r"adir is a directory, not a file"),
     ("sweep-gamma-nan", [*SWEEP, "--sadr-gamma", "0,nan", "--out", "{w}/r.jsonl"], r"got nan"),
     ("sweep-limit-negative", [*SWEEP, "--limit", "-1", "--out", "{w}/r.jsonl"], r"--limit: must"),
     (
@@ -421,13 +562,245 @@ CLI_CASES = [
     ("demo-record", ["demo", "--record", "-1", "--out", "{w}/demo"], r"record must be an int"),
     ("demo-window", ["demo", "--window", "0", "--out", "{w}/demo"], r"window must be an int"),
     ("unknown-command", ["frobnicate"], r"unknown command 'frobnicate'"),
+    # record selection: ranges resolved against the data, never expanded
+    ("records-huge-range", [*EVAL, "--records", "0-20000000000"], r"no record with id 85 in"),
+    ("records-huge-overlap", [*EVAL, "--records", "0-10000000000,5"], r"record 5 is given more"),
+    ("limit-zero", [*EVAL, "--limit", "0"], r"no records selected: --limit 0"),
+    (
+        "sweep-limit-zero",
+        ["sweep", *QUICK, "--limit", "0", "--out", "{w}/r.jsonl"],
+        r"no records selected: --limit 0",
+    ),
+    (
+        "data-empty",
+        [*EVAL, "--data", "{w}/empty.json"],
+        r"no records selected: .*empty\.json holds",
+    ),
+    (
+        "data-all-skipped",
+        [*EVAL, "--lenient", "--data", "{w}/malformed.json"],
+        r"no records selected: --lenient skipped all 1 records of .*malformed\.json",
+    ),
+    # inputs normalised and checked where they enter: file, record and field named
+    (
+        "data-zero-width-target",
+        [*EVAL, "--data", "{w}/zwsp.json"],
+        r"record 0: field 'requested_rewrite\.target_new': empty .*format characters.*zwsp\.json",
+    ),
+    ("data-null-id", [*EVAL, "--data", "{w}/null-id.json"], r"record #0: field 'case_id': .*null"),
+    ("data-mixed-ids", [*EVAL, "--data", "{w}/mixed-ids.json"], r"record id '7' is a str"),
+    (
+        "edit-repeated-ids",
+        ["edit", *QUICK, "--data", "{w}/dup-ids.json", "--record", "0"],
+        r"the records repeat an id \(0 in .*dup-ids\.json\)",
+    ),
+    (
+        "data-rome-field",
+        [*EVAL, "--data", "{w}/rome-field.json"],
+        r"record 7: field 'requested_rewrite\.prompt': has the field \{city\}.*rome-field\.json",
+    ),
+    (
+        "data-rome-brace",
+        [*EVAL, "--data", "{w}/rome-brace.json"],
+        r"record 7: field 'requested_rewrite\.prompt': is not a template .*rome-brace\.json",
+    ),
+    (
+        "data-rome-two-fields",
+        [*EVAL, "--data", "{w}/rome-two.json"],
+        r"record 7: field 'requested_rewrite\.prompt': has 2 '\{\}'.*rome-two\.json",
+    ),
+    (
+        "data-empty-neighbor",
+        [*EVAL, "--data", "{w}/empty-neighbor.json"],
+        r"record 0: field 'l-neighbor\.prompts\[0\]': empty prompt ' '.*empty-neighbor\.json",
+    ),
+    (
+        "data-empty-relation",
+        [*EVAL, "--data", "{w}/empty-relation.json"],
+        r"record 0: field 'l-relation\.prompts\[0\]': empty prompt ''",
+    ),
+    (
+        "data-degenerate-neighbor",
+        [*EVAL, "--data", "{w}/degenerate.json"],
+        r"record 0: field 'l-neighbor\.targets\[0\]': 'Rome' equals target_new",
+    ),
+    (
+        "edit-new-zero-width",
+        [
+            "edit",
+            *QUICK,
+            "--subject",
+            "Paris",
+            "--prompt",
+            "Paris is in",
+            "--new",
+            "\u200b",
+            "--true",
+            "France",
+        ],
+        r"target_new must be a non-empty string .*'\\u200b'",
+    ),
+    (
+        "edit-new-equals-true-invisibly",
+        [
+            "edit",
+            *QUICK,
+            "--subject",
+            "Paris",
+            "--prompt",
+            "Paris is in",
+            "--new",
+            "France\u200d",
+            "--true",
+            "France",
+        ],
+        r"target_new equals target_true .*nothing to edit",
+    ),
+    (
+        "edit-subject-zero-width",
+        [
+            "edit",
+            *QUICK,
+            "--subject",
+            "\u200b",
+            "--prompt",
+            "\u200b is in",
+            "--new",
+            "Rome",
+            "--true",
+            "France",
+        ],
+        r"EditRequest\.subject must be a non-empty string",
+    ),
+    # edit files: every check of Edit.load and Edit.check, through the command line
+    (
+        "drift-edit-bit-flipped",
+        ["drift", *QUICK[:4], "--edit", "{w}/edit_bitflip.safetensors", "--out", "{w}/d"],
+        r"edit_bitflip\.safetensors is not an attndrift edit file \(its tensors do not match",
+    ),
+    (
+        "drift-edit-metadata-edited",
+        ["drift", *QUICK[:4], "--edit", "{w}/edit_meta.safetensors", "--out", "{w}/d"],
+        r"edit_meta\.safetensors .*its metadata does not match its sha256",
+    ),
+    (
+        "drift-edit-fingerprint-blank",
+        ["drift", *QUICK[:4], "--edit", "{w}/gpt2_blank.safetensors", "--out", "{w}/d"],
+        r"gpt2_blank\.safetensors .*model fingerprint '' is not one",
+    ),
+    (
+        "patch-edit-layers-twice",
+        ["patch", *QUICK[:4], "--edit", "{w}/edit_twice.safetensors", "--out", "{w}/d"],
+        r"layer 1 is listed twice",
+    ),
+    (
+        "drift-edit-no-layers",
+        ["drift", *QUICK[:4], "--edit", "{w}/edit_nolayers.safetensors", "--out", "{w}/d"],
+        r"an edit needs at least one layer",
+    ),
+    (
+        "drift-edit-layers-text",
+        ["drift", *QUICK[:4], "--edit", "{w}/edit_layertext.safetensors", "--out", "{w}/d"],
+        r"layers must be integers >= 0, got '1'",
+    ),
+    (
+        "drift-edit-int64",
+        ["drift", *QUICK[:4], "--edit", "{w}/edit_int64.safetensors", "--out", "{w}/d"],
+        r"layer 1: the left factor is torch\.int64, not floating",
+    ),
+    (
+        "drift-edit-extra-tensor",
+        ["drift", *QUICK[:4], "--edit", "{w}/edit_extra.safetensors", "--out", "{w}/d"],
+        r"tensors \['layer2\.left'\] are not in its layer",
+    ),
+    (
+        "drift-edit-layer-beyond",
+        ["drift", *QUICK[:4], "--edit", "{w}/edit_layer9.safetensors", "--out", "{w}/d"],
+        r"layer 9 is out of range for a 4-layer model",
+    ),
+    (
+        "drift-edit-wrong-shape",
+        ["drift", *QUICK[:4], "--edit", "{w}/edit_wide.safetensors", "--out", "{w}/d"],
+        r"edit for d_mlp=\d+, d_model=\d+ does not fit model",
+    ),
+    # the results store
+    (
+        "sweep-out-gz",
+        [*SWEEP, "--out", "{w}/r.jsonl.gz"],
+        r"--out .*r\.jsonl\.gz: sweeps append plain JSON lines; pass --out .*r\.jsonl \(",
+    ),
+    (
+        "summarize-mixed-provenance",
+        ["summarize", "{w}/prov_a.jsonl", "{w}/prov_b.jsonl"],
+        r"the results mix 2 provenances \(tiny-llama-s0 .*; tiny-gpt2-s0 .*--by-provenance",
+    ),
+    (
+        "summarize-disagreeing-lines",
+        ["summarize", "{w}/prov_a.jsonl", "{w}/prov_a_other.jsonl"],
+        r"prov_a_other\.jsonl: record 0, setting 'rome\|g=0' has other numbers than its line "
+        r"in .*prov_a\.jsonl \(same provenance\)",
+    ),
+    (
+        "summarize-unknown-drift",
+        ["summarize", "{w}/prov_a.jsonl", "--drift", "nope"],
+        r"--drift: no lines of setting 'nope' \(the results have rome\|g=0\)",
+    ),
+    (
+        "summarize-unknown-compare",
+        ["summarize", "{w}/prov_a.jsonl", "--compare", "rome|g=0;rome|g=0.5"],
+        r"--compare: no lines of setting 'rome\|g=0\.5'",
+    ),
+    (
+        "summarize-plot-under-file",
+        ["summarize", "{w}/prov_a.jsonl", "--plot", "{w}/afile/p.html"],
+        r"--plot .*afile/p\.html: .*afile is not a directory",
+    ),
+    (
+        "summarize-csv-is-dir",
+        ["summarize", "{w}/prov_a.jsonl", "--csv", "{w}/adir"],
+        r"--csv .*adir is a directory, not a file",
+    ),
+    (
+        "summarize-drift-plot-unwritable",
+        [
+            "summarize",
+            "{w}/prov_a.jsonl",
+            "--drift",
+            "rome|g=0",
+            "--drift-plot",
+            "{w}/readonly/d.html",
+        ],
+        r"readonly is not writable",
+    ),
+    (
+        "summarize-by-provenance-csv",
+        [
+            "summarize",
+            "{w}/prov_a.jsonl",
+            "{w}/prov_b.jsonl",
+            "--by-provenance",
+            "--csv",
+            "{w}/t.csv",
+        ],
+        r"--plot, --csv and --drift-plot take one provenance; these results hold 2",
+    ),
+    (
+        "summarize-records-huge",
+        ["summarize", "{w}/prov_a.jsonl", "--records", "5000000000-90000000000"],
+        r"no result lines left to summarize",
+    ),
 ]
 
 
 @pytest.mark.parametrize(
     ("args", "message"), [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES]
 )
-def test_command_line_refuses(args, message, guarded, capsys):
+def test_command_line_refuses(args, message, guarded, capsys, request):
+    skip_if_cuda_here(request.node.callspec.id)
+    _assert_refused(args, message, guarded, capsys)
+
+
+def _assert_refused(args, message, guarded, capsys) -> None:
     argv = [a.replace("{w}", str(guarded.dir)) for a in args]
     try:
         status = cli.main(argv)
@@ -440,11 +813,53 @@ def test_command_line_refuses(args, message, guarded, capsys):
     assert re.search(message, errors[0]), errors[0]
     others = [line for line in lines if line not in errors]
     usage = [line for line in others if line.startswith("usage:") or line.startswith(" ")]
-    assert others == usage, others  # nothing but argparse's usage next to the error line
+    usage += [line for line in others if line.startswith("skipped record ")]  # --lenient's
+    assert sorted(others) == sorted(usage), others  # only argparse's usage next to the error
+
+
+#: torchrun's variables, refused before any process group starts (nothing waits for a peer)
+TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+PEERS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29513"}
+ENV_CASES = [
+    ("rank-beyond-world", {"RANK": "3", "WORLD_SIZE": "2", **PEERS}, r"RANK=3 is not in 0\.\.1"),
+    ("rank-without-world", {"RANK": "1"}, r"RANK=1 is not in 0\.\.0 \(WORLD_SIZE=1\)"),
+    ("world-size-text", {"WORLD_SIZE": "abc"}, r"WORLD_SIZE='abc' is not an integer"),
+    ("world-size-zero", {"WORLD_SIZE": "0"}, r"WORLD_SIZE=0 must be >= 1"),
+    ("rank-negative", {"RANK": "-1", "WORLD_SIZE": "2", **PEERS}, r"RANK=-1 must be >= 0"),
+    ("no-master", {"RANK": "0", "WORLD_SIZE": "2"}, r"MASTER_ADDR and MASTER_PORT not set"),
+    (
+        "master-port-text",
+        {"RANK": "0", "WORLD_SIZE": "2", **PEERS, "MASTER_PORT": "http"},
+        r"MASTER_PORT='http' is not an integer",
+    ),
+    (
+        "master-port-beyond",
+        {"RANK": "0", "WORLD_SIZE": "2", **PEERS, "MASTER_PORT": "70000"},
+        r"MASTER_PORT=70000 is not a port",
+    ),
+    ("local-rank-text", {"LOCAL_RANK": "first"}, r"LOCAL_RANK='first' is not an integer"),
+    (
+        "rendezvous-timeout-text",
+        {"RANK": "0", "WORLD_SIZE": "2", **PEERS, "ATTNDRIFT_RENDEZVOUS_TIMEOUT": "soon"},
+        r"ATTNDRIFT_RENDEZVOUS_TIMEOUT='soon' must be a number of seconds > 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"), [c[1:] for c in ENV_CASES], ids=[c[0] for c in ENV_CASES]
+)
+def test_command_line_refuses_torchrun_variables(env, message, guarded, capsys, monkeypatch):
+    for name in (*TORCHRUN, "ATTNDRIFT_RENDEZVOUS_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _assert_refused([*SWEEP, "--out", "{w}/r.jsonl"], message, guarded, capsys)
 
 
 def test_command_line_case_count():
     assert len(CLI_CASES) >= 40 and len({c[0] for c in CLI_CASES}) == len(CLI_CASES)
+    assert len({c[0] for c in ENV_CASES}) == len(ENV_CASES) >= 10
 
 
 @pytest.mark.parametrize(
@@ -815,6 +1230,206 @@ API_CASES = [
     ),
 ]
 
+
+def _load_edit(name: str):
+    return lambda w, mp: edits.Edit.load(w.dir / name)
+
+
+def _hand_edit(w: World, **changes) -> edits.Edit:
+    d_mlp, d_model = w.llama.cfg.d_mlp, w.llama.cfg.d_model
+    fields = {"layers": (1,), "left": (torch.ones(d_mlp, 1),), "right": (torch.ones(1, d_model),),
+              "requests": (REQ,), "editor": "by hand"} | changes  # fmt: skip
+    return edits.Edit(**fields)
+
+
+def _sweep_onto_held(w: World, mp) -> None:
+    """A sweep onto a file another writer holds (the lock: a second open file of this
+    process is another writer, as flock counts)."""
+    with results.locked(w.dir / "held.jsonl"):
+        sweep.run(w.llama, _dataset(w), [setting.Setting()], w.dir / "held.jsonl")
+
+
+def _cache_not_writable(w: World, mp) -> None:
+    """The cache folder refuses the temporary file: the error names the cache file."""
+
+    def refuse(*args, dir=None, prefix="", **kwargs):
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}x1y2.tmp")
+
+    mp.setattr(loading.tempfile, "mkstemp", refuse)
+    loading.atomic_write(w.cache / "corpora" / "c.json", lambda tmp: tmp.write_text("[]"))
+
+
+def _cache_not_readable(w: World, mp) -> None:
+    """A cache file of another user: the error names the file (no conversion is tried)."""
+    target = _fake_model_cache(w)
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "model.safetensors":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    mp.setattr(Path, "read_bytes", read_bytes)
+    _load_refused(w, target, lambda f: mp.setattr(embedded, "convert_embedded", f))
+
+
+PART_TWO_CASES = [
+    # config invariants at construction
+    ("value-essence-two", lambda w, mp: ValueConfig(essence_prompt="{} {} is"), r"exactly one"),
+    ("value-essence-field", lambda w, mp: ValueConfig(essence_prompt="{x} is"), r"exactly one"),
+    # requests, records, datasets
+    (
+        "target-zero-width",
+        lambda w, mp: dataclasses.replace(REQ, target_new="\u200b\ufeff "),
+        r"target_new must be a non-empty string \(whitespace and format characters",
+    ),
+    (
+        "subject-zero-width",
+        lambda w, mp: data.EditRequest(
+            subject="\u2060", prompt="\u2060 is in", target_true="Paris", target_new="Rome"
+        ),
+        r"subject must be a non-empty string",
+    ),
+    (
+        "targets-differ-invisibly",
+        lambda w, mp: dataclasses.replace(REQ, target_new="Paris\u200b"),
+        r"target_new equals target_true \('Paris\\u200b'\): nothing to edit",
+    ),
+    (  # (Record(None, …) itself: refused by the run-time type checks of the tests first)
+        "record-null-id",
+        lambda w, mp: data.parse_record(_merged_record(case_id=None), 4),
+        r"record #4: field 'case_id': a record id is null",
+    ),
+    (
+        "record-str-id",
+        lambda w, mp: data.parse_record(_merged_record(case_id="7"), 4),
+        r"record id '7' is a str",
+    ),
+    ("record-bool-id", lambda w, mp: data.Record(True, REQ), r"record id True is a bool"),
+    (
+        "record-degenerate-probe",
+        lambda w, mp: data.Record(0, REQ, neighborhood=(("The Louvre is in", "Rome"),)),
+        r"record 0: the neighborhood answer 0 \('Rome'\) equals target_new",
+    ),
+    (
+        "dataset-repeated-ids",
+        lambda w, mp: data.Dataset((data.Record(3, REQ), data.Record(3, REQ))),
+        r"the records repeat an id \(3\)",
+    ),
+    (
+        "load-repeated-ids",
+        lambda w, mp: data.load_dataset(w.dir / "dup-ids.json"),
+        r"repeat an id \(0 in .*dup-ids\.json\)",
+    ),
+    (
+        "load-mixed-ids",
+        lambda w, mp: data.load_dataset(w.dir / "mixed-ids.json"),
+        r"record #1: field 'case_id': record id '7' is a str",
+    ),
+    (
+        "load-null-id",
+        lambda w, mp: data.load_dataset(w.dir / "null-id.json"),
+        r"record #0: field 'case_id': a record id is null",
+    ),
+    (
+        "load-zero-width-target",
+        lambda w, mp: data.load_dataset(w.dir / "zwsp.json"),
+        r"record 0: field 'requested_rewrite\.target_new': empty",
+    ),
+    (
+        "load-rome-field",
+        lambda w, mp: data.load_dataset(w.dir / "rome-field.json"),
+        r"record 7: field 'requested_rewrite\.prompt': has the field \{city\}",
+    ),
+    (
+        "load-empty-neighbor",
+        lambda w, mp: data.load_dataset(w.dir / "empty-neighbor.json"),
+        r"field 'l-neighbor\.prompts\[0\]': empty prompt",
+    ),
+    ("load-device", lambda w, mp: data.load_dataset("/dev/zero"), r"/dev/zero is a device"),
+    # edit files: one tampering per check
+    ("edit-file-bit-flipped", _load_edit("edit_bitflip.safetensors"), r"tensors do not match"),
+    ("edit-file-metadata", _load_edit("edit_meta.safetensors"), r"metadata does not match"),
+    (
+        "edit-file-fingerprint",
+        _load_edit("gpt2_blank.safetensors"),
+        r"model fingerprint '' is not one \(blank or altered\)",
+    ),
+    ("edit-file-layers-twice", _load_edit("edit_twice.safetensors"), r"layer 1 is listed twice"),
+    ("edit-file-no-layers", _load_edit("edit_nolayers.safetensors"), r"at least one layer"),
+    ("edit-file-layer-text", _load_edit("edit_layertext.safetensors"), r"integers >= 0, got '1'"),
+    ("edit-file-int64", _load_edit("edit_int64.safetensors"), r"torch\.int64, not floating"),
+    ("edit-file-extra", _load_edit("edit_extra.safetensors"), r"\['layer2\.left'\] are not in"),
+    (
+        "edit-file-layer-beyond",
+        lambda w, mp: edits.Edit.load(w.dir / "edit_layer9.safetensors").hooks(w.llama),
+        r"layer 9 is out of range",
+    ),
+    (
+        "edit-file-shape",
+        lambda w, mp: edits.Edit.load(w.dir / "edit_wide.safetensors").hooks(w.llama),
+        r"edit for d_mlp=\d+, d_model=\d+ does not fit model",
+    ),
+    (
+        "edit-layers-twice",
+        lambda w, mp: _hand_edit(
+            w,
+            layers=(1, 1),
+            left=(torch.ones(w.llama.cfg.d_mlp, 1),) * 2,
+            right=(torch.ones(1, w.llama.cfg.d_model),) * 2,
+        ),
+        r"layer 1 is listed twice",
+    ),
+    (
+        "edit-no-layers",
+        lambda w, mp: _hand_edit(w, layers=(), left=(), right=()),
+        r"an edit needs at least one layer",
+    ),
+    (
+        "edit-named-for-another-model",
+        lambda w, mp: _hand_edit(w, model_name="tiny-gpt2-s0").hooks(w.llama),
+        r"this edit was made on 'tiny-gpt2-s0'; the model is 'tiny-llama-s0'",
+    ),
+    (
+        "edit-saved-without-fingerprint",
+        lambda w, mp: _hand_edit(w).save(w.dir / "hand.safetensors"),
+        r"an edit without the fingerprint of its model cannot be saved",
+    ),
+    # the results store
+    (
+        "sweep-gz",
+        lambda w, mp: sweep.run(w.llama, _dataset(w), [setting.Setting()], w.dir / "r.jsonl.gz"),
+        r"sweeps append plain JSON lines; pass --out .*r\.jsonl ",
+    ),
+    (
+        "sweep-held",
+        _sweep_onto_held,
+        r"held\.jsonl is being written by another sweep \(this process \(pid \d+\)\)",
+    ),
+    (
+        "sweep-no-records",
+        lambda w, mp: sweep.run(w.llama, data.Dataset(()), [setting.Setting()], w.dir / "r.jsonl"),
+        r"no records to sweep",
+    ),
+    (
+        "results-mixed",
+        lambda w, mp: results.load([w.dir / "prov_a.jsonl", w.dir / "prov_b.jsonl"]),
+        r"the results mix 2 provenances",
+    ),
+    (
+        "results-disagree",
+        lambda w, mp: results.load_by_provenance(
+            [w.dir / "prov_a.jsonl", w.dir / "prov_a_other.jsonl"]
+        ),
+        r"has other numbers than its line in",
+    ),
+    # caches
+    ("cache-not-writable", _cache_not_writable, r"Permission denied \(a cache of another user"),
+    ("cache-not-readable", _cache_not_readable, r"Permission denied .*model\.safetensors"),
+]
+
+API_CASES += PART_TWO_CASES
+
 API_ERRORS = {  # the exception type of each case (ValueError unless listed)
     "load-cuda": ValueError,
     "cache-corrupt-header": CacheRejected,
@@ -825,6 +1440,8 @@ API_ERRORS = {  # the exception type of each case (ValueError unless listed)
     "data-missing": FileNotFoundError,
     "select-unknown": KeyError,
     "rome-lr-overflow": FloatingPointError,
+    "cache-not-writable": PermissionError,
+    "cache-not-readable": PermissionError,
 }
 
 
@@ -832,6 +1449,7 @@ API_ERRORS = {  # the exception type of each case (ValueError unless listed)
 def test_api_refuses(call, request, guarded, monkeypatch):
     fn, message = call
     name = request.node.callspec.id
+    skip_if_cuda_here(name)
     error = API_ERRORS.get(name, ValueError)
     with pytest.raises(error) as caught:
         fn(guarded, monkeypatch)
@@ -848,6 +1466,18 @@ def test_case_count():
 # --------------------------------------------------------------------------------------------
 # What the tables cannot show
 # --------------------------------------------------------------------------------------------
+
+
+def test_huge_legal_values_say_what_will_happen(guarded, capsys, caplog):
+    """A legal but huge --steps or --cov-tokens is taken, with a log line that says what it
+    costs (here before the sweep stops for want of records)."""
+    argv = ["sweep", *TINY, "--steps", "100000", "--cov-tokens", "2000000000", "--limit", "0",
+            "--out", str(guarded.dir / "r.jsonl")]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="attndrift.cli"):
+        assert cli.main(argv) == 2
+    assert "--steps 100000: every edit runs up to 100000 optimisation steps" in caplog.text
+    assert "--cov-tokens 2000000000: the covariance of each edited layer averages" in caplog.text
+    assert "no records selected: --limit 0" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_the_edit(world, monkeypatch):

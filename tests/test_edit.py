@@ -25,6 +25,7 @@ def random_edit(model, layers=(1, 2), rank=2, seed=0, scale=0.5) -> Edit:
         requests=(REQ,),
         editor="random",
         model_name=model.cfg.model_name,
+        model_fingerprint=models.fingerprint(model),
     )
 
 
@@ -121,3 +122,35 @@ def test_save_load_keeps_how_the_edit_was_made(tiny, tmp_path):
     assert back.run.traces == e.run.traces and back.run.timings == e.run.timings
     assert all(torch.equal(a, b) for a, b in zip(back.run.targets, e.run.targets, strict=True))
     assert back.model_fingerprint == e.model_fingerprint == models.fingerprint(tiny)
+
+
+def test_files_without_checksums_load_with_a_warning(tiny, tmp_path, caplog):
+    """A file saved before checksums were stored (no ``attndrift.sha256`` entry) is read, with
+    a warning that names it as unverified; its other checks still apply."""
+    import json
+    import logging
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from attndrift import edits
+
+    path = random_edit(tiny).save(tmp_path / "e.safetensors")
+    with safe_open(path, "pt") as f:
+        stored = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    assert set(stored) == {edits.META_KEY, edits.SHA_KEY}
+    del stored[edits.SHA_KEY]
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, old, metadata=stored)
+    with caplog.at_level(logging.WARNING, logger="attndrift.edits"):
+        back = Edit.load(old)
+    assert f"{old} has no checksums (saved before they were stored): loaded unverified" in (
+        caplog.text
+    )
+    assert all(torch.equal(a, b) for a, b in zip(back.left, random_edit(tiny).left, strict=True))
+    meta = json.loads(stored[edits.META_KEY])
+    meta["layers"] = [1, 1]
+    save_file(tensors, old, metadata={edits.META_KEY: json.dumps(meta)})
+    with pytest.raises(ValueError, match="layer 1 is listed twice"):
+        Edit.load(old)

@@ -8,17 +8,30 @@ seed. After every draw: every parameter is bit-exact (values and strides), ``req
 flags are as before, no hook point holds a hook (TransformerLens' lists and torch's own
 tables) and ``model.context_level`` is back to 0; torch's grad mode and the thread's signal
 mask are as before.
+
+The command line under faults (Ctrl-C in a sweep, a full disk, a cache of another user,
+FIFOs and devices where files are expected, damaged caches): one line each (or a warning and
+a recomputation), the exit status it promises, and the files intact.
 """
 
+import errno
+import json
+import logging
+import os
 import random
+import re
 import signal
+import stat
+import subprocess
 import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
-from attndrift import data, edits, memit, models, rome
+from attndrift import cli, data, edits, memit, models, results, rome
 from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig
 
@@ -163,3 +176,298 @@ def test_interrupt_anywhere_restores_everything(name, calls):
 
 def test_draw_count():
     assert sum(DRAWS.values()) >= 200
+
+
+# --------------------------------------------------------------------------------------------
+# The command line under faults: one line each, the status it promises, files intact
+# --------------------------------------------------------------------------------------------
+
+SWEEP = ["sweep", "--model", "tiny-llama", "--device", "cpu", "--identity-cov", "--steps", "2"]
+FULL = "No space left on device"
+
+
+def _disk_full(path_part: str):
+    """An ``os.write`` that fails like a full disk on files whose path contains ``path_part``
+    (no file name in the error, as the kernel gives it)."""
+    real = os.write
+
+    def write(fd, data):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = ""
+        if path_part in target:
+            raise OSError(errno.ENOSPC, FULL)
+        return real(fd, data)
+
+    return write
+
+
+def _interrupt_second_append(mp, w: Path) -> None:
+    real, calls = results.append, []
+
+    def append(path, line):
+        calls.append(line)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(path, line)
+
+    mp.setattr(results, "append", append)
+
+
+def _fail_csv(mp, w: Path) -> None:
+    import pandas as pd
+
+    def to_csv(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, FULL)
+
+    mp.setattr(pd.DataFrame, "to_csv", to_csv)
+
+
+def _fail_save_file(mp, w: Path) -> None:
+    import safetensors.torch
+
+    def save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")  # the temporary file is removed
+        raise OSError(errno.ENOSPC, FULL)
+
+    mp.setattr(safetensors.torch, "save_file", save_file)
+
+
+def _refuse_cache_temporaries(mp, w: Path) -> None:
+    import tempfile
+
+    def mkstemp(*args, dir=None, prefix="", **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}abc.tmp")
+
+    mp.setattr(tempfile, "mkstemp", mkstemp)
+
+
+#: (id, fault injected, arguments ({w}: the folder), exit status, regex of the one line,
+#:  files expected in the folder afterwards)
+FAULTS = [
+    (
+        "ctrl-c-in-sweep",
+        _interrupt_second_append,
+        [*SWEEP, "--limit", "3", "--out", "{w}/r.jsonl"],
+        130,
+        r"^attndrift sweep: interrupted; rerun the same command to resume$",
+        {"r.jsonl"},
+    ),
+    (
+        "disk-full-in-sweep",
+        lambda mp, w: mp.setattr(os, "write", _disk_full("r.jsonl")),
+        [*SWEEP, "--limit", "2", "--out", "{w}/r.jsonl"],
+        2,
+        rf"^attndrift sweep: error: .*/r\.jsonl: {FULL}$",
+        {"r.jsonl"},
+    ),
+    (
+        "disk-full-eval-csv",
+        _fail_csv,
+        ["eval", "--model", "tiny-llama", "--device", "cpu", "--limit", "1", "--csv", "{w}/p.csv"],
+        2,
+        rf"^attndrift eval: error: .*/p\.csv: {FULL}$",
+        set(),
+    ),
+    (
+        "disk-full-edit-out",
+        _fail_save_file,
+        [
+            "edit",
+            "--model",
+            "tiny-llama",
+            "--device",
+            "cpu",
+            "--identity-cov",
+            "--steps",
+            "2",
+            "--record",
+            "0",
+            "--out",
+            "{w}/e.safetensors",
+        ],
+        2,
+        rf"^attndrift edit: error: .*/e\.safetensors: cannot write the edit \(.*{FULL}.*\)$",
+        set(),
+    ),
+    (
+        "cache-of-another-user",
+        _refuse_cache_temporaries,
+        ["edit", "--model", "tiny-llama", "--device", "cpu", "--steps", "2", "--record", "0"],
+        2,
+        r"^attndrift edit: error: .*/cache/corpora/tiny-llama-s0-[0-9a-f]+-s0-t32-n128\.json: "
+        r"Permission denied \(a cache of another user\? set ATTNDRIFT_CACHE",
+        set(),
+    ),
+]
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNDRIFT_CACHE", str(tmp_path / "cache"))
+    w = tmp_path / "work"
+    w.mkdir()
+    return w
+
+
+@pytest.mark.parametrize(
+    ("inject", "args", "status", "message", "left"),
+    [c[1:] for c in FAULTS],
+    ids=[c[0] for c in FAULTS],
+)
+def test_command_line_under_faults(inject, args, status, message, left, folder, monkeypatch,
+                                   capsys):  # fmt: skip
+    argv = [a.replace("{w}", str(folder)) for a in args]
+    with monkeypatch.context() as mp:
+        inject(mp, folder)
+        got = cli.main(argv)
+    assert got == status
+    lines = [x.rsplit("\r", 1)[-1].rstrip() for x in capsys.readouterr().err.split("\n")]
+    said = [x for x in lines if x.startswith("attndrift")]
+    assert len(said) == 1 and re.search(message, said[0]), said
+    assert {p.name for p in folder.iterdir()} == left  # nothing else created (no temporary)
+    for name in left:  # results: complete lines only, and the same command resumes
+        data = (folder / name).read_bytes()
+        assert not data or data.endswith(b"\n")
+        before = results.read(folder / name)
+        assert cli.main(argv) == 0
+        after = results.read(folder / name)
+        assert [x.key for x in after[: len(before)]] == [x.key for x in before]
+        assert len({x.key for x in after}) == len(after) > len(before)
+
+
+def test_fault_count():
+    assert len(FAULTS) >= 5 and len({c[0] for c in FAULTS}) == len(FAULTS)
+
+
+#: unblocks a reader stuck on FIFOs after a delay (a separate process: a reader blocked in C
+#: may hold the GIL, so no thread of the test would run)
+_UNBLOCKER = """
+import os, sys, time
+time.sleep(float(sys.argv[1]))
+while True:
+    for fifo in sys.argv[2:]:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    time.sleep(0.2)
+"""
+
+
+def _in_time(fn, fifos, seconds: float = 120.0):
+    """``fn()``, failing (not hanging the suite) if it blocks on one of the ``fifos``: after
+    ``seconds`` another process opens them for writing, the reader sees their end, and the
+    test fails on the time it took."""
+    helper = subprocess.Popen([sys.executable, "-c", _UNBLOCKER, str(seconds), *map(str, fifos)])
+    t0 = time.monotonic()
+    try:
+        value = fn()
+    finally:
+        helper.kill()
+        helper.wait()
+        assert time.monotonic() - t0 < seconds, f"blocked on {[str(f) for f in fifos]}"
+    return value
+
+
+@pytest.mark.parametrize("what", ["results", "edit", "data-device"])
+def test_special_files_do_not_block(what, folder, capsys):
+    """A FIFO where a results or edit file is expected, a device as data: refused at once."""
+    fifo = folder / "fifo"
+    os.mkfifo(fifo)
+    args = {
+        "results": ["summarize", str(fifo)],
+        "edit": ["drift", "--model", "tiny-llama", "--device", "cpu", "--edit", str(fifo),
+                 "--out", str(folder / "d")],
+        "data-device": ["eval", "--model", "tiny-llama", "--data", "/dev/zero"],
+    }[what]  # fmt: skip
+    assert _in_time(lambda: cli.main(args), [fifo]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"(fifo|/dev/zero) is (not a regular file|a device)", err), err
+
+
+def test_cache_files_that_are_not_regular_are_recomputed(folder, caplog):
+    """A FIFO in place of a covariance or corpus cache file: recomputed (with a warning that
+    names the file), never read; the new cache file replaces it."""
+    from attndrift import covariance
+
+    model = models.tiny_model("llama", seed=0)
+    cfg = rome.preset(model).covariance
+    first = covariance.layer_covariance(model, 1, cfg, progress=False)
+    cache = Path(os.environ["ATTNDRIFT_CACHE"])
+    (cov_file,) = (cache / "covariance").glob("*.safetensors")
+    (corpus_file,) = (cache / "corpora").glob("*.json")
+    for f in (cov_file, corpus_file):
+        f.unlink()
+        os.mkfifo(f)
+    with caplog.at_level(logging.WARNING):
+        again = _in_time(
+            lambda: covariance.layer_covariance(model, 1, cfg, progress=False),
+            [cov_file, corpus_file],
+        )
+    assert torch.equal(first, again)
+    text = caplog.text
+    assert f"covariance cache {cov_file} is not a regular file: recomputing" in text
+    assert f"damaged corpus cache {corpus_file} (" in text and "not a regular file" in text
+    assert cov_file.is_file() and corpus_file.is_file()  # the FIFOs replaced
+    assert (
+        stat.S_IMODE(cov_file.stat().st_mode) == stat.S_IMODE(corpus_file.stat().st_mode) == 0o644
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [("{}", "not a JSON list of texts"), ('["one text"]', "1 texts, its name says 128"),
+     ("[1, 2]", "not a JSON list of texts"), ("[", "Expecting value")],
+)  # fmt: skip
+def test_damaged_corpus_cache_is_resampled(content, problem, folder, caplog):
+    """A corpus cache that is not what its name says is named, removed and sampled again
+    (not reported as a corpus too small)."""
+    from attndrift import covariance
+
+    model = models.tiny_model("llama", seed=0)
+    texts = covariance.sampled_corpus(model, 100, 32, 0)
+    (path,) = (Path(os.environ["ATTNDRIFT_CACHE"]) / "corpora").glob("*-n128.json")
+    path.write_text(content)
+    with caplog.at_level(logging.WARNING):
+        again = covariance.sampled_corpus(model, 100, 32, 0)
+    assert again == texts
+    assert f"damaged corpus cache {path} ({problem}" in caplog.text
+    assert json.loads(path.read_text())[:100] == texts
+
+
+def test_model_cache_file_replaced_by_a_fifo_is_converted_again(folder, monkeypatch, caplog):
+    """model.safetensors replaced by a FIFO: named in a warning, converted again; no read."""
+    from attndrift.models import embedded
+
+    target = embedded._embedded_cache()
+    state = {"embed.W_E": torch.arange(12.0).reshape(4, 3)}
+    embedded.write_cache(target, state, models.tiny_tokenizer(), {"d_vocab": 4, "n_layers": 1})
+    weights = target / "model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    with caplog.at_level(logging.WARNING):
+        assert _in_time(lambda: embedded._verified(target), [weights]) is None
+    assert "model.safetensors is not a regular file: converting again" in caplog.text
+
+
+def test_caches_are_shared_files_whatever_the_umask(folder):
+    """Cache files 0644 and folders 0755 under a private umask (077): a second user of the
+    cache reads them."""
+    from attndrift.models import embedded, loading
+
+    old = os.umask(0o077)
+    try:
+        target = embedded._embedded_cache()
+        state = {"embed.W_E": torch.arange(12.0).reshape(4, 3)}
+        embedded.write_cache(target, state, models.tiny_tokenizer(), {"d_vocab": 4, "n_layers": 1})
+        path = loading.atomic_write(folder / "cache" / "deep" / "er" / "c.json",
+                                    lambda tmp: tmp.write_text("[]"))  # fmt: skip
+    finally:
+        os.umask(old)
+    cache = Path(os.environ["ATTNDRIFT_CACHE"])
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [*cache.rglob("*"), path, path.parent]}
+    assert modes
+    for p, mode in modes.items():
+        assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))

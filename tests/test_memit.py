@@ -82,7 +82,7 @@ def test_z_is_optimised_after_the_last_layer(tiny_llama):
         2,
         TEMPLATES,
         cfg.value,
-        sadr.SadrConfig(),
+        sadr.SadrConfig(gamma=0.005),
     )
     assert obj.sadr_layers == [3]
 

@@ -78,6 +78,31 @@ def test_table_default_stays_normal_and_wilson_is_an_option():
         metrics.table({"ROME": s}, interval="exact")
 
 
+def test_frame_holds_numbers_and_formatted_is_its_view():
+    probes = pd.DataFrame(
+        {"kind": ["ES", "PS", "PS", "NS", "NS", "RS", "DNS"], "success": [1, 1, 0, 1, 1, 0, 1]}
+    )
+    s = metrics.aggregate(probes.astype({"success": bool}))
+    numbers = metrics.frame({"ROME": s})
+    assert numbers.loc["ROME", "PS"] == 50.0 and numbers.loc["ROME", "PS_n"] == 2
+    low, high = metrics.wilson(1, 2)
+    assert numbers.loc["ROME", ["PS_low", "PS_high"]].tolist() == pytest.approx(
+        [100 * low, 100 * high]
+    )
+    assert numbers.loc["ROME", "Score"] == pytest.approx(100 * s.score)
+    assert math.isnan(numbers.loc["ROME", "RS_D"]) and numbers.loc["ROME", "RS_D_n"] == 0
+    # numbers to compute with: every column but the counts is a float, none all-NaN but RS_D's
+    assert all(numbers[c].dtype.kind in "fi" for c in numbers.columns)
+    shown = metrics.formatted(numbers)
+    assert shown.equals(metrics.table({"ROME": s}, interval="wilson"))
+    assert list(shown.columns) == ["ES", "PS", "NS", "RS", "DNS", "RS_D", "Score"]
+    # a normal interval can pass 100 %; Wilson bounds never leave [0, 100]
+    normal = metrics.frame({"ROME": s}, interval="normal")
+    assert normal.loc["ROME", "PS_high"] > 100
+    assert numbers.filter(like="_high").max().max() <= 100
+    assert numbers.filter(like="_low").min().min() >= 0
+
+
 # ------------------------------------------------------------------------------------------
 # plotting: one colour scale for compared heatmaps; the headline figure
 # ------------------------------------------------------------------------------------------
@@ -115,8 +140,11 @@ def test_common_zmax_and_fixed_range():
     assert hm.zmid is None  # the fixed range replaces the autoscale around 0
     kl = plotting.drift_heatmap(small, "kl", zmax=0.5).data[0]
     assert (kl.zmin, kl.zmax) == (0.0, 0.5)  # from 0 for a non-negative metric
-    auto = plotting.drift_heatmap(small, "delta").data[0]
-    assert auto.zmin is None and auto.zmid == 0  # the default is unchanged
+    # by default two heatmaps drawn apart share the natural scale of attention changes
+    apart = [plotting.drift_heatmap(x, "delta").data[0] for x in (big, small)]
+    assert {(hm.zmin, hm.zmax) for hm in apart} == {(-1.0, 1.0)}
+    kl_auto = plotting.drift_heatmap(small, "kl").data[0]
+    assert kl_auto.zmin == 0 and kl_auto.zmax is None  # KL: from 0 to its largest value
     with pytest.raises(ValueError, match="zmax must be positive"):
         plotting.drift_heatmap(small, zmax=0)
     with pytest.raises(ValueError, match="no drifts"):

@@ -53,7 +53,7 @@ def test_head_mask_matches_hand_computation():
             for h in range(4):
                 assert bool(mask[j, layer, h]) == (cur[j, layer, h, 0, subject[j]].item() > best)
     weight = torch.ones(3, 1)
-    loss, heads = sadr.sadr_loss(van, cur, keys, weight)
+    loss, heads = sadr.sadr_loss(van, cur, keys, weight, sadr.SadrConfig(gamma=1.0))
     kl = metrics.kl(van, cur, floor=sadr.EPS)[..., 0]
     by_hand = sum(
         sum(kl[j, layer, h].item() for h in range(4) if mask[j, layer, h]) / 3
@@ -62,7 +62,8 @@ def test_head_mask_matches_hand_computation():
     )
     assert loss.item() == pytest.approx(by_hand, rel=1e-6)
     torch.testing.assert_close(heads, mask.float().sum(-1).mean(0))
-    loss_all, heads_all = sadr.sadr_loss(van, cur, keys, weight, sadr.SadrConfig(all_heads=True))
+    every = sadr.SadrConfig(1.0, all_heads=True)
+    loss_all, heads_all = sadr.sadr_loss(van, cur, keys, weight, every)
     assert loss_all.item() == pytest.approx(kl.sum(-1).mean(0).sum().item(), rel=1e-6)
     assert (heads_all == 4).all()
 
@@ -77,7 +78,7 @@ def test_variants_match_hand_computations():
     kl = metrics.kl(van, cur, floor=sadr.EPS)  # [prompt, layer, head, query]
     mass = lambda rows: (rows * subject[:, None, None, None, :]).sum(-1)
     for threshold in ("layer_max", "own"):
-        cfg = sadr.SadrConfig(keys="subject", queries="after_subject", threshold=threshold)
+        cfg = sadr.SadrConfig(1.0, keys="subject", queries="after_subject", threshold=threshold)
         loss, heads = sadr.sadr_loss(van, cur, subject, weight, cfg)
         want, want_heads = 0.0, 0.0
         for j in range(2):
@@ -91,11 +92,11 @@ def test_variants_match_hand_computations():
                         want_heads += weight[j, q].item() / 2
         assert loss.item() == pytest.approx(want, rel=1e-6)
         assert heads.item() == pytest.approx(want_heads, rel=1e-6)
-    assert sadr.SadrConfig(threshold="own", relation_prompts=True).variant == (
+    assert sadr.SadrConfig(1.0, threshold="own", relation_prompts=True).variant == (
         "threshold=own,relation_prompts"
     )
     with pytest.raises(ValueError, match="SADR queries must be one of"):
-        sadr.SadrConfig(queries="all")
+        sadr.SadrConfig(1.0, queries="all")
 
 
 def test_mask_on_tiny_model_matches_hand_computation(tiny_llama):
@@ -220,3 +221,29 @@ def test_sadr_restrains_drift_in_the_trace(tiny_llama):
 def test_negative_gamma_is_rejected():
     with pytest.raises(ValueError, match="gamma must be a finite number >= 0"):
         sadr.SadrConfig(gamma=-1.0)
+
+
+def test_the_preset_is_the_one_gamma_of_a_model():
+    # SmolLM2's ROME γ is one constant; the setting of the paper's GPT-J stays apart
+    smol = sadr.preset("smollm2-135m")
+    assert smol == sadr.SadrConfig(gamma=sadr.SMOLLM2_ROME_GAMMA)
+    assert sadr.preset("SmolLM2-135M-Instruct-Q4_1", "rome") == smol  # matched by name
+    assert sadr.preset("smollm2-135m", "memit").gamma == sadr.SMOLLM2_ROME_GAMMA / 2
+    assert sadr.preset("EleutherAI/gpt-j-6B").gamma == 0.01
+    assert sadr.preset("EleutherAI/gpt-j-6B", "memit").gamma == 0.005
+    # the γ was chosen under ROME's SADR budget: the ROME preset carries it
+    assert rome.preset("smollm2-135m").sadr_steps == 80
+    with pytest.raises(ValueError, match="no ROME\\+SADR preset for 'gpt2'"):
+        sadr.preset("gpt2")
+    with pytest.raises(ValueError, match="editor must be one of"):
+        sadr.preset("smollm2-135m", "alphaedit")
+    with pytest.raises(TypeError, match="gamma"):
+        sadr.SadrConfig()  # no hidden default γ
+
+
+def test_watched_layers_follow_the_step_logs(tiny_llama):
+    cfg = dataclasses.replace(rome.preset(tiny_llama), covariance=None)
+    e = rome.edit(tiny_llama, REQ, cfg, templates=TEMPLATES, sadr=sadr.SadrConfig(gamma=1.0))
+    watched = sadr.watched_layers(tiny_llama, e.layers)
+    assert list(watched) == list(range(e.layers[0] + 1, tiny_llama.cfg.n_layers))
+    assert len(watched) == len(e.run.final.heads)

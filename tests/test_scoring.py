@@ -221,3 +221,99 @@ def test_sampling_is_seeded_and_greedy_matches_argmax(tiny):
             with torch.no_grad():
                 ids.append(int(tiny(torch.tensor([ids]))[0, -1].argmax()))
         assert text == tiny.tokenizer.decode(ids[len(models.bos_prefix(tiny)) :])
+
+
+def test_shared_prefixes_of_token_runs():
+    a = (1, 2, 3, 4, 5, 6, 7)
+    prompts = [
+        (*a, 10, 11),
+        (*a, 12),
+        a,  # the common prefix itself: leaves the run, whose prefix then grows
+        (1, 2, 3, 9),  # shares too little
+        (*a, 10, 13),
+        (8,),
+    ]
+    prefixes, of = scoring.shared_prefixes(prompts, min_shared=5)
+    assert prefixes == [a]
+    assert of == [0, 0, -1, -1, 0, -1]
+    # a longer common prefix within the run is not split off: the run shares what all share
+    prefixes, of = scoring.shared_prefixes([(*a, 10, 11), (*a, 10, 12), (*a, 9)], 5)
+    assert prefixes == [a] and of == [0, 0, 0]
+    # every prompt keeps at least its last token out of the prefix
+    prefixes, of = scoring.shared_prefixes([a, (*a, 1)], 5)
+    assert prefixes == [] and of == [-1, -1]
+    assert scoring.shared_prefixes([a, (*a, 1), (*a, 2)], 5) == ([a], [-1, 0, 0])
+    # at 8 tokens, only the two that go on with 10 share (a and 10)
+    assert scoring.shared_prefixes(prompts, 8) == ([(*a, 10)], [0, -1, -1, -1, 0, -1])
+    assert scoring.shared_prefixes(prompts, 9) == ([], [-1] * 6)
+
+
+def _distracted_pairs(model):
+    """Answers of records whose DNS and RS_D probes begin with the sentence of the edit."""
+    from tests.helpers import two_records
+
+    probes = data.probes_of(two_records())
+    pairs = [(p.prompt, p.right) for p in probes] + [(p.prompt, p.wrong) for p in probes]
+    return probes, pairs
+
+
+def test_plan_shares_the_sentence_of_the_edit(tiny):
+    probes, pairs = _distracted_pairs(tiny)
+    the_plan = scoring.plan(tiny, pairs)
+    for probe in probes:
+        if probe.kind not in ("DNS", "RS_D"):
+            continue
+        p = the_plan.pair_prompt[pairs.index((probe.prompt, probe.right))]
+        sentence = probe.prompt[: probe.prompt.index(". ") + 1]  # "{prompt} {o_new}."
+        assert the_plan.shared(p) >= len(encoding.encode_prompt(tiny, sentence).ids)
+        assert the_plan.shared(p) < len(the_plan.prompts[p])
+    plain = scoring.plan(tiny, pairs, share_prefixes=False)
+    assert plain.prefixes == [] and all(plain.shared(p) == 0 for p in range(len(plain.prompts)))
+
+
+@pytest.mark.parametrize("budget", [8, 40, 10_000])
+def test_shared_prefixes_give_the_same_scores(tiny, budget):
+    _, pairs = _distracted_pairs(tiny)
+    one = scoring.answer_nll(tiny, pairs, max_batch_size=1)
+    torch.testing.assert_close(scoring.answer_nll(tiny, pairs, max_batch_tokens=budget), one)
+    torch.testing.assert_close(
+        scoring.answer_nll(tiny, pairs, max_batch_tokens=budget, share_prefixes=False), one
+    )
+
+
+def test_rounds_keep_each_prefix_with_its_prompts(tiny):
+    _, pairs = _distracted_pairs(tiny)
+    the_plan = scoring.plan(tiny, pairs)
+    assert len(the_plan.prefixes) >= 2
+    for budget in (1, 30, 10_000):
+        rounds = scoring.rounds(the_plan, budget)
+        assert sorted(p for r in rounds for p in r) == list(range(len(the_plan.prompts)))
+        seen = set()
+        for members in rounds:
+            ids = {the_plan.prompt_prefix[p] for p in members if the_plan.shared(p)}
+            assert not ids & seen  # each prefix in one round, with all of its prompts
+            seen |= ids
+            widths = [len(the_plan.prefixes[i]) for i in ids]
+            assert len(widths) <= 1 or len(widths) * max(widths) <= budget
+        if budget == 1:  # a prefix per round
+            assert len(rounds) >= len(the_plan.prefixes)
+        if budget == 10_000:
+            assert len(rounds) == 1
+
+
+@pytest.mark.parametrize("where", ["prefix_pass", "hidden_states"])
+def test_out_of_memory_halves_the_budget_and_changes_nothing(tiny, monkeypatch, where):
+    _, pairs = _distracted_pairs(tiny)
+    want = scoring.answer_nll(tiny, pairs)
+    real, calls = getattr(scoring, where), []
+
+    def once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, where, once)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    torch.testing.assert_close(scoring.answer_nll(tiny, pairs), want)
+    assert len(calls) > 1

@@ -1,5 +1,6 @@
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -423,3 +424,120 @@ def test_alphaedit_sequences_carry_the_previous_keys(tiny_llama, records, tmp_pa
     assert len(out) == 2 and states[0] is None and states[1] is not None
     for n, p in tiny_llama.named_parameters():
         assert torch.equal(p, snap[n]), n
+
+
+def test_two_concurrent_sweeps_on_one_out(tmp_path):
+    """A second sweep onto a file another sweep is writing is refused at once, naming the
+    first one's process; the file holds every (record, setting) once; Ctrl-C stops the first
+    with one line, and the lock goes with it."""
+    out = tmp_path / "shared.jsonl"
+    env = _env(tmp_path)
+    args = ["sweep", "--model", "tiny-llama", "--limit", "40", "--identity-cov", "--steps", "50",
+            "--out", str(out), "--device", "cpu"]  # fmt: skip
+    first = subprocess.Popen(_cli(*args), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and (not out.exists() or b"\n" not in out.read_bytes()):
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.05)
+        second = subprocess.run(_cli(*args), cwd=REPO, env=env, capture_output=True, text=True)
+        assert first.poll() is None, "the first sweep ended before the second started"
+        assert second.returncode == 2
+        last = second.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(
+            rf"attndrift sweep: error: --out {re.escape(str(out))} is being written by another "
+            rf"sweep \(pid {first.pid}: .*attndrift\.cli sweep .*\): wait for it to finish, or "
+            r"pass another --out",
+            last,
+        ), last
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 130
+    lines = [x for x in err.splitlines() if x.startswith("attndrift")]
+    assert lines == ["attndrift sweep: interrupted; rerun the same command to resume"], err[-2000:]
+    keys = [x.key for x in results.read(out)]
+    assert keys and len(keys) == len(set(keys)) and out.read_bytes().endswith(b"\n")
+    # the lock went with the process: the same command takes the file again
+    args[args.index("--limit") + 1] = str(len(keys))
+    again = subprocess.run(_cli(*args), cwd=REPO, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [x.key for x in results.read(out)] == keys  # nothing to do: nothing appended
+
+
+def test_a_last_line_without_its_newline_is_kept(tiny_llama, tmp_path):
+    """A complete last line that lacks its newline (a file edited by hand) is kept, also when
+    the rerun's --records leave its record out; only an unparseable tail is cut."""
+    out = tmp_path / "r.jsonl"
+    quick = [setting.Setting(**QUICK)]
+    four = data.load_embedded().select(limit=4)
+    sweep.run(tiny_llama, four, quick, out, progress=False)
+    text = out.read_bytes()
+    out.write_bytes(text[:-1])  # the newline of the last line removed
+    assert len(results.read(out)) == 4
+    sweep.run(tiny_llama, four.select(ids=[r.id for r in four.records[:3]]), quick, out,
+              progress=False)  # fmt: skip
+    assert out.read_bytes() == text  # the newline completed, the line kept, nothing redone
+    assert [x.key for x in results.read(out)] == [(r.id, quick[0].key) for r in four.records]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_without_peers_stops_with_one_line(rank, tmp_path):
+    """Under torchrun's variables with no other rank: a timeout, then one line that says so
+    (rank 0 waits for the others, rank 1 for the master)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    peers = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = _env(tmp_path) | peers | {"RANK": str(rank), "WORLD_SIZE": "2"}
+    env["ATTNDRIFT_RENDEZVOUS_TIMEOUT"] = "2"
+    args = ["sweep", "--model", "tiny-llama", "--records", "0", "--out", str(tmp_path / "r.jsonl")]
+    t0 = time.time()
+    res = subprocess.run(_cli(*args), cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"attndrift sweep: error: RuntimeError: rank {rank} of 2: the other ranks did not join "
+        rf"at 127\.0\.0\.1:{port} within 2 s \(.*\): start every rank with torchrun "
+        r"\(ATTNDRIFT_RENDEZVOUS_TIMEOUT sets the wait\)",
+        last,
+    ), last
+    assert time.time() - t0 < 240
+    assert not list(tmp_path.glob("r*.jsonl"))  # nothing written
+
+
+def test_summarize_keeps_provenances_apart_only_when_asked(tmp_path, capsys):
+    """Results of two models over the same (record, setting): refused together; with
+    --by-provenance, one table per provenance, each labelled."""
+    from attndrift import cli
+    from tests.helpers import make_line
+
+    prov = results.Provenance("tiny-llama-s0", "0123456789abcdef", "/x/d.json", "a" * 64,
+                              "0.1.0", "g1")  # fmt: skip
+    other = dataclasses.replace(prov, model="tiny-gpt2-s0", fingerprint="fedcba9876543210")
+    for name, p, ok in (("a", prov, 1), ("b", other, 0)):
+        for record in (0, 1):
+            line = make_line(record, [("ES", ok), ("NS", 1)])
+            results.append(tmp_path / f"{name}.jsonl", dataclasses.replace(line, provenance=p))
+    files = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    with pytest.raises(ValueError, match="the results mix 2 provenances"):
+        results.load(files)
+    assert cli.main(["summarize", *files, "--by-provenance"]) == 0
+    out = capsys.readouterr().out
+    labels = [x for x in out.splitlines() if x.startswith("provenance: ")]
+    assert labels == [
+        "provenance: tiny-llama-s0 (01234567), data d.json (aaaaaaaa), attndrift 0.1.0",
+        "provenance: tiny-gpt2-s0 (fedcba98), data d.json (aaaaaaaa), attndrift 0.1.0",
+    ]
+    rows = [x.split()[2] for x in out.splitlines() if x.startswith("rome|g=0 (n=2)")]
+    assert rows == ["100.0", "0.0"]  # ES of each model's lines, in their own table
+    # another git revision of the same version: one provenance (a resumed sweep's lines)
+    newer = dataclasses.replace(prov, git="g2")
+    line = dataclasses.replace(make_line(2, [("ES", 1), ("NS", 1)]), provenance=newer)
+    results.append(tmp_path / "a.jsonl", line)
+    assert len(results.load([files[0]])) == 3

@@ -242,7 +242,7 @@ def test_sadr_on_distractors_needs_distractors(tiny_llama):
     with pytest.raises(ValueError, match="distractor"):
         _objective(tiny_llama, sadr.SadrConfig(gamma=1.0, prompts="distractors"), queries=())
     with pytest.raises(ValueError, match="SADR prompts"):
-        sadr.SadrConfig(prompts="relations")
+        sadr.SadrConfig(gamma=1.0, prompts="relations")
 
 
 POOL = distractors.Pool(
@@ -361,3 +361,29 @@ def test_pearson_interval_resamples_records():
     lo_c, hi_c = summary.pearson_interval(records, xs, y)
     lo_i, hi_i = summary.pearson_interval(np.arange(40), xs, y)  # as if independent
     assert hi_c - lo_c > hi_i - lo_i
+
+
+def test_strength_places_each_row_on_or_off_the_margin_curve():
+    probes = [("ES", 1), ("PS", 1), ("RS", 0), ("DNS", 1)]
+    lines = []
+    for r in range(2):
+        lines += [
+            make_line(r, probes, steps=80),
+            make_line(r, probes, steps=80, early_stop_on="margin", stop_margin=2.0),
+            make_line(r, probes, steps=80, early_stop=0.5, stop_margin=2.0),
+            make_line(r, probes, steps=80, offtarget=2.0),
+            make_line(r, probes, steps=80, sadr_gamma=0.05),
+        ]
+    frame = summary.strength(lines).set_index("setting")
+    assert frame.loc["rome|g=0|steps=80", "family"] == "baseline"
+    assert frame.loc["rome|g=0|steps=80|early_stop_on=margin|stop_margin=2", "family"] == (
+        "margin stop"
+    )
+    assert frame.loc["rome|g=0|steps=80|early_stop=0.5|stop_margin=2", "family"] == (
+        "NLL < 0.5 and margin stop"
+    )
+    assert frame.loc["rome|g=0|steps=80|offtarget=2", "family"] == "offtarget=2"
+    assert frame.loc["rome|g=0.05|steps=80", "family"] == "SADR γ 0.05"
+    import math
+
+    assert frame["ES_margin"].map(lambda x: x == pytest.approx(math.log(1.2))).all()

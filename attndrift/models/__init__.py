@@ -8,6 +8,8 @@ names, config fields, the key-value cache); everything else asks it. Its modules
   :class:`Variant` = a model plus hooks);
 * :mod:`~attndrift.models.forward`: partial forward passes, key-value caches, tokens, the
   unembedding of chosen rows;
+* :mod:`~attndrift.models.lean`: the value optimisation's steps without hook points
+  (:class:`SuffixForward`);
 * :mod:`~attndrift.models.loading`: :func:`load_model` for every source, the weight layout,
   the weight fingerprint, the cache directory;
 * :mod:`~attndrift.models.embedded`: the embedded SmolLM2-135M (GGUF in a PyPI wheel);
@@ -38,6 +40,7 @@ from attndrift.models.forward import (
     resid_after_prefix,
     unembed,
 )
+from attndrift.models.lean import SuffixForward, has_hooks, suffix_forward
 from attndrift.models.loading import (
     NO_BOS_ARCHITECTURES,
     cache_dir,
@@ -71,6 +74,7 @@ __all__ = [
     "NO_BOS_ARCHITECTURES",
     "TINY_ARCHS",
     "TINY_NAMES",
+    "SuffixForward",
     "Variant",
     "as_variant",
     "attn_out_hook",
@@ -90,6 +94,7 @@ __all__ = [
     "final_hidden_and_cache",
     "final_hidden_from",
     "fingerprint",
+    "has_hooks",
     "hooked",
     "kv_cache",
     "load_embedded_hf",
@@ -105,6 +110,7 @@ __all__ = [
     "resid_post_hook",
     "resid_pre_hook",
     "smollm2_config_from_gguf",
+    "suffix_forward",
     "tiny_model",
     "tiny_tokenizer",
     "unembed",

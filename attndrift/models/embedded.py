@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from attndrift.models.loading import build, cache_dir
+from attndrift.models.loading import (
+    CACHE_FILE_MODE,
+    CACHE_FOLDER_MODE,
+    PERMISSION_HINT,
+    build,
+    cache_dir,
+    cache_folder,
+    is_regular,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +117,8 @@ def _verified(target: Path) -> tuple[Path, dict, bytes] | None:
             if target.resolve() != folder:
                 continue  # another process swapped the cache meanwhile: read the new one
             log.warning("model cache %s is incomplete: converting again", target)
+        except PermissionError:  # another user's cache: say so (converting would not help)
+            raise
         except (_Mismatch, OSError) as e:  # OSError: e.g. a file where the folder should be
             if target.resolve() != folder:
                 continue
@@ -121,9 +131,20 @@ class _Mismatch(Exception):
     pass
 
 
+def _read(path: Path) -> bytes:
+    """A cache file's bytes: a _Mismatch if it is not a regular file (a FIFO would block), a
+    PermissionError that names it."""
+    if path.exists() and not is_regular(path):
+        raise _Mismatch(f"{path.name} is not a regular file")
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise PermissionError(13, PERMISSION_HINT, str(path)) from None
+
+
 def _read_folder(folder: Path) -> tuple[Path, dict, bytes]:
     try:
-        meta = json.loads((folder / "attndrift.json").read_bytes())
+        meta = json.loads(_read(folder / "attndrift.json"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise _Mismatch("attndrift.json is not valid JSON") from None
     if not isinstance(meta, dict):
@@ -139,7 +160,7 @@ def _read_folder(folder: Path) -> tuple[Path, dict, bytes]:
         raise _Mismatch("the config does not match its sha256 (edited?)")
     weights = b""
     for name, digest in hashes.items():
-        data = (folder / Path(name).name).read_bytes()
+        data = _read(folder / Path(name).name)
         if hashlib.sha256(data).hexdigest() != digest:
             raise _Mismatch(f"{name} does not match its sha256 (corrupted?)")
         if name == "model.safetensors":
@@ -243,9 +264,12 @@ def write_cache(target: Path, state: dict, tokenizer, config: dict) -> Path:
     """
     from safetensors.torch import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    cache_folder(target.parent)
     _remove_stale(target)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}."))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}."))
+    except PermissionError:  # named after the cache, not the temporary folder
+        raise PermissionError(13, PERMISSION_HINT, str(target)) from None
     published = False
     try:
         save_file(state, tmp / "model.safetensors")
@@ -262,9 +286,10 @@ def write_cache(target: Path, state: dict, tokenizer, config: dict) -> Path:
         }
         (tmp / "attndrift.json").write_text(json.dumps(meta, indent=1))
         for p in tmp.iterdir():
+            p.chmod(CACHE_FILE_MODE)  # readable by the other users of a shared cache
             with p.open("rb") as f:
                 os.fsync(f.fileno())
-        tmp.chmod(0o755)
+        tmp.chmod(CACHE_FOLDER_MODE)
         _point(target, tmp)
         published = True
     finally:

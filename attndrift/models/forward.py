@@ -115,16 +115,18 @@ def prefix_cache(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch prefix"],
     attention_mask: Int[Tensor, "batch prefix"],
+    fwd_hooks: list | tuple = (),
 ):
     """A frozen key-value cache of left-padded prefixes (every layer), for reuse by many runs.
 
     ``tokens`` are left-padded (``attention_mask`` 0 on the padding), so that every row's
     prefix ends at the same column and the continuations that use the cache line up. Positions
     (rotary or learned) follow the mask, so each real token sits at its unpadded position.
+    ``fwd_hooks`` (e.g. an edit as a hook) act on the prefix's pass.
     """
     cache = kv_cache(model, tokens.shape[0])
     if tokens.shape[1] > 0:
-        with torch.no_grad():
+        with torch.no_grad(), hooked(model, fwd_hooks):
             model(tokens, attention_mask=attention_mask, past_kv_cache=cache, return_type=None)
     else:
         cache.previous_attention_mask = attention_mask.to(cache.previous_attention_mask)
@@ -162,20 +164,22 @@ def final_hidden_and_cache(
     return hidden, cache
 
 
-def cache_rows(cache, rows: Int[Tensor, " n"]):
-    """A frozen cache whose row ``i`` is row ``rows[i]`` of ``cache`` (every position)."""
+def cache_rows(cache, rows: Int[Tensor, " n"], last: int | None = None):
+    """A frozen cache whose row ``i`` is row ``rows[i]`` of ``cache``: every position, or its
+    ``last`` positions (of a left-padded cache: each row's last tokens, less padding)."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+    start = 0 if last is None else cache.previous_attention_mask.shape[1] - last
     entries = [
         TransformerLensKeyValueCacheEntry(
-            e.past_keys[rows.to(e.past_keys.device)],
-            e.past_values[rows.to(e.past_values.device)],
+            e.past_keys[rows.to(e.past_keys.device), start:],
+            e.past_values[rows.to(e.past_values.device), start:],
             frozen=True,
         )
         for e in cache.entries
     ]
-    mask = cache.previous_attention_mask[rows.to(cache.previous_attention_mask.device)]
+    mask = cache.previous_attention_mask[rows.to(cache.previous_attention_mask.device), start:]
     return TransformerLensKeyValueCache(entries, mask, frozen=True)
 
 
