@@ -21,7 +21,7 @@ import dataclasses
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -33,6 +33,7 @@ from attndrift import capture, checks, encoding, generation, models, value
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.edits import Edit, EditRun
+from attndrift.registry import PRESET_KEYS, preset_for  # noqa: F401 (editors' former names)
 from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig
 
@@ -222,9 +223,6 @@ def finish(
 
 
 C = TypeVar("C")
-#: model-name patterns and the preset each selects, tried in order (tiny test models first)
-PRESET_KEYS = (("smollm2", "smollm2-135m"), ("gpt2-xl", "gpt2-xl"), ("gpt-j", "gpt-j"),
-               ("llama", "llama"))  # fmt: skip
 
 
 def begin(
@@ -314,19 +312,6 @@ def optimise_targets(
                 memo.put(key, found)
         out.append(found)
     return out, reused
-
-
-def preset_for(presets: Mapping[str, C], model: HookedTransformer | str, editor: str) -> C:
-    """The documented default config of ``editor`` for a model (by name) from its ``presets``;
-    a ValueError naming the presets there are otherwise."""
-    name = model if isinstance(model, str) else model.cfg.model_name
-    key = name.lower()
-    found = "tiny" if key.startswith("tiny") else next((k for p, k in PRESET_KEYS if p in key), "")
-    if found not in presets:
-        raise ValueError(
-            f"no {editor} preset for {name!r}: pass a config (presets: {sorted(presets)})"
-        )
-    return presets[found]
 
 
 def batch_edit(

@@ -23,11 +23,33 @@ import importlib
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+from transformer_lens import HookedTransformer
 
 #: the editors shipped with attndrift (modules of this package), in the order the command line
 #: and messages list them; each registers itself when imported, which :func:`specs` makes sure of
 BUILTIN = ("rome", "memit", "pmet", "alphaedit")
+
+
+C = TypeVar("C")
+
+#: model-name patterns and the preset each selects, tried in order (tiny test models first)
+PRESET_KEYS = (("smollm2", "smollm2-135m"), ("gpt2-xl", "gpt2-xl"), ("gpt-j", "gpt-j"),
+               ("llama", "llama"))  # fmt: skip
+
+
+def preset_for(presets: Mapping[str, C], model: HookedTransformer | str, editor: str) -> C:
+    """The documented default config of ``editor`` for a model (by name) from its ``presets``;
+    a ValueError naming the presets there are otherwise."""
+    name = model if isinstance(model, str) else model.cfg.model_name
+    key = name.lower()
+    found = "tiny" if key.startswith("tiny") else next((k for p, k in PRESET_KEYS if p in key), "")
+    if found not in presets:
+        raise ValueError(
+            f"no {editor} preset for {name!r}: pass a config (presets: {sorted(presets)})"
+        )
+    return presets[found]
 
 
 def _range_layers(cfg: Any) -> tuple[int, ...]:

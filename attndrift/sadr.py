@@ -45,7 +45,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, metrics
+from attndrift import checks, metrics, registry
 
 #: probabilities below this are treated as this in log(q) (never NaN, never inf)
 EPS = 1e-12
@@ -136,10 +136,8 @@ def preset(model: HookedTransformer | str, editor: str = "rome") -> SadrConfig:
     Pair it with the editor's preset (``rome.preset(model)``), whose ``sadr_steps`` is the step
     budget the γ was chosen under.
     """
-    from attndrift import editors  # model-name matching (editors imports this module)
-
     checks.choice("editor", editor, tuple(PRESETS))
-    return editors.preset_for(PRESETS[editor], model, f"{editor.upper()}+SADR")
+    return registry.preset_for(PRESETS[editor], model, f"{editor.upper()}+SADR")
 
 
 def watched_layers(model: HookedTransformer, layers: Sequence[int]) -> range:

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from attndrift import (
+    _io,
     cli,
     covariance,
     data,
@@ -1255,7 +1256,7 @@ def _cache_not_writable(w: World, mp) -> None:
     def refuse(*args, dir=None, prefix="", **kwargs):
         raise PermissionError(13, "Permission denied", f"{dir}/{prefix}x1y2.tmp")
 
-    mp.setattr(loading.tempfile, "mkstemp", refuse)
+    mp.setattr(_io.tempfile, "mkstemp", refuse)
     loading.atomic_write(w.cache / "corpora" / "c.json", lambda tmp: tmp.write_text("[]"))
 
 
