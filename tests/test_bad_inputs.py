@@ -50,16 +50,10 @@ from attndrift.editors import TemplateConfig
 from attndrift.models import embedded, loading
 from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig
-from tests.helpers import skip_if_cuda_here
+from tests.helpers import REQUEST, TEMPLATES, skip_if_cuda_here
 
 NAN, INF = math.nan, math.inf
-TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
-REQ = data.EditRequest(
-    subject="Eiffel Tower",
-    prompt="The Eiffel Tower is located in the city of",
-    target_true="Paris",
-    target_new="Rome",
-)
+REQ = REQUEST
 LONG_PROMPT = " ".join(["word"] * 2000) + " Paris is the capital of"
 #: a quick on-the-fly edit for the command line
 TINY = ["--model", "tiny-llama", "--device", "cpu"]

@@ -10,10 +10,9 @@ import torch
 
 from attndrift import data, editors, edits, encoding, models, pmet, sadr, setting, value
 from tests.helpers import BATCH_REQUESTS as REQS
-from tests.helpers import assert_same_run, hook_free
+from tests.helpers import PADDED_TEMPLATES, assert_same_run, hook_free
 
-# prefixes of different lengths, so that the cached prefixes need padding
-TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}", "The the the the the the. {}")
+TEMPLATES = PADDED_TEMPLATES
 
 
 def _cfg(model, **changes) -> pmet.PmetConfig:
