@@ -134,6 +134,25 @@ def least_squares_solve(
     return solve
 
 
+def spread(
+    model: HookedTransformer,
+    requests: Sequence[EditRequest],
+    targets: torch.Tensor,
+    hook: str,
+    layers: Sequence[int],
+    mom2_weight: float,
+    covs: dict[int, torch.Tensor | None],
+    templates: Sequence[str],
+    share: Callable[[int], float] = float,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """MEMIT's layer loop (METHOD §3.5): :func:`attndrift.layer_loop.spread` with MEMIT's
+    least-squares solve (:func:`least_squares_solve`). Returns the factors (left [d_mlp, n],
+    right [n, d_model]) per layer; the weights are restored on return."""
+    solve = least_squares_solve(covs, mom2_weight)
+    return layer_loop.spread(model, requests, targets, hook=hook, layers=layers,
+                             templates=templates, solve=solve, share=share)[0]  # fmt: skip
+
+
 @interrupts.keeps_grad_mode  # an interrupt inside a no_grad block cannot leave it off
 def edit(
     model: HookedTransformer,

@@ -360,3 +360,19 @@ class Editor:
             progress=self.progress,
             memo=self.memo,
         )
+
+
+def __getattr__(name: str):
+    """The former editor constants, now read from the registry: ``EDITORS`` (every registered
+    editor), ``RANGE_EDITORS`` (those editing a range of layers), ``MOM2_EDITORS`` (those
+    taking MEMIT's λ), ``PRESET_OF`` (editor -> its preset function)."""
+    specs = registry.specs()
+    if name == "EDITORS":
+        return tuple(s.name for s in specs)
+    if name == "RANGE_EDITORS":
+        return tuple(s.name for s in specs if "layers" in s.takes)
+    if name == "MOM2_EDITORS":
+        return tuple(s.name for s in specs if "mom2_weight" in s.takes)
+    if name == "PRESET_OF":
+        return {s.name: s.preset for s in specs}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

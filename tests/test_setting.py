@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from attndrift import registry, setting
+from attndrift import memit, registry, setting
 from attndrift.alphaedit import AlphaEditConfig
 from attndrift.memit import MemitConfig
 from attndrift.pmet import PmetConfig
@@ -200,3 +200,12 @@ def test_config_is_the_registered_class_of_each_editor():
 def test_help_lists_the_registered_editors():
     (f,) = [f for f in dataclasses.fields(setting.Setting) if f.name == "editor"]
     assert f.metadata["help"] == "editor: rome, memit, pmet, alphaedit"
+
+
+def test_the_former_editor_constants_read_the_registry():
+    assert setting.EDITORS == ("rome", "memit", "pmet", "alphaedit")
+    assert setting.RANGE_EDITORS == ("memit", "pmet", "alphaedit")
+    assert setting.MOM2_EDITORS == ("memit", "pmet")
+    assert setting.PRESET_OF["memit"] is memit.preset
+    with pytest.raises(AttributeError):
+        setting.NO_SUCH_NAME  # noqa: B018
