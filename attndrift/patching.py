@@ -270,7 +270,9 @@ def _outcome(scores: dict[str, Tensor]) -> Outcome:
     return Outcome(**{k: float(v[0]) for k, v in scores.items()})
 
 
-def _check(components: Sequence[str], direction: str, window: int) -> tuple[Component, ...]:
+def check_options(components: Sequence[str], direction: str, window: int) -> tuple[Component, ...]:
+    """The components of a sweep by name; a ValueError for an unknown component or
+    direction, no or repeated components, or a window that is not an integer >= 1."""
     names = tuple(components)
     for c in names:
         if c not in COMPONENTS:
@@ -322,7 +324,7 @@ def patch(
         max_cells: optional cap on cells per forward pass (``1`` = one forward per cell).
         progress: show a progress bar over passes.
     """
-    parts = _check(components, direction, window)
+    parts = check_options(components, direction, window)
     if max_batch_tokens < 1 or (max_cells is not None and max_cells < 1):
         raise ValueError(
             f"max_batch_tokens and max_cells must be positive, got {max_batch_tokens}, {max_cells}"

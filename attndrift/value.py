@@ -383,7 +383,7 @@ class ValueObjective:
         names = self.hook_names
         if not names or len(set(names)) != len(names):
             raise ValueError(f"hook names must be distinct and at least one, got {names}")
-        outside = [n for n in names if not n.startswith(f"blocks.{layer}.")]
+        outside = [n for n in names if not models.in_block(n, layer)]
         if outside:
             raise ValueError(f"hooks {outside} are not in block {layer}: one δ per hook of a block")
 
