@@ -14,7 +14,8 @@ new facts (and, when editing sequentially, on keeping the earlier edits).
    code does: the singular values of C, compared with ``nullspace_threshold`` = 2e-2 in every
    released setting; the paper's text says 1e-2), and ``P = Û Ûᵀ`` ``[d_mlp, d_mlp]``. A
    preserved key k (in the span of the large-eigenvalue directions) has P k ≈ 0.
-3. **Spread over layers** as MEMIT's loop: for each layer in turn, with the earlier layers'
+3. **Spread over layers** as MEMIT's loop (:func:`attndrift.layer_loop.spread`, with
+   AlphaEdit's solve): for each layer in turn, with the earlier layers'
    updates in place, K₁ ``[d_mlp, n]`` = each request's key averaged over the templates and
    R ``[n, d_model]`` = (z_i − the current residual at L_last) / (layers left), then
    (:func:`solve`) ``ΔW = (P (K₁K₁ᵀ + K_pK_pᵀ) + α I)⁻¹ P K₁ R``, with K_p the keys of the
@@ -49,11 +50,11 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, editors, interrupts, memit, models
+from attndrift import checks, covariance, editors, interrupts, layer_loop, memit, models, registry
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.editors import EditorConfig, TemplateConfig
-from attndrift.edits import Edit, restored
+from attndrift.edits import Edit
 from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig
 
@@ -178,29 +179,6 @@ def initial_state(
     return AlphaEditState(projections, {layer: empty for layer in cfg.layers})
 
 
-def _spread(model, requests, z, cfg: AlphaEditConfig, state: AlphaEditState, templates):
-    """MEMIT's layer loop with AlphaEdit's solve; the factors, and the keys of the edited
-    weights (every layer updated) that a next edit must keep."""
-    z_layer, z_name = cfg.layers[-1], models.resid_post_hook(cfg.layers[-1])
-    prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
-    factors = []
-    read_keys = editors.MeanKeys(model, requests, templates)  # each layer's update comes after
-    with restored(model, cfg.layers):
-        for i, layer in enumerate(cfg.layers):
-            keys = read_keys(layer).double().T  # [d_mlp, n]
-            now = editors.keys_at_subject(model, prompts, subjects, [z_name], z_layer + 1)[z_name]
-            resid = (z - now).double() / (len(cfg.layers) - i)  # [n, d_model]
-            p, kp = state.projections[layer], state.keys[layer]
-            left = solve(keys, p.to(keys.device), kp.to(keys.device), cfg.l2_weight)
-            factors.append((left.to(model.cfg.dtype), resid.to(model.cfg.dtype)))
-            w = models.mlp_out_weight(model, layer)
-            with torch.no_grad():
-                w.add_((left @ resid).to(w.dtype))
-        read_keys = editors.MeanKeys(model, requests, templates)  # the weights as edited
-        added = {layer: read_keys(layer).float().T for layer in cfg.layers}  # [d_mlp, n] each
-    return factors, added
-
-
 @interrupts.keeps_grad_mode  # an interrupt inside a no_grad block cannot leave it off
 def edit_in_sequence(
     model: HookedTransformer,
@@ -236,27 +214,35 @@ def edit_in_sequence(
             where everything they depend on is the same.
     """
     cfg = cfg or preset(model)
-    requests = editors.requests_of(requests, "AlphaEdit")
-    clock, templates = editors.begin(model, cfg.layers, cfg, templates)
-    if state is None:  # every P from the weights before this edit (and its layer loop)
-        state = initial_state(model, cfg, covs, progress)
-    elif set(state.projections) != set(cfg.layers):
+    if state is not None and set(state.projections) != set(cfg.layers):
         raise ValueError(f"the state is for layers {sorted(state.projections)}, not {cfg.layers}")
-    clock.lap("covariance")
-    z_layer = cfg.layers[-1]
-    z_name, value_cfg = models.resid_post_hook(z_layer), editors.value_config(cfg, sadr)
-    results, reused = editors.optimise_targets(
-        model, requests, z_name, z_layer, templates, value_cfg, sadr, progress=progress,
-        desc="AlphaEdit z", memo=memo,
+    z_name = models.resid_post_hook(cfg.layers[-1])
+    added: dict[int, Tensor] = {}  # this edit's keys on the edited weights (the next one keeps)
+
+    def projections() -> AlphaEditState:
+        nonlocal state
+        if state is None:  # every P from the weights before this edit (and its layer loop)
+            state = initial_state(model, cfg, covs, progress)
+        return state
+
+    def spread(requests, z, templates, before: AlphaEditState) -> list:
+        def projected(layer: int, keys: Tensor) -> Tensor:
+            p, kp = before.projections[layer], before.keys[layer]
+            return solve(keys, p.to(keys.device), kp.to(keys.device), cfg.l2_weight)
+
+        factors, keys = layer_loop.spread(
+            model, requests, z, hook=z_name, layers=cfg.layers, templates=templates,
+            solve=projected, keys_after=True,
+        )  # fmt: skip
+        added.update(keys)
+        return factors
+
+    e = editors.batch_edit(
+        model, requests, cfg, name="alphaedit", title="AlphaEdit", hooks=z_name,
+        desc="AlphaEdit z", sadr=sadr, templates=templates, progress=progress, memo=memo,
+        covariances=projections, spread=spread,
     )  # fmt: skip
-    z = torch.stack([x.target for x in results])  # [n, d_model]
-    clock.lap("value_steps_reused" if reused else "value_steps")
-    factors, added = _spread(model, requests, z, cfg, state, templates)
-    clock.lap("keys_and_solve")
-    e = editors.finish(
-        model, "alphaedit", cfg, sadr, requests, cfg.layers, factors, results, clock, len(templates)
-    )
-    return e, state.after(added)
+    return e, projections().after(added)
 
 
 def edit(
@@ -276,3 +262,17 @@ def edit(
         model, requests, cfg, sadr=sadr, covs=covs, templates=templates, progress=progress,
         memo=memo,
     )[0]  # fmt: skip
+
+
+registry.register(
+    registry.EditorSpec(
+        name="alphaedit",
+        config=AlphaEditConfig,
+        presets=PRESETS,
+        preset=preset,
+        edit=edit,
+        edit_in_sequence=edit_in_sequence,
+        takes={"layers", "null_threshold"},
+        refuses={"identity_cov": "it projects onto C's null space"},
+    )
+)

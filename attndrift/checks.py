@@ -6,6 +6,7 @@ API, the command line and saved settings reject NaN, inf and out-of-range values
 
 import math
 import string
+import typing
 import unicodedata
 
 
@@ -51,6 +52,18 @@ def choice(name: str, value: object, allowed: tuple) -> None:
     """Raise a ValueError unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def option(name: str, value: object, kind: object) -> None:
+    """Raise a ValueError unless ``value`` is one of the strings of the ``Literal`` ``kind``.
+
+    Options are typed ``str`` where users give them (config fields, the entry points' keyword
+    arguments) and checked here against their ``Literal``, the one list of their values: a
+    ``Literal`` annotation there would let the test-time type checker (jaxtyping + beartype)
+    refuse a bad value with its own TypeCheckError before this one-line ValueError, which is
+    what users see and the bad-input tests check.
+    """
+    choice(name, value, typing.get_args(kind))
 
 
 def layers(editor: str, value: object) -> None:

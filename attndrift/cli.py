@@ -317,36 +317,22 @@ def _table_text(lines, interval: str = "normal", markdown: bool = False) -> str:
     rows = {f"none (n={n_pre})": summaries.pop("none")}
     rows |= {f"{k} (n={counts[k]})": v for k, v in summaries.items()}
     frame = metrics.table(rows, interval=interval)
-    text = _markdown(frame) if markdown else frame.to_string()
+    text = summary.markdown(frame) if markdown else frame.to_string()
     what = "± 95 % normal interval" if interval == "normal" else "[95 % Wilson interval] (n)"
     text += f"\n\n(% of probes with P(right) > P(wrong), {what} over probes)"
     rest = summary.support(lines)
     text += "\n\nwhat each row rests on: records / probes per metric; edit strength (median "
     text += "log-odds margin of the edited model's ES and PS probes) and mean steps run\n"
-    return text + (_markdown(rest) if markdown else rest.to_string())
+    return text + (summary.markdown(rest) if markdown else rest.to_string())
 
 
 def _glance_text(lines, markdown: bool = False) -> str:
     from attndrift import summary
 
     frame = summary.glance(lines)
-    text = _markdown(frame) if markdown else frame.to_string()
+    text = summary.markdown(frame) if markdown else frame.to_string()
     note = "% of probes with P(right) > P(wrong); ES margin: median log-odds of the edit prompt"
     return f"{text}\n\n({note})"
-
-
-def _markdown(frame) -> str:
-    """A DataFrame as a Markdown table (index first), for docs/RESULTS.md; ``|`` inside a cell
-    (setting keys) is escaped, so it does not split the cell."""
-
-    def cell(x) -> str:
-        return str(x).replace("|", "\\|")
-
-    cols = [cell(frame.index.name or ""), *map(cell, frame.columns)]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for idx, row in frame.iterrows():
-        lines.append("| " + " | ".join([cell(idx), *map(cell, row.tolist())]) + " |")
-    return "\n".join(lines)
 
 
 @command("summarize", "tables of sweep results: Table 3, paired tests, selection, drift")
@@ -426,7 +412,7 @@ def _summarize(lines, a) -> None:
     if a.drift_table:
         frame = summary.drift_table(lines)
         print("\ndrift factor vs P(o_new) per setting and probe kind (paper Fig. 4):")
-        print(_markdown(frame) if a.markdown else frame.to_string())
+        print(summary.markdown(frame) if a.markdown else frame.to_string())
     if a.plot or a.csv:
         frame = summary.tradeoff(lines)
         if a.csv:
@@ -494,7 +480,7 @@ def _print_choice(lines, rule: str, markdown: bool) -> None:
         shown[c] = [f"{100 * v:.1f}" for v in shown[c]]
     shown["mean_steps"] = [f"{v:.1f}" for v in shown["mean_steps"]]
     print(f"\nrule {rule!r}: {summary.RULES[rule].text}")
-    print(_markdown(shown) if markdown else shown.to_string())
+    print(summary.markdown(shown) if markdown else shown.to_string())
     chosen = frame[frame["chosen"]]
     if frame.attrs["fallback"]:
         print(f"chosen (none is eligible; the rule's fallback): {chosen['setting'].iloc[0]}")
@@ -535,7 +521,7 @@ def _print_paired(lines, pair: str, markdown: bool) -> None:
     frame = pd.DataFrame(rows).T
     frame.index.name = "metric"
     print(f"\npaired: A = {a.strip()}, B = {b.strip()} (same probes; records resampled)")
-    print(_markdown(frame) if markdown else frame.to_string())
+    print(summary.markdown(frame) if markdown else frame.to_string())
     try:
         drifts = summary.paired_drift(lines, a.strip(), b.strip())
     except ValueError:  # no drift measured under one of them
@@ -556,7 +542,7 @@ def _print_paired(lines, pair: str, markdown: bool) -> None:
     frame = pd.DataFrame(rows).T
     frame.index.name = "drift factor"
     print("\npaired drift factor of the same RS/DNS probes (B − A < 0: B drifts less)")
-    print(_markdown(frame) if markdown else frame.to_string())
+    print(summary.markdown(frame) if markdown else frame.to_string())
 
 
 def _print_drift(lines, key: str, plot: Path | None) -> None:
@@ -881,7 +867,7 @@ def _analysis_setup(a):
     if hasattr(a, "directions"):  # patch
         components = [c.strip() for c in a.components.split(",")]
         for d in a.directions.split(","):
-            patching._check(components, d.strip(), a.window)
+            patching.check_options(components, d.strip(), a.window)
         for x in (a.positions or "").split(","):
             if x.strip() and not x.strip().lstrip("-").isdigit():
                 raise ValueError(f"--positions: expected integers, got {x.strip()!r}")

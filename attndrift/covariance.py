@@ -34,8 +34,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from attndrift import capture, checks, encoding, generation, models
-from attndrift.models import loading
-from attndrift.models.loading import atomic_write, is_regular, read_cache_bytes
+from attndrift._io import PERMISSION_HINT, atomic_write, is_regular, read_cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +288,7 @@ def layer_covariance(
         log.warning("covariance cache %s is not a regular file: recomputing", path)
     elif cache and path.exists():
         if not os.access(path, os.R_OK):
-            raise PermissionError(13, loading.PERMISSION_HINT, str(path))
+            raise PermissionError(13, PERMISSION_HINT, str(path))
         try:
             from safetensors import safe_open
 

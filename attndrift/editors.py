@@ -10,19 +10,22 @@ A locate-then-edit editor works in three parts (ROME's split):
 3. **update**: the editor's own closed-form solve for ``ΔW_out`` of its layer(s).
 
 This module holds parts 1 and 2, the config fields every editor has (:class:`EditorConfig`),
-and the assembly of the result (:func:`finish`: an :class:`attndrift.edits.Edit` with its
-:class:`~attndrift.edits.EditRun`). Each editor module (:mod:`attndrift.rome`,
-:mod:`attndrift.memit`) adds its own config fields and its solve, nothing else.
+the assembly of the result (:func:`finish`: an :class:`attndrift.edits.Edit` with its
+:class:`~attndrift.edits.EditRun`), and the sequence every batch editor follows
+(:func:`batch_edit`: requests, templates, targets, covariances, layer loop, result). Each
+editor module (:mod:`attndrift.rome`, :mod:`attndrift.memit`, …) adds its own config fields
+and its solve, nothing else, and registers itself (:mod:`attndrift.registry`).
 """
 
 import dataclasses
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -30,6 +33,7 @@ from attndrift import capture, checks, encoding, generation, models, value
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.edits import Edit, EditRun
+from attndrift.registry import PRESET_KEYS, preset_for  # noqa: F401 (editors' former names)
 from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig
 
@@ -183,6 +187,7 @@ class Clock:
 
 def finish(
     model: HookedTransformer,
+    *,
     name: str,
     cfg: EditorConfig,
     sadr: SadrConfig | None,
@@ -193,7 +198,9 @@ def finish(
     clock: Clock,
     n_templates: int,
 ) -> Edit:
-    """The :class:`~attndrift.edits.Edit` of an editor's factors ``(left, right)`` per layer."""
+    """The :class:`~attndrift.edits.Edit` of an editor's factors ``(left, right)`` per layer
+    (``name``: the editor's, ``"+sadr"`` added with SADR; ``results``: each request's target
+    optimisation)."""
     run = EditRun(
         config=cfg,
         sadr=sadr,
@@ -216,9 +223,6 @@ def finish(
 
 
 C = TypeVar("C")
-#: model-name patterns and the preset each selects, tried in order (tiny test models first)
-PRESET_KEYS = (("smollm2", "smollm2-135m"), ("gpt2-xl", "gpt2-xl"), ("gpt-j", "gpt-j"),
-               ("llama", "llama"))  # fmt: skip
 
 
 def begin(
@@ -277,9 +281,9 @@ def optimise_targets(
     hook: str | tuple[str, ...],
     layer: int,
     templates: Sequence[str],
+    *,
     cfg: ValueConfig,
     sadr: SadrConfig | None,
-    *,
     progress: bool,
     desc: str,
     memo: TargetMemo | None = None,
@@ -310,14 +314,54 @@ def optimise_targets(
     return out, reused
 
 
-def preset_for(presets: Mapping[str, C], model: HookedTransformer | str, editor: str) -> C:
-    """The documented default config of ``editor`` for a model (by name) from its ``presets``;
-    a ValueError naming the presets there are otherwise."""
-    name = model if isinstance(model, str) else model.cfg.model_name
-    key = name.lower()
-    found = "tiny" if key.startswith("tiny") else next((k for p, k in PRESET_KEYS if p in key), "")
-    if found not in presets:
-        raise ValueError(
-            f"no {editor} preset for {name!r}: pass a config (presets: {sorted(presets)})"
-        )
-    return presets[found]
+def batch_edit(
+    model: HookedTransformer,
+    requests: Sequence[EditRequest],
+    cfg: EditorConfig,
+    *,
+    name: str,
+    title: str,
+    hooks: str | tuple[str, ...],
+    desc: str,
+    sadr: SadrConfig | None,
+    templates: Sequence[str] | None,
+    progress: bool,
+    memo: TargetMemo | None,
+    covariances: Callable[[], C],
+    spread: Callable[[list[EditRequest], Tensor, tuple[str, ...], C], list[tuple[Tensor, Tensor]]],
+    optimise: Callable[..., value.ValueResult] | None = None,
+    reads: tuple = (),
+) -> Edit:
+    """The sequence of a batch editor (MEMIT, PMET, AlphaEdit) over ``cfg.layers``:
+
+    1. the requests (at least one) and the context templates (:func:`begin`);
+    2. each request's target at ``hooks`` of the last layer, under the editor's step budget
+       (:func:`value_config`, :func:`optimise_targets` with ``optimise`` and ``reads``;
+       progress bars ``desc``), stacked ``[n, d_model]``;
+    3. ``covariances()``: what the solve needs of the unedited weights (C per layer, or
+       AlphaEdit's projections);
+    4. ``spread(requests, targets, templates, that)``: the factors per layer (the layer loop,
+       :func:`attndrift.layer_loop.spread`, with the editor's solve);
+    5. the :class:`~attndrift.edits.Edit` (:func:`finish`, editor ``name``).
+
+    The clock's laps: ``templates``, ``value_steps`` (``value_steps_reused`` when every
+    target came from ``memo``), ``covariance``, ``keys_and_solve``. ``title`` names the
+    editor in messages.
+    """
+    requests = requests_of(requests, title)
+    clock, templates = begin(model, cfg.layers, cfg, templates)
+    value_cfg = value_config(cfg, sadr)
+    results, reused = optimise_targets(
+        model, requests, hooks, cfg.layers[-1], templates, cfg=value_cfg, sadr=sadr,
+        progress=progress, desc=desc, memo=memo, optimise=optimise, reads=reads,
+    )  # fmt: skip
+    targets = torch.stack([x.target for x in results])  # [n, d_model]
+    clock.lap("value_steps_reused" if reused else "value_steps")
+    solve_with = covariances()
+    clock.lap("covariance")
+    factors = spread(requests, targets, templates, solve_with)
+    clock.lap("keys_and_solve")
+    return finish(
+        model, name=name, cfg=cfg, sadr=sadr, requests=requests, layers=cfg.layers,
+        factors=factors, results=results, clock=clock, n_templates=len(templates),
+    )  # fmt: skip

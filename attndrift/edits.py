@@ -44,7 +44,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import interrupts, models
+from attndrift import interrupts, models, registry
 from attndrift.data import EditRequest
 from attndrift.sadr import SadrConfig
 from attndrift.value import StepLog
@@ -359,12 +359,8 @@ def _check_factor(layer: int, a: Tensor, b: Tensor) -> None:
 
 
 def _run_from(meta: dict, targets: tuple[Tensor, ...]) -> EditRun:
-    from attndrift import alphaedit, memit, pmet, rome  # the config classes (no import cycle)
-
-    classes = (rome.RomeConfig, memit.MemitConfig, pmet.PmetConfig, alphaedit.AlphaEditConfig)
-    configs = {c.__name__: c for c in classes}
     return EditRun(
-        config=from_dict(configs[meta["config_type"]], meta["config"]),
+        config=from_dict(registry.config_class(meta["config_type"]), meta["config"]),
         sadr=None if meta["sadr"] is None else from_dict(SadrConfig, meta["sadr"]),
         traces=tuple(tuple(from_dict(StepLog, s) for s in t) for t in meta["traces"]),
         targets=targets,

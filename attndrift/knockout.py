@@ -22,8 +22,11 @@ the edited subject, e.g. a distracting-neighbour prompt) disappears when the las
 see the subject in the drifting (upper-middle) layers, while the vanilla model barely cares,
 attention drift carries the failure: attention reads the edited subject where it should not.
 
-Batched: one row per window start (each row hooks its own layers), many rows per forward pass
-under a token budget; the numbers are those of one forward pass per window (tested to 1e-5).
+Batched on the cell engine of patching and tracing (:mod:`attndrift.cells`): a window is a
+cell whose hooks block the scores in its layers (:func:`_block_hooks`), one row per window,
+many windows per forward pass under a token budget. Each window runs the whole prompt from
+the embedding (the engine's from-scratch passes), so the numbers are those of one forward pass
+per window (tested to 1e-5).
 
 Axes: ``model`` (:attr:`Knockout.models` order), ``layer`` (window start, every layer).
 """
@@ -38,7 +41,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import capture, encoding, models
+from attndrift import capture, cells, encoding, models
 
 #: layers per blocked window (Geva et al.'s window on GPT-2 XL)
 DEFAULT_WINDOW = 9
@@ -126,11 +129,12 @@ def pairs(
     return out
 
 
-def _block_hooks(n_layers: int, starts: Int[Tensor, " row"], window: int, blocked: Tensor) -> list:
-    """Hooks that set the blocked scores to −∞ in every layer of each row's window."""
+def _block_hooks(chunk: Tensor, blocked: Tensor) -> list:
+    """Knockout's cells: hooks that set the blocked scores to −∞ in every layer of each
+    cell's window (cell i: row i of a pass)."""
     hooks = []
-    for layer in range(n_layers):
-        active = (starts <= layer) & (layer < starts + window)  # [row]
+    for layer in range(int(chunk[:, cells.START].min()), int(chunk[:, cells.STOP].max())):
+        active = (chunk[:, cells.START] <= layer) & (layer < chunk[:, cells.STOP])  # [row]
         if not active.any():
             continue
         mask = active[:, None, None, None] & blocked[None, None]  # [row, 1, query, key]
@@ -156,19 +160,25 @@ def probabilities(
     row), with ``blocked`` pairs knocked out in layers ``[start, start + window)``."""
     v = models.as_variant(model)
     device, n = tokens.device, tokens.shape[1]
-    rows = torch.tensor([-1] if starts is None else list(starts), device=device)
+    n_layers = v.model.cfg.n_layers
+    # one cell per window start (the unblocked row: a cell of no layers)
+    windows = [(0, 0)] if starts is None else [(s, min(s + window, n_layers)) for s in starts]
+    grid = torch.tensor([[0, a, b, 0, i] for i, (a, b) in enumerate(windows)], device=device)
     blocked = torch.zeros(n, n, dtype=torch.bool) if blocked is None else blocked
     blocked = blocked.to(device)
     ids = torch.tensor(answers, device=device)
-    out = []
-    for chunk in rows.split(max(1, max_batch_tokens // n)):
-        hooks = [] if starts is None else _block_hooks(v.model.cfg.n_layers, chunk, window, blocked)
-        batch = tokens.repeat(len(chunk), 1)
-        mask = torch.ones_like(batch)
-        hidden = models.final_hidden(v.model, batch, [*v.hooks, *hooks], attention_mask=mask)
+    out = {"p": torch.zeros(len(windows), 2)}
+
+    def score(hidden: Tensor, offset: int, n_cells: int) -> dict[str, Tensor]:
         logits = models.unembed(v.model, hidden[:, -1]).float()
-        out.append(logits.log_softmax(-1)[:, ids].exp().cpu())
-    return torch.cat(out)
+        return {"p": logits.log_softmax(-1)[:, ids].exp().cpu()}
+
+    cells.sweep(
+        v, None, grid, out, rows=1, seq_len=n, tokens=tokens,
+        hooks=lambda chunk, offset: _block_hooks(chunk, blocked), score=score,
+        budget=max_batch_tokens,
+    )  # fmt: skip
+    return out["p"]
 
 
 def _positions(name: str, given: Sequence[int] | None, default: tuple[int, ...], n: int):

@@ -6,29 +6,30 @@ For a batch of requests:
    the last layer of the range (``blocks.{L_last}.hook_resid_post``) at the subject's last
    token, with the same objective as ROME's v* (:mod:`attndrift.value`, including SADR when
    given); z_i = z_i⁰ + δ_i.
-2. **Spread over layers** L_1 < … < L_m: for each layer in turn, with the updates of the
-   earlier layers already in place,
+2. **Spread over layers** L_1 < … < L_m (:func:`attndrift.layer_loop.spread`): for each layer
+   in turn, with the updates of the earlier layers already in place,
 
    * K ``[d_mlp, n]``: each request's key at s_last, averaged over the context templates;
    * R ``[n, d_model]``: (z_i − current residual at L_last) / (number of layers left);
-   * ``ΔW = (λ C + K Kᵀ)⁻¹ K R`` in the ``[d_mlp, d_model]`` layout (λ = mom2_update_weight).
+   * ``ΔW = (λ C + K Kᵀ)⁻¹ K R`` in the ``[d_mlp, d_model]`` layout (λ = mom2_update_weight;
+     :func:`least_squares`).
 
 :func:`edit` returns an :class:`attndrift.edits.Edit` with one factor pair per layer
 (``left = (λC + KKᵀ)⁻¹K``, ``right = R``); the model is unchanged on return.
 """
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, editors, interrupts, models
+from attndrift import checks, covariance, editors, interrupts, layer_loop, models, registry
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.editors import EditorConfig, TemplateConfig
-from attndrift.edits import Edit, restored
+from attndrift.edits import Edit
 from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig
 
@@ -121,6 +122,18 @@ def least_squares(cov: torch.Tensor | None, keys: torch.Tensor, mom2_weight: flo
     return torch.linalg.solve(small, ck.T).T  # small is symmetric
 
 
+def least_squares_solve(
+    covs: Mapping[int, torch.Tensor | None], mom2_weight: float
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """MEMIT's solve for :func:`attndrift.layer_loop.spread`: ``(layer, K) ->
+    (λ C_layer + K Kᵀ)⁻¹ K`` (:func:`least_squares`; a C of None is the identity)."""
+
+    def solve(layer: int, keys: torch.Tensor) -> torch.Tensor:
+        return least_squares(covs[layer], keys, mom2_weight)
+
+    return solve
+
+
 def spread(
     model: HookedTransformer,
     requests: Sequence[EditRequest],
@@ -132,28 +145,12 @@ def spread(
     templates: Sequence[str],
     share: Callable[[int], float] = float,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """MEMIT's layer loop (METHOD §3.5). For each of ``layers`` in turn, the residual between
-    ``targets`` [n, d_model] and what ``hook`` (at the last layer) now reads at the subjects,
-    divided by ``share(layers left)``, is written into that layer's MLP by a least-squares
-    solve over the requests' mean keys, regularised by ``mom2_weight`` · C
-    (:func:`least_squares`; a C of None is the identity); each update is applied before the
-    next layer's keys are read (the weights are restored on return). Returns the factors
-    (left [d_mlp, n], right [n, d_model]) per layer."""
-    z_layer = layers[-1]
-    prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
-    factors = []
-    read_keys = editors.MeanKeys(model, requests, templates)  # each layer's update comes after
-    with restored(model, layers):
-        for i, layer in enumerate(layers):
-            keys = read_keys(layer).double().T  # [d_mlp, n]
-            now = editors.keys_at_subject(model, prompts, subjects, [hook], z_layer + 1)[hook]
-            resid = (targets - now).double() / share(len(layers) - i)  # [n, d_model]
-            left = least_squares(covs[layer], keys, mom2_weight)  # [d_mlp, n]
-            factors.append((left.to(model.cfg.dtype), resid.to(model.cfg.dtype)))
-            w = models.mlp_out_weight(model, layer)
-            with torch.no_grad():
-                w.add_((left @ resid).to(w.dtype))
-    return factors
+    """MEMIT's layer loop (METHOD §3.5): :func:`attndrift.layer_loop.spread` with MEMIT's
+    least-squares solve (:func:`least_squares_solve`). Returns the factors (left [d_mlp, n],
+    right [n, d_model]) per layer; the weights are restored on return."""
+    solve = least_squares_solve(covs, mom2_weight)
+    return layer_loop.spread(model, requests, targets, hook=hook, layers=layers,
+                             templates=templates, solve=solve, share=share)[0]  # fmt: skip
 
 
 @interrupts.keeps_grad_mode  # an interrupt inside a no_grad block cannot leave it off
@@ -182,24 +179,29 @@ def edit(
             where everything they depend on is the same (a grid over λ optimises z once).
     """
     cfg = cfg or preset(model)
-    requests = editors.requests_of(requests, "MEMIT")
-    clock, templates = editors.begin(model, cfg.layers, cfg, templates)
-    z_layer = cfg.layers[-1]
-    z_name = models.resid_post_hook(z_layer)
-    value_cfg = editors.value_config(cfg, sadr)
-    results, reused = editors.optimise_targets(
-        model, requests, z_name, z_layer, templates, value_cfg, sadr, progress=progress,
-        desc="MEMIT z", memo=memo,
-    )  # fmt: skip
-    z = torch.stack([x.target for x in results])  # [n, d_model]
-    clock.lap("value_steps_reused" if reused else "value_steps")
-    # every C from the unedited weights, before the loop below changes the lower layers (also
+    z_name = models.resid_post_hook(cfg.layers[-1])
+
+    def spread(requests, z, templates, covs_now) -> list:
+        solve = least_squares_solve(covs_now, cfg.mom2_update_weight)
+        return layer_loop.spread(model, requests, z, hook=z_name, layers=cfg.layers,
+                                 templates=templates, solve=solve)[0]  # fmt: skip
+
+    # every C from the unedited weights, before the layer loop changes the lower layers (also
     # keeps the on-disk cache key, which hashes the weights, the same for every layer)
-    cov_of = covariances(model, cfg, covs, progress)
-    clock.lap("covariance")
-    factors = spread(model, requests, z, z_name, cfg.layers, cfg.mom2_update_weight, cov_of,
-                     templates)  # fmt: skip
-    clock.lap("keys_and_solve")
-    return editors.finish(
-        model, "memit", cfg, sadr, requests, cfg.layers, factors, results, clock, len(templates)
+    return editors.batch_edit(
+        model, requests, cfg, name="memit", title="MEMIT", hooks=z_name, desc="MEMIT z",
+        sadr=sadr, templates=templates, progress=progress, memo=memo,
+        covariances=lambda: covariances(model, cfg, covs, progress), spread=spread,
+    )  # fmt: skip
+
+
+registry.register(
+    registry.EditorSpec(
+        name="memit",
+        config=MemitConfig,
+        presets=PRESETS,
+        preset=preset,
+        edit=edit,
+        takes={"layers", "mom2_weight"},
     )
+)

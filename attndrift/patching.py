@@ -25,7 +25,9 @@ Metrics of each patched run, at the last prompt token ("first" = the answer's fi
 * with ``full_answer``: ``p_true_full``, ``p_new_full`` = exp(−mean NLL) of every answer token;
 * with ``metric``: any function of the last position's logits (``custom``).
 
-The engine computes only what a cell can change. A cell patches layer ``l`` onwards at position
+The cell engine (:mod:`attndrift.cells`, shared with causal tracing and attention knockout;
+this module keeps its components, patch sources and scores) computes only what a cell can
+change. A cell patches layer ``l`` onwards at position
 ``p``: nothing below ``l`` and nothing before ``p`` changes, so each patched pass starts at its
 cells' first layer from the clean target run's residual stream, runs only the positions from
 its cells' first position on, and reads the earlier positions' keys and values from the clean
@@ -42,24 +44,25 @@ layer), ``pos`` (:attr:`Patching.positions`).
 import functools
 import logging
 import math
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from attndrift import capture, encoding, models
+from attndrift import capture, cells, encoding, models
+from attndrift.cells import Cell, Component
 
 log = logging.getLogger(__name__)
 
 Direction = Literal["restore", "contaminate"]
-DIRECTIONS: tuple[Direction, ...] = ("restore", "contaminate")
+DIRECTIONS: tuple[Direction, ...] = typing.get_args(Direction)
 DEFAULT_BATCH_TOKENS = 4096
 #: metrics of every cell, in :meth:`Patching.frame` column order
 CELL_METRICS = (
@@ -74,28 +77,6 @@ CELL_METRICS = (
 )
 #: metrics computed only when asked for (``full_answer``, ``metric``): NaN otherwise
 _OPTIONAL_METRICS = frozenset({"p_true_full", "p_new_full", "custom"})
-#: a tile of cells spans this many layers (window starts) and positions
-_TILE_LAYERS, _TILE_POSITIONS = 4, 3
-
-
-@dataclass(frozen=True)
-class Component:
-    """A patchable activation: its hook in each layer and the axis of its token positions.
-
-    The value of a cell at position ``p`` is the hook's tensor at index ``p`` of ``axis``
-    (batch is axis 0), e.g. a query row of an attention pattern (axis 2) or one position of
-    an MLP output (axis 1).
-    """
-
-    name: str
-    hook: Callable[[int], str]  # layer -> hook name
-    axis: int  # position axis of the hook's tensor
-
-    def patch(self, x: Tensor, rows: Tensor, pos: Tensor, values: Tensor) -> Tensor:
-        """``x`` with ``x[rows[i], …, pos[i], …] = values[i]`` (position on ``axis``)."""
-        view = x.movedim(self.axis, 1)  # [batch, pos, ...], a view of x
-        view[rows, pos] = values.to(x.dtype)
-        return x
 
 
 COMPONENTS: dict[str, Component] = {
@@ -107,14 +88,6 @@ COMPONENTS: dict[str, Component] = {
         Component("resid", models.resid_pre_hook, 1),
     )
 }
-
-
-class Cell(NamedTuple):
-    """One cell of a sweep and its value (:meth:`Patching.best`)."""
-
-    layer: int  # the window's first layer
-    position: int  # the prompt position
-    value: float  # P(o_true) (restore) or P(o_new) (contaminate) after the patch
 
 
 @dataclass(frozen=True)
@@ -228,7 +201,7 @@ def frame(results: Patching | Sequence[Patching]) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
-# The engine
+# Sources and scores (the cells, passes and hooks: attndrift.cells)
 # --------------------------------------------------------------------------------------------
 
 
@@ -293,104 +266,13 @@ def _scores(
     return out
 
 
-@dataclass(frozen=True)
-class _Clean:
-    """An unpatched run: its metrics, every value of every component (the patch source), the
-    residual stream entering every block, and the key-value cache of every layer."""
-
-    scores: dict[str, Tensor]
-    values: dict[str, Tensor]  # hook name -> [seq, ...] the full activation
-    resid_pre: Float[Tensor, "seq layer pos d_model"]
-    cache: object
-
-    def outcome(self) -> Outcome:
-        return Outcome(**{k: float(v[0]) for k, v in self.scores.items()})
+def _outcome(scores: dict[str, Tensor]) -> Outcome:
+    return Outcome(**{k: float(v[0]) for k, v in scores.items()})
 
 
-@torch.no_grad()
-def _clean(variant: models.Variant, base: _Base, components: Sequence[Component], metric) -> _Clean:
-    model = variant.model
-    layers = range(model.cfg.n_layers)
-    names = [c.hook(layer) for c in components for layer in layers]
-    names += [models.resid_pre_hook(layer) for layer in layers]
-    rec = capture.Recorder({name: None for name in dict.fromkeys(names)})
-    hidden, cache = models.final_hidden_and_cache(model, base.tokens, [*variant.hooks, *rec.hooks])
-    values = rec.values()
-    resid = torch.stack([values[models.resid_pre_hook(layer)] for layer in layers], dim=1)
-    return _Clean(_scores(model, hidden, base, 0, metric), values, resid, cache)
-
-
-def _tiles(cells: Tensor, window: int, n_layers: int) -> list[Tensor]:
-    """Cells grouped by tiles of nearby window starts and positions (each tile's cells share
-    a late first layer and a late first position)."""
-    key = (cells[:, 1] // _TILE_LAYERS) * 100_000 + (cells[:, 2] // _TILE_POSITIONS)
-    return [cells[key == k] for k in torch.unique(key)]
-
-
-def _chunks(tile: Tensor, base: _Base, budget: int, max_cells: int | None) -> list[Tensor]:
-    """A tile cut into forward passes of at most ``budget`` padded tokens."""
-    width = base.tokens.shape[1] - int(tile[:, 2].min())
-    per_pass = max(1, budget // (base.rows * width))
-    per_pass = min(per_pass, max_cells or per_pass)
-    return [tile[i : i + per_pass] for i in range(0, len(tile), per_pass)]
-
-
-def _patch_hooks(
-    model: HookedTransformer,
-    cells: Int[Tensor, "cell 3"],
-    components: Sequence[Component],
-    window: int,
-    source: _Clean,
-    rows_per_cell: int,
-    offset: int,
-) -> list:
-    """Hooks that patch every cell of a pass (cells: component, layer, position); the pass
-    runs positions ``offset`` onwards. Row ``i * rows_per_cell + r`` is cell ``i``'s copy of
-    base sequence ``r``."""
-    device = cells.device
-    r = torch.arange(rows_per_cell, device=device)
-    hooks = []
-    for c, component in enumerate(components):
-        for layer in range(model.cfg.n_layers):
-            start = cells[:, 1]
-            mine = (cells[:, 0] == c) & (start <= layer) & (layer < start + window)
-            idx = mine.nonzero()[:, 0]
-            if len(idx) == 0:
-                continue
-            rows = (idx[:, None] * rows_per_cell + r).flatten()  # batch rows to patch
-            seq = r.repeat(len(idx))  # their base sequence (source row)
-            pos = cells[idx, 2].repeat_interleave(rows_per_cell)  # prompt positions
-            src = source.values[component.hook(layer)].movedim(component.axis, 1)[seq, pos]
-
-            def patch(x, hook, c=component, rows=rows, pos=pos - offset, src=src) -> Tensor:
-                return c.patch(x, rows, pos, src)
-
-            hooks.append((component.hook(layer), patch))
-    return hooks
-
-
-def _unchanged(
-    cells: Tensor, components: Sequence[Component], window: int, target: _Clean, source: _Clean
-) -> Tensor:
-    """[cell] whether the source equals the target at every patched (layer, position)."""
-    n_layers = target.resid_pre.shape[1]
-    same = {}
-    for component in components:
-        # [layer, pos]: the two runs' values agree exactly at this (layer, position)
-        rows = []
-        for layer in range(n_layers):
-            a = target.values[component.hook(layer)].movedim(component.axis, 1)
-            b = source.values[component.hook(layer)].movedim(component.axis, 1)
-            rows.append((a == b).flatten(2).all(-1).all(0))
-        same[component.name] = torch.stack(rows)
-    out = torch.zeros(len(cells), dtype=torch.bool, device=cells.device)
-    for i, (c, layer, pos) in enumerate(cells.tolist()):
-        stop = min(layer + window, n_layers)
-        out[i] = bool(same[components[c].name][layer:stop, pos].all())
-    return out
-
-
-def _check(components: Sequence[str], direction: str, window: int) -> tuple[Component, ...]:
+def check_options(components: Sequence[str], direction: str, window: int) -> tuple[Component, ...]:
+    """The components of a sweep by name; a ValueError for an unknown component or
+    direction, no or repeated components, or a window that is not an integer >= 1."""
     names = tuple(components)
     for c in names:
         if c not in COMPONENTS:
@@ -430,7 +312,9 @@ def patch(
             same architecture and tokenizer.
         prompt: the prompt (its last token predicts the answer).
         target_true, target_new: o_true and o_new.
-        direction: ``"restore"`` or ``"contaminate"``.
+        direction: ``"restore"`` or ``"contaminate"`` (a :data:`Direction`; typed ``str``:
+            a bad value gets this module's one-line ValueError, see
+            :func:`attndrift.checks.option`).
         components: names in :data:`COMPONENTS` (default: attention rows and MLP outputs).
         window: layers per cell, ``[l, l + window)`` clipped at the last layer.
         positions: prompt positions to patch (default: every position, BOS included).
@@ -440,7 +324,7 @@ def patch(
         max_cells: optional cap on cells per forward pass (``1`` = one forward per cell).
         progress: show a progress bar over passes.
     """
-    parts = _check(components, direction, window)
+    parts = check_options(components, direction, window)
     if max_batch_tokens < 1 or (max_cells is not None and max_cells < 1):
         raise ValueError(
             f"max_batch_tokens and max_cells must be positive, got {max_batch_tokens}, {max_cells}"
@@ -455,65 +339,45 @@ def patch(
     if bad or not positions:
         raise ValueError(f"position out of range: {bad or 'none'} (the prompt has {n_prompt})")
     target, source = (e, v) if direction == "restore" else (v, e)
-    t_clean, s_clean = _clean(target, base, parts, metric), _clean(source, base, parts, metric)
-    names = {"model": model.cfg.model_name, "edit": e.name}
-    # cells: [component, window start, position], in result order
-    grid = torch.cartesian_prod(
-        torch.arange(len(parts)), torch.arange(n_layers), torch.tensor(positions)
-    ).to(base.tokens.device)
-    unchanged = _unchanged(grid, parts, window, t_clean, s_clean)
-    flat = {k: v[0].expand(len(grid)).clone() for k, v in t_clean.scores.items()}
-    todo = grid[~unchanged]
-    index = {tuple(c): i for i, c in enumerate(grid.tolist())}
-    passes = [
-        chunk
-        for tile in _tiles(todo, window, n_layers)
-        for chunk in _chunks(tile, base, max_batch_tokens, max_cells)
-    ]
-    for chunk in tqdm(passes, desc=f"patching ({direction})", disable=not progress):
-        start, offset = int(chunk[:, 1].min()), int(chunk[:, 2].min())
-        n = len(chunk)
-        hooks = _patch_hooks(model, chunk, parts, window, s_clean, base.rows, offset)
-        with torch.no_grad():
-            resid = t_clean.resid_pre[:, start, offset:].repeat(n, 1, 1)
-            cache = models.cache_prefix(t_clean.cache, offset, n)
-            mask = torch.ones(resid.shape[0], base.tokens.shape[1], device=resid.device)
-            hidden = models.final_hidden_from(
-                target.model, resid, start, [*target.hooks, *hooks], cache, mask.long()
-            )
-            scores = _scores(target.model, hidden, base, offset, metric)
-        at = torch.tensor([index[tuple(c)] for c in chunk.tolist()], device=grid.device)
-        for k, v in scores.items():
-            flat[k][at] = v
-    return _result(flat, len(parts), n_layers, len(positions), t_clean, s_clean, direction,
-                   parts, window, positions, prompt, target_true, target_new, model, base,
-                   int(unchanged.sum()), names)  # fmt: skip
-
-
-def _result(flat, n_c, n_l, n_p, t_clean, s_clean, direction, parts, window, positions,
-            prompt, true, new, model, base, skipped, names) -> Patching:  # fmt: skip
-    grids = {k: v.cpu().reshape(n_c, n_l, n_p) for k, v in flat.items()}
-    t_out, s_out = t_clean.outcome(), s_clean.outcome()
-    p_true = grids["p_true"]
-    span = s_out.p_true - t_out.p_true
-    n_prompt = base.last + 1
-    return Patching(
-        direction=direction,
-        components=tuple(c.name for c in parts),
-        window=window,
-        positions=positions,
-        prompt=prompt,
-        target_true=true,
-        target_new=new,
+    t_hidden, t_run = cells.record(target, base.tokens, parts)
+    s_hidden, s_run = cells.record(source, base.tokens, parts)
+    with torch.no_grad():
+        t_scores = _scores(model, t_hidden, base, 0, metric)
+        s_scores = _scores(model, s_hidden, base, 0, metric)
+    grid = cells.grid((window,) * len(parts), n_layers, positions)
+    unchanged = cells.unchanged(grid, parts, t_run, s_run, n_layers)
+    flat = {k: v[0].expand(len(grid)).clone() for k, v in t_scores.items()}
+    source_rows = torch.arange(base.rows)  # cell row r takes the source's row r
+    cells.sweep(
+        target, t_run, grid[~unchanged], flat, rows=base.rows, seq_len=base.tokens.shape[1],
+        hooks=lambda chunk, offset: cells.patch_hooks(chunk, parts, s_run, source_rows, offset),
+        score=lambda hidden, offset, n: _scores(target.model, hidden, base, offset, metric),
+        budget=max_batch_tokens, max_cells=max_cells, progress=progress,
+        desc=f"patching ({direction})",
+    )  # fmt: skip
+    grids = {k: v.cpu().reshape(len(parts), n_layers, len(positions)) for k, v in flat.items()}
+    return _result(
+        grids, target=_outcome(t_scores), source=_outcome(s_scores), direction=direction,
+        components=tuple(c.name for c in parts), window=window, positions=positions,
+        prompt=prompt, target_true=target_true, target_new=target_new,
+        model=model.cfg.model_name, edit=e.name,
         tokens=tuple(encoding.token_strings(model, base.tokens[0, :n_prompt].tolist())),
-        target=t_out,
-        source=s_out,
-        recovery=(p_true - t_out.p_true) / span if abs(span) > 1e-12 else p_true * math.nan,
-        gain_pct=100 * (p_true - t_out.p_true) / t_out.p_true
-        if t_out.p_true > 0
+        skipped=int(unchanged.sum()),
+    )  # fmt: skip
+
+
+def _result(grids: dict[str, Tensor], *, target: Outcome, **fields) -> Patching:
+    """The :class:`Patching` of the metric ``grids`` ``[component, layer, pos]`` (and the
+    other fields of the sweep), with recovery and gain relative to the ``target`` run."""
+    p_true = grids["p_true"]
+    span = fields["source"].p_true - target.p_true
+    return Patching(
+        target=target,
+        recovery=(p_true - target.p_true) / span if abs(span) > 1e-12 else p_true * math.nan,
+        gain_pct=100 * (p_true - target.p_true) / target.p_true
+        if target.p_true > 0
         else p_true * math.nan,
-        skipped=skipped,
-        **names,
+        **fields,
         **grids,
     )
 

@@ -35,20 +35,16 @@ MLP weights are edited. It optimises two deltas instead, and writes only the MLP
 traces (``delta_norm`` = ‖δ_m‖); the model is unchanged on return.
 """
 
-import contextlib
-import dataclasses
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
-import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, editors, interrupts, memit, models, value
+from attndrift import checks, editors, interrupts, layer_loop, memit, models, registry, value
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.editors import EditorConfig, TemplateConfig
@@ -57,6 +53,10 @@ from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig, ValueObjective, ValueResult
 
 log = logging.getLogger(__name__)
+
+
+#: what R is divided by: √(layers left) (PMET's code) or the layers left (MEMIT)
+Spread = Literal["sqrt", "layers_left"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +74,7 @@ class PmetConfig(EditorConfig):
         )
     )  # the two deltas' optimisation (EasyEdit's PMET GPT-J values)
     mom2_update_weight: int | float = 15000.0  # λ in (λ C + K Kᵀ)
-    spread: str = "sqrt"  # R divided by √(layers left) (PMET's code) or "layers_left" (MEMIT)
+    spread: str = "sqrt"  # a Spread (str: checks.option says why); "sqrt": PMET's code
     greedy_nll_factor: int | float = 0.1  # NLL weight while o_new is the argmax everywhere
     greedy_kl_stop: int | float = 0.01  # then stop once kl_factor · KL is at most this
     sadr_steps: int | None = 40
@@ -82,7 +82,7 @@ class PmetConfig(EditorConfig):
     def __post_init__(self) -> None:
         checks.layers("PMET", self.layers)
         checks.number("mom2_update_weight", self.mom2_update_weight, low=0, above=True)
-        checks.choice("spread", self.spread, ("sqrt", "layers_left"))
+        checks.option("spread", self.spread, Spread)
         checks.number("greedy_nll_factor", self.greedy_nll_factor, low=0)
         checks.number("greedy_kl_stop", self.greedy_kl_stop, low=0)
         checks.optional_steps("sadr_steps", self.sadr_steps)
@@ -130,10 +130,30 @@ def delta_hooks(layer: int) -> tuple[str, str]:
     return models.attn_out_hook(layer), models.mlp_out_hook(layer)
 
 
+def nll_schedule(cfg: PmetConfig) -> value.Schedule:
+    """PMET's NLL schedule (module docstring) as a step schedule of
+    :func:`attndrift.value.optimise`: after a step where o_new is the argmax everywhere, the
+    NLL term weighs ``greedy_nll_factor`` (else 1), and the optimisation stops if
+    ``kl_factor`` · KL is at most ``greedy_kl_stop`` as well."""
+
+    def schedule(terms: value.LossTerms) -> tuple[float, str | None]:
+        greedy = bool(terms.greedy)
+        factor = cfg.greedy_nll_factor if greedy else 1.0
+        if greedy and terms.kl.item() <= cfg.greedy_kl_stop:
+            return (
+                factor,
+                f"o_new leads everywhere and KL {terms.kl.item():.3g} <= {cfg.greedy_kl_stop:g}",
+            )
+        return factor, None
+
+    return schedule
+
+
 def optimise_deltas(
     objective: ValueObjective, cfg: PmetConfig, progress: bool = False, desc: str = "PMET"
 ) -> tuple[ValueResult, ...]:
-    """Adam on the stacked deltas of a several-hook objective, with PMET's NLL schedule.
+    """Adam on the stacked deltas of a several-hook objective, with PMET's NLL schedule
+    (:func:`attndrift.value.optimise` with :func:`nll_schedule`).
 
     As :func:`attndrift.value.optimise_value` (at most ``steps − 1`` updates, the early stop
     on ``early_stop_on``, the model frozen), but each δ_h is clamped to
@@ -141,51 +161,7 @@ def optimise_deltas(
     docstring). Returns one :class:`~attndrift.value.ValueResult` per hook, in the objective's
     hook order, whose traces share every term but ``delta_norm`` (‖δ_h‖).
     """
-    vcfg, t0 = objective.cfg, time.perf_counter()
-    delta = torch.zeros_like(objective.init, requires_grad=True)  # [n_hooks, d_model]
-    opt = torch.optim.Adam([delta], lr=vcfg.lr)
-    max_norm = vcfg.clamp_norm_factor * objective.init.norm(dim=-1, keepdim=True)  # [n_hooks, 1]
-    entries, norms = [], []  # per step: the terms, and ‖δ_h‖ per hook
-    objective.nll_factor = 1.0
-    bar = tqdm(range(vcfg.steps), desc=desc, unit="step", disable=not progress, leave=False)
-    with value.frozen(objective.model), contextlib.closing(bar):
-        for step in bar:
-            opt.zero_grad()
-            terms = objective(delta)
-            entries.append(value.step_log(step, terms, 0.0))  # ‖δ_h‖: per hook, below
-            norms.append(delta.detach().norm(dim=-1).tolist())
-            value.check_finite(desc, entries[-1], vcfg.lr)
-            if value.stop_reason(vcfg, entries[-1]) is not None:
-                break
-            greedy = bool(objective.greedy)  # PMET: a smaller NLL weight from the next step on
-            objective.nll_factor = cfg.greedy_nll_factor if greedy else 1.0
-            if (greedy and terms.kl.item() <= cfg.greedy_kl_stop) or step == vcfg.steps - 1:
-                break
-            terms.total.backward()
-            opt.step()
-            with torch.no_grad():
-                value.check_finite(desc, entries[-1], vcfg.lr, delta)
-                norm = delta.norm(dim=-1, keepdim=True)  # [n_hooks, 1]
-                delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
-    seconds = time.perf_counter() - t0
-    return tuple(
-        ValueResult(
-            delta[h].detach(),
-            objective.init[h],
-            tuple(
-                dataclasses.replace(e, delta_norm=n[h]) for e, n in zip(entries, norms, strict=True)
-            ),
-            seconds,
-        )
-        for h in range(delta.shape[0])
-    )
-
-
-def _spread(model, requests, targets, cfg: PmetConfig, covs, templates) -> list:
-    """MEMIT's layer loop on the MLP output of the last layer; the factors (left, right)."""
-    share = math.sqrt if cfg.spread == "sqrt" else float
-    return memit.spread(model, requests, targets, models.mlp_out_hook(cfg.layers[-1]), cfg.layers,
-                        cfg.mom2_update_weight, covs, templates, share)  # fmt: skip
+    return value.optimise(objective, nll_schedule(cfg), progress=progress, desc=desc)
 
 
 @interrupts.keeps_grad_mode  # an interrupt inside a no_grad block cannot leave it off
@@ -214,22 +190,32 @@ def edit(
             everything they depend on is the same (a λ grid optimises them once).
     """
     cfg = cfg or preset(model)
-    requests = editors.requests_of(requests, "PMET")
-    clock, templates = editors.begin(model, cfg.layers, cfg, templates)
-    z_layer, value_cfg = cfg.layers[-1], editors.value_config(cfg, sadr)
-    # the MLP delta's result per request (the attention delta is not written)
-    results, reused = editors.optimise_targets(
-        model, requests, delta_hooks(z_layer), z_layer, templates, value_cfg, sadr,
-        progress=progress, desc="PMET deltas", memo=memo,
+    share = math.sqrt if cfg.spread == "sqrt" else float
+    m_name = models.mlp_out_hook(cfg.layers[-1])
+
+    def spread(requests, targets, templates, covs_now) -> list:
+        """MEMIT's layer loop on the MLP output of the last layer."""
+        solve = memit.least_squares_solve(covs_now, cfg.mom2_update_weight)
+        return layer_loop.spread(model, requests, targets, hook=m_name, layers=cfg.layers,
+                                 templates=templates, solve=solve, share=share)[0]  # fmt: skip
+
+    # the targets: the MLP delta's result per request (the attention delta is not written)
+    return editors.batch_edit(
+        model, requests, cfg, name="pmet", title="PMET", hooks=delta_hooks(cfg.layers[-1]),
+        desc="PMET deltas", sadr=sadr, templates=templates, progress=progress, memo=memo,
+        covariances=lambda: memit.covariances(model, cfg, covs, progress), spread=spread,
         optimise=lambda objective, **kw: optimise_deltas(objective, cfg, **kw)[1],
         reads=(cfg.greedy_nll_factor, cfg.greedy_kl_stop),
     )  # fmt: skip
-    targets = torch.stack([x.target for x in results])  # [n, d_model]: m*_i
-    clock.lap("value_steps_reused" if reused else "value_steps")
-    covs_now = memit.covariances(model, cfg, covs, progress)
-    clock.lap("covariance")
-    factors = _spread(model, requests, targets, cfg, covs_now, templates)
-    clock.lap("keys_and_solve")
-    return editors.finish(
-        model, "pmet", cfg, sadr, requests, cfg.layers, factors, results, clock, len(templates)
+
+
+registry.register(
+    registry.EditorSpec(
+        name="pmet",
+        config=PmetConfig,
+        presets=PRESETS,
+        preset=preset,
+        edit=edit,
+        takes={"layers", "mom2_weight"},
     )
+)

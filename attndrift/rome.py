@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, editors, interrupts, models, value
+from attndrift import checks, covariance, editors, interrupts, models, registry, value
 from attndrift.covariance import CovarianceConfig
 from attndrift.data import EditRequest
 from attndrift.editors import EditorConfig, TemplateConfig
@@ -33,6 +33,10 @@ from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig
 
 log = logging.getLogger(__name__)
+
+
+#: what ROME's update divides by: leftᵀ k₀ (ROME's code) or leftᵀ ū (r-ROME)
+Denominator = Literal["k0", "mean_key"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,12 +48,12 @@ class RomeConfig(EditorConfig):
     """
 
     layer: int  # the edited layer L
-    denominator: str = "k0"  # "k0" (ROME's code) or "mean_key" (r-ROME)
+    denominator: str = "k0"  # a Denominator (str: checks.option says why); "mean_key": r-ROME
     sadr_steps: int | None = 80
 
     def __post_init__(self) -> None:
         checks.number("layer", self.layer, low=0, integer=True)
-        checks.choice("denominator", self.denominator, ("k0", "mean_key"))
+        checks.option("denominator", self.denominator, Denominator)
         checks.optional_steps("sadr_steps", self.sadr_steps)
 
     @property
@@ -95,7 +99,7 @@ def rank_one(
     k0: Float[Tensor, " d_mlp"],
     m0: Float[Tensor, " d_model"],
     target: Float[Tensor, " d_model"],
-    denominator: Literal["k0", "mean_key"] = "k0",
+    denominator: Denominator = "k0",
 ) -> tuple[Float[Tensor, "d_mlp 1"], Float[Tensor, "1 d_model"]]:
     """ROME's update ``ΔW = left (v* − m₀)ᵀ / (leftᵀ k)`` as factors (left, right).
 
@@ -155,6 +159,39 @@ def edit(
     left, right = rank_one(cov, mean_key, k0, m0, result.target, cfg.denominator)
     clock.lap("solve")
     return editors.finish(
-        model, cfg.editor, cfg, sadr, [request], [layer], [(left, right)], [result], clock,
-        len(templates),
+        model, name=cfg.editor, cfg=cfg, sadr=sadr, requests=[request], layers=[layer],
+        factors=[(left, right)], results=[result], clock=clock, n_templates=len(templates),
     )  # fmt: skip
+
+
+def _edit_requests(
+    model: HookedTransformer,
+    requests: Sequence[EditRequest],
+    cfg: RomeConfig,
+    *,
+    sadr: SadrConfig | None,
+    covs: dict[int, Tensor],
+    templates: Sequence[str] | None,
+    progress: bool,
+    memo: editors.TargetMemo | None,
+) -> Edit:
+    """:func:`edit` called as the registry calls every editor (one request; C of its layer
+    in ``covs`` or none: the identity; ROME keeps no memo of targets)."""
+    if len(requests) != 1:
+        raise ValueError("ROME edits one request at a time")
+    return edit(model, requests[0], cfg, sadr=sadr, cov=covs.get(cfg.layer), templates=templates,
+                progress=progress)  # fmt: skip
+
+
+registry.register(
+    registry.EditorSpec(
+        name="rome",
+        config=RomeConfig,
+        presets=PRESETS,
+        preset=preset,
+        edit=_edit_requests,
+        takes={"layer", "r_rome"},
+        batch=False,
+        layers=lambda cfg: (cfg.layer,),
+    )
+)

@@ -38,13 +38,14 @@ selected).
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, metrics
+from attndrift import checks, metrics, registry
 
 #: probabilities below this are treated as this in log(q) (never NaN, never inf)
 EPS = 1e-12
@@ -58,6 +59,14 @@ RELATION_TEMPLATES = (
 )
 
 
+#: SADR's options: query rows restrained, what selection measures, the selection threshold,
+#: whose attention is restrained (see the module docstring)
+Queries = Literal["last", "after_subject"]
+Keys = Literal["subject_last", "subject"]
+Threshold = Literal["layer_max", "own"]
+Prompts = Literal["rewrite", "distractors", "both"]
+
+
 @dataclass(frozen=True)
 class SadrConfig:
     """SADR settings. ``gamma`` has no default: a model's chosen value is its preset
@@ -66,6 +75,7 @@ class SadrConfig:
 
     gamma: float  # weight of L_SADR in the value loss
     all_heads: bool = False  # ablation: restrain every head (no selection)
+    # the options are Queries, Keys, Threshold, Prompts (typed str: checks.option says why)
     queries: str = "last"  # "last" (t_j) or "after_subject" (every query after s_j)
     keys: str = "subject_last"  # what selection measures: "subject_last" (s_j) or "subject"
     threshold: str = "layer_max"  # "layer_max" (the paper) or "own" (the head's vanilla value)
@@ -74,10 +84,10 @@ class SadrConfig:
 
     def __post_init__(self) -> None:
         checks.number("SADR gamma", self.gamma, low=0)
-        checks.choice("SADR queries", self.queries, ("last", "after_subject"))
-        checks.choice("SADR keys", self.keys, ("subject_last", "subject"))
-        checks.choice("SADR threshold", self.threshold, ("layer_max", "own"))
-        checks.choice("SADR prompts", self.prompts, ("rewrite", "distractors", "both"))
+        checks.option("SADR queries", self.queries, Queries)
+        checks.option("SADR keys", self.keys, Keys)
+        checks.option("SADR threshold", self.threshold, Threshold)
+        checks.option("SADR prompts", self.prompts, Prompts)
 
     @property
     def variant(self) -> str:
@@ -126,10 +136,8 @@ def preset(model: HookedTransformer | str, editor: str = "rome") -> SadrConfig:
     Pair it with the editor's preset (``rome.preset(model)``), whose ``sadr_steps`` is the step
     budget the γ was chosen under.
     """
-    from attndrift import editors  # model-name matching (editors imports this module)
-
     checks.choice("editor", editor, tuple(PRESETS))
-    return editors.preset_for(PRESETS[editor], model, f"{editor.upper()}+SADR")
+    return registry.preset_for(PRESETS[editor], model, f"{editor.upper()}+SADR")
 
 
 def watched_layers(model: HookedTransformer, layers: Sequence[int]) -> range:

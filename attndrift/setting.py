@@ -1,12 +1,15 @@
 """Settings: one editor configuration, as a model's preset plus explicit overrides.
 
 A :class:`Setting` names an editor and overrides any of its hyper-parameters; every field left
-at ``None`` (or ``False``) keeps the model's documented preset (:data:`attndrift.rome.PRESETS`,
-:data:`attndrift.memit.PRESETS`, :data:`attndrift.pmet.PRESETS`,
-:data:`attndrift.alphaedit.PRESETS`). It is the one source of the editing options: the command
+at ``None`` (or ``False``) keeps the model's documented preset (each editor's ``PRESETS``, e.g.
+:data:`attndrift.rome.PRESETS`). It is the one source of the editing options: the command
 line derives ``edit``/``drift``/``patch``/``sweep``'s flags from its fields, a sweep stores it
 with every result line, and its :attr:`Setting.key` names the line's setting (defaults left
 out, e.g. ``rome|g=0.2|steps=80``).
+
+What an editor is and which options it takes come from :mod:`attndrift.registry`: the options
+of :data:`EDITOR_OPTIONS` apply to the editors whose spec lists them, the others to every
+editor but those whose spec refuses them.
 
 :class:`Editor` makes edits for settings on one model, reusing context templates and
 covariance statistics across records.
@@ -18,21 +21,21 @@ from dataclasses import dataclass, field
 
 from transformer_lens import HookedTransformer
 
-from attndrift import alphaedit, checks, covariance, editors, memit, pmet, rome
+from attndrift import checks, covariance, editors, registry
 from attndrift.data import EditRequest
 from attndrift.edits import Edit, add_to_weights
 from attndrift.sadr import SadrConfig
+from attndrift.value import StopOn
 
-EDITORS = ("rome", "memit", "pmet", "alphaedit")
-#: the editors that edit a range of layers (``layers``), and those with MEMIT's λ
-RANGE_EDITORS = ("memit", "pmet", "alphaedit")
-MOM2_EDITORS = ("memit", "pmet")
-PRESET_OF = {
-    "rome": rome.preset,
-    "memit": memit.preset,
-    "pmet": pmet.preset,
-    "alphaedit": alphaedit.preset,
-}
+#: the options only some editors take: each editor's spec lists those it takes
+#: (:attr:`attndrift.registry.EditorSpec.takes`); the other options apply to every editor
+#: but those whose spec refuses them (:attr:`attndrift.registry.EditorSpec.refuses`)
+EDITOR_OPTIONS = ("layer", "layers", "r_rome", "mom2_weight", "null_threshold")
+#: an option an editor refuses may have a counterpart it takes (named in the error)
+_COUNTERPART = {"layer": "layers", "layers": "layer"}
+#: the SADR options (a γ = 0 setting takes none)
+SADR_OPTIONS = ("all_heads", "sadr_queries", "sadr_keys", "sadr_threshold", "sadr_relations",
+                "sadr_prompts")  # fmt: skip
 
 
 def _opt(help: str, **kwargs):
@@ -43,7 +46,7 @@ def _opt(help: str, **kwargs):
 class Setting:
     """An editor and its overrides of the model's preset (``None`` / ``False``: the preset's)."""
 
-    editor: str = field(default="rome", metadata={"help": f"editor: {', '.join(EDITORS)}"})
+    editor: str = field(default="rome", metadata={"help": f"editor: {', '.join(registry.names())}"})
     sadr_gamma: float = field(default=0.0, metadata={"help": "SADR weight γ (0 = no SADR)"})
     all_heads: bool = field(default=False, metadata={"help": "SADR restrains every head"})
     sadr_queries: str | None = _opt("SADR variant: query rows restrained: last, after_subject")
@@ -91,30 +94,16 @@ class Setting:
     )
 
     def __post_init__(self) -> None:
-        checks.choice("editor", self.editor, EDITORS)
+        checks.choice("editor", self.editor, registry.names())
         checks.number("sadr_gamma", self.sadr_gamma, low=0)
         variant = (self.sadr_queries, self.sadr_keys, self.sadr_threshold, self.sadr_prompts)
         if (self.all_heads or self.sadr_relations or any(variant)) and self.sadr_gamma == 0:
             raise ValueError("SADR options (all_heads, sadr_*) need sadr_gamma > 0")
         self.sadr()  # validates the SADR variant's names
-        if self.r_rome and self.editor != "rome":
-            raise ValueError("r_rome applies to the rome editor only")
-        if self.layer is not None and self.editor != "rome":
-            raise ValueError(
-                "layer applies to the rome editor (MEMIT, PMET, AlphaEdit take layers)"
-            )
-        if self.layers is not None and self.editor not in RANGE_EDITORS:
-            raise ValueError(
-                "layers applies to the memit editor (and pmet, alphaedit; ROME takes layer)"
-            )
-        if self.mom2_weight is not None and self.editor not in MOM2_EDITORS:
-            raise ValueError("mom2_weight applies to the memit and pmet editors only")
-        if self.null_threshold is not None and self.editor != "alphaedit":
-            raise ValueError("null_threshold applies to the alphaedit editor only")
-        if self.identity_cov and self.editor == "alphaedit":
-            raise ValueError(
-                "identity_cov does not apply to alphaedit (it projects onto C's null space)"
-            )
+        spec = registry.get(self.editor)
+        for name in (*EDITOR_OPTIONS, *spec.refuses):
+            if _given(getattr(self, name)) and not applies(spec, name):
+                raise ValueError(_refusal(spec, name))
         bounds = {
             "layer": {"low": 0, "integer": True},
             "steps": {"low": 1, "integer": True},
@@ -139,15 +128,16 @@ class Setting:
             for layer in self.layers:
                 checks.number("layers", layer, low=0, integer=True)
         if self.early_stop_on is not None:
-            checks.choice("early_stop_on", self.early_stop_on, ("loss", "nll", "margin"))
+            checks.option("early_stop_on", self.early_stop_on, StopOn)
         if self.early_stop_on == "margin" and self.stop_margin is None:
             raise ValueError("early_stop_on margin needs stop_margin (the margin to reach)")
         if self.identity_cov and self.cov_tokens is not None:
             raise ValueError("identity_cov and cov_tokens exclude each other")
         if self.batch is not None and self.sequential is not None:
             raise ValueError("batch and sequential exclude each other")
-        if self.batch is not None and self.batch > 1 and self.editor in ("rome",):
-            raise ValueError("batch editing needs a batch editor (memit, pmet, alphaedit)")
+        if self.batch is not None and self.batch > 1 and not spec.batch:
+            batch_editors = ", ".join(s.name for s in registry.specs() if s.batch)
+            raise ValueError(f"batch editing needs a batch editor ({batch_editors})")
         for name in ("batch", "sequential"):  # a group of one is the plain edit: one key
             if getattr(self, name) == 1:
                 object.__setattr__(self, name, None)
@@ -196,11 +186,10 @@ class Setting:
             **{k: v for k, v in variant.items() if v is not None},
         )
 
-    def config(
-        self, model: HookedTransformer | str
-    ) -> "rome.RomeConfig | memit.MemitConfig | pmet.PmetConfig | alphaedit.AlphaEditConfig":
-        """The editor's config: the model's preset with this setting's overrides."""
-        base = PRESET_OF[self.editor](model)
+    def config(self, model: HookedTransformer | str) -> editors.EditorConfig:
+        """The editor's config (its registered class): the model's preset with this setting's
+        overrides."""
+        base = registry.get(self.editor).preset(model)
         value_changes = {
             name: getattr(self, attr)
             for name, attr in (
@@ -262,25 +251,49 @@ def grid(**options: Sequence) -> list[Setting]:
         combos = [c | {name: v} for c in combos for v in options[name]]
     out: list[Setting] = []
     for c in combos:
-        editor = c.get("editor", "rome")
-        if editor != "rome":
-            c = {k: v for k, v in c.items() if k not in ("layer", "r_rome")}
-        if editor not in RANGE_EDITORS:
-            c = {k: v for k, v in c.items() if k != "layers"}
-        if editor not in MOM2_EDITORS:
-            c = {k: v for k, v in c.items() if k != "mom2_weight"}
-        if editor != "alphaedit":
-            c = {k: v for k, v in c.items() if k != "null_threshold"}
-        else:
-            c = {k: v for k, v in c.items() if k != "identity_cov"}
-        sadr_only = ("all_heads", "sadr_queries", "sadr_keys", "sadr_threshold", "sadr_relations",
-                     "sadr_prompts")  # fmt: skip
+        spec = _spec_or_none(c.get("editor", "rome"))
+        if spec is not None:  # each option left to the editors that take it
+            c = {k: v for k, v in c.items() if applies(spec, k)}
         if not c.get("sadr_gamma"):  # the γ = 0 baseline: no SADR-only field
-            c = {k: v for k, v in c.items() if k not in sadr_only}
+            c = {k: v for k, v in c.items() if k not in SADR_OPTIONS}
         s = Setting(**c)
         if s not in out:
             out.append(s)
     return out
+
+
+def applies(spec: registry.EditorSpec, option: str) -> bool:
+    """Whether the editor of ``spec`` takes the setting ``option`` (a field name)."""
+    if option in EDITOR_OPTIONS:
+        return option in spec.takes
+    return option not in spec.refuses
+
+
+def _given(value) -> bool:
+    return value is not None and value is not False
+
+
+def _refusal(spec: registry.EditorSpec, option: str) -> str:
+    """The error of a setting that gives ``option`` to an editor that does not take it."""
+    if option in spec.refuses:
+        return f"{option} does not apply to {spec.name} ({spec.refuses[option]})"
+    takers = [s.name for s in registry.specs() if option in s.takes]
+    if not takers:
+        which = "no registered editor"
+    elif len(takers) == 1:
+        which = f"the {takers[0]} editor"
+    else:
+        which = f"the {', '.join(takers[:-1])} and {takers[-1]} editors"
+    other = _COUNTERPART.get(option)
+    instead = f" ({spec.name} takes {other})" if other is not None and other in spec.takes else ""
+    return f"{option} applies to {which} only{instead}"
+
+
+def _spec_or_none(name: str) -> registry.EditorSpec | None:
+    try:
+        return registry.get(name)
+    except ValueError:  # Setting's own check names the problem
+        return None
 
 
 class Editor:
@@ -309,16 +322,22 @@ class Editor:
             )
         return self._covs[key]
 
+    def _covariances(self, spec: registry.EditorSpec, cfg) -> dict:
+        """C of every layer ``cfg`` edits (the identity's left out)."""
+        covs = {layer: self.covariance(cfg, layer) for layer in spec.layers(cfg)}
+        return {k: v for k, v in covs.items() if v is not None}
+
     def sequence(self, setting: Setting, requests: Sequence[EditRequest]) -> list[Edit]:
         """Edits of ``requests`` one after another, each computed on the weights the previous
         ones left and added to them (the caller restores the weights: ``edits.restored``).
-        AlphaEdit carries the previous edits' keys from one edit to the next."""
+        An editor with state (AlphaEdit: the previous edits' keys) carries it from one edit
+        to the next (:attr:`attndrift.registry.EditorSpec.edit_in_sequence`)."""
         out, state = [], None
-        cfg = setting.config(self.model)
+        spec, cfg = registry.get(setting.editor), setting.config(self.model)
         for request in requests:
-            if setting.editor == "alphaedit":
-                covs = {layer: self.covariance(cfg, layer) for layer in cfg.layers}
-                e, state = alphaedit.edit_in_sequence(
+            if spec.edit_in_sequence is not None:
+                covs = self._covariances(spec, cfg)
+                e, state = spec.edit_in_sequence(
                     self.model, [request], cfg, state=state, sadr=setting.sadr(), covs=covs,
                     templates=self.templates(cfg), progress=self.progress, memo=self.memo,
                 )  # fmt: skip
@@ -329,29 +348,31 @@ class Editor:
         return out
 
     def __call__(self, setting: Setting, requests: Sequence[EditRequest]) -> Edit:
-        cfg = setting.config(self.model)
+        spec, cfg = registry.get(setting.editor), setting.config(self.model)
         templates = self.templates(cfg)
-        if setting.editor == "rome":
-            if len(requests) != 1:
-                raise ValueError("ROME edits one request at a time")
-            return rome.edit(
-                self.model,
-                requests[0],
-                cfg,
-                sadr=setting.sadr(),
-                cov=self.covariance(cfg, cfg.layer),
-                templates=templates,
-                progress=self.progress,
-            )
-        covs = {layer: self.covariance(cfg, layer) for layer in cfg.layers}
-        edit = {"memit": memit.edit, "pmet": pmet.edit, "alphaedit": alphaedit.edit}
-        return edit[setting.editor](
+        return spec.edit(
             self.model,
             requests,
             cfg,
             sadr=setting.sadr(),
-            covs={k: v for k, v in covs.items() if v is not None},
+            covs=self._covariances(spec, cfg),
             templates=templates,
             progress=self.progress,
             memo=self.memo,
         )
+
+
+def __getattr__(name: str):
+    """The former editor constants, now read from the registry: ``EDITORS`` (every registered
+    editor), ``RANGE_EDITORS`` (those editing a range of layers), ``MOM2_EDITORS`` (those
+    taking MEMIT's λ), ``PRESET_OF`` (editor -> its preset function)."""
+    specs = registry.specs()
+    if name == "EDITORS":
+        return tuple(s.name for s in specs)
+    if name == "RANGE_EDITORS":
+        return tuple(s.name for s in specs if "layers" in s.takes)
+    if name == "MOM2_EDITORS":
+        return tuple(s.name for s in specs if "mom2_weight" in s.takes)
+    if name == "PRESET_OF":
+        return {s.name: s.preset for s in specs}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

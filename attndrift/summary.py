@@ -663,3 +663,17 @@ def choose(lines: Sequence[Line], rule: str) -> pd.DataFrame:
     winner = max(near.index, key=lambda i: r.tie_break(near.loc[i]))
     frame.loc[winner, "chosen"] = True
     return frame
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table (index first), for docs/RESULTS.md; ``|`` inside a cell
+    (setting keys) is escaped, so it does not split the cell."""
+
+    def cell(x) -> str:
+        return str(x).replace("|", "\\|")
+
+    cols = [cell(frame.index.name or ""), *map(cell, frame.columns)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for idx, row in frame.iterrows():
+        lines.append("| " + " | ".join([cell(idx), *map(cell, row.tolist())]) + " |")
+    return "\n".join(lines)

@@ -31,7 +31,8 @@ Noise: drawn once per call from a private ``torch.Generator`` seeded with ``seed
 every run of the call, so every P(restored) − P(corrupted) compares runs under the same noise,
 and the same seed gives the same numbers.
 
-Batching (as :mod:`attndrift.patching`): restoring layers l onwards at position p cannot change
+Batching (the cell engine of :mod:`attndrift.cells`, shared with patching; this module keeps
+its components, noise and scores): restoring layers l onwards at position p cannot change
 anything below l or before p, so each forward pass starts at its cells' first layer from the
 corrupted runs' residual stream, runs only the positions from its cells' first position on,
 and reads the earlier positions' keys and values from the corrupted runs' key-value cache. A
@@ -50,13 +51,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from attndrift import capture, encoding, models
-from attndrift.patching import Cell, Component
+from attndrift import capture, cells, encoding, models
+from attndrift.cells import Cell, Component
 
 COMPONENTS: dict[str, Component] = {
     c.name: c
@@ -71,8 +71,6 @@ ROME_WINDOWS: dict[str, int] = {"hidden": 1, "mlp": 10, "attn_out": 10}
 #: ROME's noise (in units of σ) and number of noise draws
 ROME_NOISE, ROME_SAMPLES = 3.0, 10
 DEFAULT_BATCH_TOKENS = 4096
-#: a tile of cells spans this many first layers and positions
-_TILE_LAYERS, _TILE_POSITIONS = 4, 3
 
 
 @dataclass(frozen=True)
@@ -120,7 +118,7 @@ class Tracing:
         )
 
     def best(self, component: str, position: int | None = None) -> Cell:
-        """The cell of largest indirect effect (a :class:`~attndrift.patching.Cell`: layer,
+        """The cell of largest indirect effect (a :class:`~attndrift.cells.Cell`: layer,
         position, value = the effect), over every traced position or at one ``position``."""
         if component not in self.components:
             raise ValueError(f"component {component!r} was not traced ({self.components})")
@@ -207,131 +205,10 @@ def _corrupt_hook(noise: Float[Tensor, "sample subject d_model"], first: int) ->
     return models.embed_hook(), corrupt
 
 
-@dataclass(frozen=True)
-class _Run:
-    """A run (one row per noise draw): P(o), every component's value at every layer, the
-    residual stream entering every block, and the key-value cache of every layer (``None``
-    for the clean run, which is never continued)."""
-
-    p: Float[Tensor, " row"]
-    values: dict[str, Tensor]  # hook name -> [row, pos, d_model]
-    resid_pre: Float[Tensor, "row layer pos d_model"]
-    cache: object
-
-
 def _prob(
     model: HookedTransformer, hidden: Float[Tensor, "row d_model"], target: int
 ) -> Float[Tensor, " row"]:
     return models.unembed(model, hidden).float().log_softmax(-1)[:, target].exp()
-
-
-@torch.no_grad()
-def _runs(
-    variant: models.Variant,
-    tokens: Int[Tensor, "one pos"],
-    noise: Float[Tensor, "sample subject d_model"],
-    first: int,
-    parts,
-    target: int,
-) -> tuple[_Run, _Run]:
-    """The clean run and the corrupted runs, as rows of one forward pass (row 0 clean, row
-    ``1 + s`` under draw s, as in ROME), so that positions the noise cannot reach have
-    bit-identical values in every row."""
-    model = variant.model
-    layers = range(model.cfg.n_layers)
-    names = [c.hook(layer) for c in parts for layer in layers]
-    names += [models.resid_pre_hook(layer) for layer in layers]
-    rec = capture.Recorder(dict.fromkeys(names))
-    noise = torch.cat([torch.zeros_like(noise[:1]), noise])
-    hooks = [*variant.hooks, _corrupt_hook(noise, first), *rec.hooks]
-    hidden, cache = models.final_hidden_and_cache(model, tokens.repeat(len(noise), 1), hooks)
-    values = rec.values()
-    resid = torch.stack([values[models.resid_pre_hook(layer)] for layer in layers], dim=1)
-    p = _prob(model, hidden[:, -1], target)
-    rows = torch.arange(1, len(noise), device=tokens.device)
-    clean = _Run(p[:1], {k: v[:1] for k, v in values.items()}, resid[:1], None)
-    corrupted = _Run(p[1:], {k: v[1:] for k, v in values.items()}, resid[1:],
-                     models.cache_rows(cache, rows))  # fmt: skip
-    return clean, corrupted
-
-
-def _cells(windows: Sequence[int], n_layers: int, positions: Sequence[int]) -> Tensor:
-    """Every cell in result order: ``[component, first layer, stop layer, position, index]``."""
-    grid = torch.cartesian_prod(
-        torch.arange(len(windows)), torch.arange(n_layers), torch.tensor(positions)
-    )
-    w = torch.tensor(windows)[grid[:, 0]]
-    first = grid[:, 1] - w // 2
-    start, stop = first.clamp_min(0), (first + w).clamp_max(n_layers)
-    return torch.stack([grid[:, 0], start, stop, grid[:, 2], torch.arange(len(grid))], dim=1)
-
-
-def _unchanged(
-    cells: Tensor, parts, clean: _Run, corrupted: _Run, n_layers: int, first: int
-) -> Tensor:
-    """[cell] whether restoring it changes nothing: its position lies before the subject (no
-    noise reaches it) or its clean value equals every corrupted one at each restored layer."""
-    same = [
-        torch.stack(
-            [
-                (corrupted.values[c.hook(layer)] == clean.values[c.hook(layer)]).all(-1).all(0)
-                for layer in range(n_layers)
-            ]
-        ).cpu()  # [layer, pos]
-        for c in parts
-    ]
-    return torch.tensor(
-        [p < first or bool(same[c][a:b, p].all()) for c, a, b, p, _ in cells.tolist()]
-    )
-
-
-def _passes(cells: Tensor, samples: int, n_prompt: int, budget: int) -> list[Tensor]:
-    """Cells grouped by tiles of nearby first layers and positions, each tile cut into passes
-    of at most ``budget`` tokens (rows x positions run)."""
-    key = (cells[:, 1] // _TILE_LAYERS) * 100_000 + cells[:, 3] // _TILE_POSITIONS
-    passes = []
-    for k in torch.unique(key):
-        tile = cells[key == k]
-        width = n_prompt - int(tile[:, 3].min())
-        passes += list(tile.split(max(1, budget // (samples * width))))
-    return passes
-
-
-def _restore_hooks(chunk: Tensor, parts, clean: _Run, samples: int, offset: int) -> list:
-    """Hooks that put back the clean value of every cell of a pass (cell i: rows
-    ``i · samples + s``) at its position, in each layer of its window."""
-    device = clean.resid_pre.device
-    chunk = chunk.to(device)
-    draws = torch.arange(samples, device=device)
-    hooks = []
-    for c, part in enumerate(parts):
-        for layer in range(int(chunk[:, 1].min()), int(chunk[:, 2].max())):
-            mine = (chunk[:, 0] == c) & (chunk[:, 1] <= layer) & (layer < chunk[:, 2])
-            idx = mine.nonzero()[:, 0]
-            if len(idx) == 0:
-                continue
-            rows = (idx[:, None] * samples + draws).flatten()
-            pos = chunk[idx, 3].repeat_interleave(samples)
-            src = clean.values[part.hook(layer)][0, pos]
-
-            def restore(x, hook, part=part, rows=rows, pos=pos - offset, src=src) -> Tensor:
-                return part.patch(x, rows, pos, src)
-
-            hooks.append((part.hook(layer), restore))
-    return hooks
-
-
-@torch.no_grad()
-def _restored(variant, chunk: Tensor, parts, clean, corrupted, target: int, last: int) -> Tensor:
-    """Mean P(o) over the noise draws of each cell of one pass."""
-    model, n, samples = variant.model, len(chunk), corrupted.p.shape[0]
-    start, offset = int(chunk[:, 1].min()), int(chunk[:, 3].min())
-    hooks = _restore_hooks(chunk, parts, clean, samples, offset)
-    resid = corrupted.resid_pre[:, start, offset:].repeat(n, 1, 1)
-    cache = models.cache_prefix(corrupted.cache, offset, n)
-    mask = torch.ones(resid.shape[0], last + 1, dtype=torch.long, device=resid.device)
-    hidden = models.final_hidden_from(model, resid, start, [*variant.hooks, *hooks], cache, mask)
-    return _prob(model, hidden[:, last - offset], target).reshape(n, samples).mean(1).cpu()
 
 
 def _windows(names: tuple[str, ...], windows: int | Mapping[str, int] | None) -> tuple[int, ...]:
@@ -414,14 +291,39 @@ def trace(
     z = subject_noise(m, n_subject, std=noise * sigma, samples=samples, seed=seed)
     tokens = torch.tensor([enc.ids], device=models.model_device(m))
     target_id = encoding.encode_answer(m, target)[0]
-    clean, corrupted = _runs(variant, tokens, z, first, parts, target_id)
-    cells = _cells(wins, n_layers, positions)
-    unchanged = _unchanged(cells, parts, clean, corrupted, n_layers, first)
-    p_corrupted = float(corrupted.p.mean())
-    p = torch.full((len(cells),), p_corrupted)
-    passes = _passes(cells[~unchanged], samples, n_prompt, max_batch_tokens)
-    for chunk in tqdm(passes, desc="causal tracing", disable=not progress):
-        p[chunk[:, 4]] = _restored(variant, chunk, parts, clean, corrupted, target_id, enc.last)
+    # the clean run and the corrupted runs as rows of one forward pass (row 0 clean, row
+    # 1 + s under draw s, as in ROME), so that positions the noise cannot reach have
+    # bit-identical values in every row
+    noise_rows = torch.cat([torch.zeros_like(z[:1]), z])
+    hidden, both = cells.record(
+        variant, tokens.repeat(len(noise_rows), 1), parts, [_corrupt_hook(noise_rows, first)]
+    )
+    with torch.no_grad():
+        p_all = _prob(m, hidden[:, -1], target_id)
+    clean = both.rows(torch.tensor([0], device=tokens.device), cache=False)  # never continued
+    corrupted = both.rows(torch.arange(1, len(noise_rows), device=tokens.device))
+    grid = cells.grid(wins, n_layers, positions, centred=True)
+    # a cell before the subject (no noise reaches it), or whose clean values equal every
+    # corrupted one at each restored layer, changes nothing
+    unchanged = (grid[:, cells.POSITION] < first) | cells.unchanged(
+        grid, parts, corrupted, clean, n_layers
+    )
+    p_corrupted = float(p_all[1:].mean())
+    p = {"p": torch.full((len(grid),), p_corrupted)}
+    last = enc.last
+
+    def score(hidden: Tensor, offset: int, n: int) -> dict[str, Tensor]:
+        """Mean P(o) over the noise draws of each cell of one pass."""
+        return {"p": _prob(m, hidden[:, last - offset], target_id).reshape(n, samples).mean(1)}
+
+    cells.sweep(
+        variant, corrupted, grid[~unchanged], p, rows=samples, seq_len=n_prompt,
+        hooks=lambda chunk, offset: cells.patch_hooks(
+            chunk, parts, clean, torch.zeros(samples, dtype=torch.long), offset
+        ),
+        score=score, budget=max_batch_tokens, progress=progress, desc="causal tracing",
+    )  # fmt: skip
+    p = p["p"]
     p = p.reshape(len(parts), n_layers, len(positions))
     return Tracing(
         components=tuple(c.name for c in parts),
@@ -436,7 +338,7 @@ def trace(
         noise=float(noise),
         samples=samples,
         seed=seed,
-        p_clean=float(clean.p[0]),
+        p_clean=float(p_all[0]),
         p_corrupted=p_corrupted,
         p_restored=p,
         indirect=p - p_corrupted,

@@ -46,12 +46,14 @@ evaluated. The model's parameters are frozen (their
 pattern hooks that SADR reads.
 """
 
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from jaxtyping import Float
@@ -65,6 +67,11 @@ from attndrift.data import EditRequest
 log = logging.getLogger(__name__)
 
 
+#: what stops the optimisation early: the whole loss (ROME), the NLL term, or the edit prompt's
+#: margin alone
+StopOn = Literal["loss", "nll", "margin"]
+
+
 @dataclass(frozen=True)
 class ValueConfig:
     """Hyper-parameters of the δ optimisation (ROME's names; GPT-J values as defaults)."""
@@ -75,8 +82,9 @@ class ValueConfig:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 0.05  # stop once the watched quantity falls below this
-    # what stops early: "loss" (ROME: the whole L), "nll" (the NLL term alone), "margin" (the
-    # edit prompt's margin alone reaches stop_margin)
+    # what stops early (a StopOn; typed str: checks.option says why): "loss" (ROME: the whole
+    # L), "nll" (the NLL term alone), "margin" (the edit prompt's margin alone reaches
+    # stop_margin)
     early_stop_on: str = "loss"
     essence_prompt: str = "{} is a"
     relation_kl: float = 0.0  # variant: weight of the relation prompts' KL (0: ROME's loss)
@@ -93,7 +101,7 @@ class ValueConfig:
         checks.number("kl_factor", self.kl_factor, low=0)
         checks.number("relation_kl", self.relation_kl, low=0)
         checks.number("early_stop_loss", self.early_stop_loss, low=0)
-        checks.choice("early_stop_on", self.early_stop_on, ("loss", "nll", "margin"))
+        checks.option("early_stop_on", self.early_stop_on, StopOn)
         if not isinstance(self.essence_prompt, str) or checks.template_problem(self.essence_prompt):
             raise ValueError("essence_prompt needs exactly one '{}' for the subject")
         if self.stop_margin is not None:
@@ -123,6 +131,9 @@ class LossTerms:
     p_new: Tensor  # mean over rewriting prompts of exp(-NLL)
     offtarget: Tensor | None = None  # the hinge, unweighted (None: the term is off)
     margin: Tensor | None = None  # the edit prompt's margin (None: no margin stop)
+    # o_new's token is the argmax (ties count) at every target position of every rewriting
+    # prompt (a detached bool; PMET's NLL schedule reads it)
+    greedy: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -287,13 +298,12 @@ class ValueObjective:
     with several hooks the prefix-cached steps start at block L, not L+1: the suffix positions
     run from the residual entering block L, with the deltas added by hooks, still reading the
     prefix from the key-value cache. Such an objective is optimised by
-    :func:`attndrift.pmet.optimise_deltas` (one norm clamp per δ); :func:`optimise_value`
-    takes one hook.
+    :func:`optimise` (one norm clamp per δ; PMET: :func:`attndrift.pmet.optimise_deltas`);
+    :func:`optimise_value` takes one hook.
 
-    Two attributes serve PMET's NLL schedule: ``nll_factor`` weighs the NLL term in ``total``
-    (1 by default: the plain L(δ)), and after each call ``greedy`` (a detached bool tensor)
-    tells whether o_new's token was the argmax at every target position of every rewriting
-    prompt.
+    A call takes the NLL term's weight in ``total`` (``nll_factor``, 1 by default: the plain
+    L(δ); a step schedule such as PMET's lowers it) and reports whether o_new's token was the
+    argmax everywhere (:attr:`LossTerms.greedy`); the objective itself does not change.
 
     Args:
         model: the model (unchanged by this class).
@@ -332,8 +342,6 @@ class ValueObjective:
         self.hook_names = tuple(hook_name) if self.stacked else (hook_name,)
         if self.stacked:
             self._check_block_hooks(layer)
-        self.nll_factor: float = 1.0  # weight of the NLL term in `total` (PMET lowers it)
-        self.greedy = torch.tensor(False)  # o_new was the argmax everywhere at the last call
         self.layer, self.prefix_cached = layer, cfg.prefix_cache
         self.target = encoding.encode_answer(model, request.target_new)
         self.true_target = encoding.encode_answer(model, request.target_true)
@@ -375,7 +383,7 @@ class ValueObjective:
         names = self.hook_names
         if not names or len(set(names)) != len(names):
             raise ValueError(f"hook names must be distinct and at least one, got {names}")
-        outside = [n for n in names if not n.startswith(f"blocks.{layer}.")]
+        outside = [n for n in names if not models.in_block(n, layer)]
         if outside:
             raise ValueError(f"hooks {outside} are not in block {layer}: one δ per hook of a block")
 
@@ -607,9 +615,12 @@ class ValueObjective:
         count = torch.bincount(self.answer_of, minlength=self.n_answers)
         return total / count
 
-    def __call__(self, delta: Float[Tensor, "*hooks d_model"]) -> LossTerms:
+    def __call__(
+        self, delta: Float[Tensor, "*hooks d_model"], nll_factor: float = 1.0
+    ) -> LossTerms:
         """All loss terms at ``delta`` (``[d_model]``, or ``[n_hooks, d_model]`` with several
-        hooks; differentiable w.r.t. ``delta``)."""
+        hooks; differentiable w.r.t. ``delta``), the NLL term weighing ``nll_factor`` in
+        ``total``."""
         hidden, rows = self._forward(delta)
         # one unembedding (W_U is read once) for the target positions, the essence row and
         # (relation KL term) the relation prompts' last tokens
@@ -627,7 +638,7 @@ class ValueObjective:
         nll = per_prompt.mean()
         with torch.no_grad():  # o_new's token is the argmax (ties count) at every position
             target_logit = logits[:-1].gather(1, self.nll_target[:, None])[:, 0]
-            self.greedy = (target_logit >= logits[:-1].max(-1).values).all()
+            greedy = (target_logit >= logits[:-1].max(-1).values).all()
         ess = torch.log_softmax(logits[-1], -1)
         kl = self.cfg.kl_factor * (ess.exp() * (ess - self.essence_logp0)).sum()
         if self.relation_logp0 is not None:  # the relation variant: mean over its prompts
@@ -639,7 +650,7 @@ class ValueObjective:
             wd = self.cfg.weight_decay * (delta.norm(dim=-1) / self.init.norm(dim=-1) ** 2).sum()
         else:
             wd = self.cfg.weight_decay * delta.norm() / self.init.norm() ** 2
-        total = self.nll_factor * nll + kl + wd
+        total = nll_factor * nll + kl + wd
         zero = torch.zeros((), device=delta.device)
         sadr_term, heads = zero, torch.zeros(len(self.sadr_layers), device=delta.device)
         if rows is not None:
@@ -658,7 +669,7 @@ class ValueObjective:
             if self.rows.true_row is not None:  # row 0 is the bare edit prompt
                 margin = (-per_prompt[0] - lp[-1]).detach()
         p_new = torch.exp(-per_prompt).mean()
-        return LossTerms(total, nll, kl, wd, sadr_term, heads, p_new, offtarget, margin)
+        return LossTerms(total, nll, kl, wd, sadr_term, heads, p_new, offtarget, margin, greedy)
 
 
 #: whether prefix-cached value steps may run the lean forward (see :func:`hooked_forward`)
@@ -756,32 +767,58 @@ def _end(bar: tqdm, step: int, reason: str) -> None:
     log.debug("stopped at step %d: %s", step + 1, reason)
 
 
-def optimise_value(
-    objective: ValueObjective, progress: bool = False, desc: str = "value"
-) -> ValueResult:
-    """Adam on δ as ROME does it (see module docstring); returns δ, v_0 and the trace.
+#: A step schedule: called with a step's loss terms once they are evaluated (and the stop
+#: rules found no reason to stop), it returns the NLL term's weight for the following steps and
+#: a reason to stop now (None: go on). PMET's: :func:`attndrift.pmet.nll_schedule`.
+Schedule = Callable[[LossTerms], tuple[float, str | None]]
+
+
+def optimise(
+    objective: ValueObjective,
+    schedule: Schedule | None = None,
+    *,
+    progress: bool = False,
+    desc: str = "value",
+) -> tuple[ValueResult, ...]:
+    """Adam on δ as ROME does it (see the module docstring), with an optional step
+    ``schedule``; one :class:`ValueResult` per hook of the objective (in its hook order),
+    whose traces share every term but ``delta_norm`` (‖δ_h‖).
+
+    At most ``steps − 1`` updates; after each evaluation the optimisation stops on
+    :func:`stop_reason`, then on the schedule's reason, else updates δ and clamps each δ_h to
+    ``clamp_norm_factor · ‖v_0,h‖``. The model is frozen meanwhile (:func:`frozen`).
 
     Raises:
         FloatingPointError: a loss term or δ is NaN or inf (naming the term and the step);
             the model is left as it was (its ``requires_grad`` flags restored).
     """
-    cfg, model = objective.cfg, objective.model
+    cfg, model, stacked = objective.cfg, objective.model, objective.stacked
     t0 = time.perf_counter()
-    delta = torch.zeros_like(objective.init, requires_grad=True)
+    delta = torch.zeros_like(objective.init, requires_grad=True)  # [n_hooks,] d_model
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    max_norm = cfg.clamp_norm_factor * objective.init.norm()
-    trace = []
+    if stacked:  # one ball per delta: [n_hooks, 1]
+        max_norm = cfg.clamp_norm_factor * objective.init.norm(dim=-1, keepdim=True)
+    else:
+        max_norm = cfg.clamp_norm_factor * objective.init.norm()
+    trace, norms = [], []  # per step: the terms, and ‖δ_h‖ per hook
+    nll_factor = 1.0
     bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False)
     try:
         with frozen(model):
             for step in bar:
                 opt.zero_grad()
-                terms = objective(delta)
-                trace.append(step_log(step, terms, delta.norm().item()))
+                terms = objective(delta, nll_factor=nll_factor)
+                if stacked:
+                    norms.append(delta.detach().norm(dim=-1).tolist())
+                    trace.append(step_log(step, terms, 0.0))  # ‖δ_h‖: per hook, below
+                else:
+                    trace.append(step_log(step, terms, delta.norm().item()))
                 log.debug("%s", trace[-1])
                 check_finite(desc, trace[-1], cfg.lr)
                 bar.set_postfix(loss=f"{trace[-1].loss:.3f}", p_new=f"{trace[-1].p_new:.2f}")
                 reason = stop_reason(cfg, trace[-1])
+                if reason is None and schedule is not None:
+                    nll_factor, reason = schedule(terms)
                 if reason is not None or step == cfg.steps - 1:
                     _end(bar, step, reason or "the step budget is spent")
                     break
@@ -789,9 +826,47 @@ def optimise_value(
                 opt.step()
                 with torch.no_grad():
                     check_finite(desc, trace[-1], cfg.lr, delta)
-                    norm = delta.norm()
-                    if norm > max_norm:
-                        delta.mul_(max_norm / norm)
+                    _clamp(delta, max_norm)
     finally:
         bar.close()
-    return ValueResult(delta.detach(), objective.init, tuple(trace), time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    if not stacked:
+        return (ValueResult(delta.detach(), objective.init, tuple(trace), seconds),)
+    return tuple(
+        ValueResult(
+            delta[h].detach(),
+            objective.init[h],
+            tuple(
+                dataclasses.replace(e, delta_norm=n[h]) for e, n in zip(trace, norms, strict=True)
+            ),
+            seconds,
+        )
+        for h in range(delta.shape[0])
+    )
+
+
+def _clamp(delta: Tensor, max_norm: Tensor) -> None:
+    """Project δ (each δ_h of a stack) into its ball ‖δ_h‖ ≤ max_norm_h, in place."""
+    if delta.ndim == 1:
+        norm = delta.norm()
+        if norm > max_norm:
+            delta.mul_(max_norm / norm)
+    else:
+        norm = delta.norm(dim=-1, keepdim=True)  # [n_hooks, 1]
+        delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
+
+
+def optimise_value(
+    objective: ValueObjective, progress: bool = False, desc: str = "value"
+) -> ValueResult:
+    """Adam on the δ of a one-hook objective, as ROME does it (:func:`optimise` without a
+    schedule); returns δ, v_0 and the trace.
+
+    Raises:
+        ValueError: the objective has several hooks (:func:`optimise` takes those).
+        FloatingPointError: a loss term or δ is NaN or inf (naming the term and the step);
+            the model is left as it was (its ``requires_grad`` flags restored).
+    """
+    if objective.stacked:
+        raise ValueError("optimise_value takes a one-hook objective (optimise: several hooks)")
+    return optimise(objective, progress=progress, desc=desc)[0]

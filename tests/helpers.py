@@ -24,6 +24,24 @@ def skip_if_cuda_here(case: str) -> None:
         pytest.skip("CUDA is available here: the error for a missing CUDA cannot happen")
 
 
+#: the request most tests edit (:func:`request` builds its variants)
+REQUEST = data.EditRequest(
+    subject="Eiffel Tower",
+    prompt="The Eiffel Tower is located in the city of",
+    target_true="Paris",
+    target_new="Rome",
+)
+#: the context templates of the editor tests: the bare prompt and two prefixes
+TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
+#: prefixes of different lengths, so that the cached prefixes need padding
+PADDED_TEMPLATES = (*TEMPLATES, "The the the the the the. {}")
+
+
+def request(**changes) -> data.EditRequest:
+    """:data:`REQUEST` with some fields changed, e.g. ``request(target_new="Tokyo")``."""
+    return dataclasses.replace(REQUEST, **changes)
+
+
 #: two requests edited together by the batch editors' tests (MEMIT, PMET, AlphaEdit)
 BATCH_REQUESTS = [
     data.EditRequest(
@@ -39,13 +57,7 @@ BATCH_REQUESTS = [
         target_new="London",
     ),
 ]
-BATCH_TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
-REQUEST = data.EditRequest(
-    subject="Eiffel Tower",
-    prompt="The Eiffel Tower is located in the city of",
-    target_true="Paris",
-    target_new="Rome",
-)
+BATCH_TEMPLATES = TEMPLATES
 
 
 def make_line(

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from attndrift import (
+    _io,
     cli,
     covariance,
     data,
@@ -49,16 +50,10 @@ from attndrift.editors import TemplateConfig
 from attndrift.models import embedded, loading
 from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig
-from tests.helpers import skip_if_cuda_here
+from tests.helpers import REQUEST, TEMPLATES, skip_if_cuda_here
 
 NAN, INF = math.nan, math.inf
-TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
-REQ = data.EditRequest(
-    subject="Eiffel Tower",
-    prompt="The Eiffel Tower is located in the city of",
-    target_true="Paris",
-    target_new="Rome",
-)
+REQ = REQUEST
 LONG_PROMPT = " ".join(["word"] * 2000) + " Paris is the capital of"
 #: a quick on-the-fly edit for the command line
 TINY = ["--model", "tiny-llama", "--device", "cpu"]
@@ -1255,7 +1250,7 @@ def _cache_not_writable(w: World, mp) -> None:
     def refuse(*args, dir=None, prefix="", **kwargs):
         raise PermissionError(13, "Permission denied", f"{dir}/{prefix}x1y2.tmp")
 
-    mp.setattr(loading.tempfile, "mkstemp", refuse)
+    mp.setattr(_io.tempfile, "mkstemp", refuse)
     loading.atomic_write(w.cache / "corpora" / "c.json", lambda tmp: tmp.write_text("[]"))
 
 
@@ -1490,8 +1485,8 @@ def test_non_finite_loss_stops_the_edit(world, monkeypatch):
     real = value.ValueObjective.__call__
     calls = []
 
-    def poisoned(self, delta):
-        terms = real(self, delta)
+    def poisoned(self, delta, **kwargs):
+        terms = real(self, delta, **kwargs)
         calls.append(1)
         if len(calls) == 2:  # the second step's KL term
             return dataclasses.replace(terms, kl=terms.kl * NAN)

@@ -4,15 +4,11 @@ import jaxtyping
 import pytest
 import torch
 
-from attndrift import data, encoding, models
+from attndrift import encoding, models
 from attndrift.edits import Edit, add_to_weights, applied, restored
+from tests.helpers import REQUEST
 
-REQ = data.EditRequest(
-    subject="Eiffel Tower",
-    prompt="The Eiffel Tower is located in the city of",
-    target_true="Paris",
-    target_new="Rome",
-)
+REQ = REQUEST
 
 
 def random_edit(model, layers=(1, 2), rank=2, seed=0, scale=0.5) -> Edit:

@@ -34,17 +34,13 @@ import torch
 from attndrift import cli, data, edits, memit, models, results, rome
 from attndrift.sadr import SadrConfig
 from attndrift.value import ValueConfig
+from tests.helpers import TEMPLATES, request
 
-TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
-REQ = data.EditRequest(
-    subject="Eiffel Tower",
-    prompt="The Eiffel Tower is located in",
-    target_true="Paris",
-    target_new="Rome",
-)
+REQ = request(prompt="The Eiffel Tower is located in")
 OTHER = data.EditRequest(
     subject="Louvre", prompt="The Louvre is in", target_true="Paris", target_new="Berlin"
 )
+
 DRAWS = {"rome": 80, "rome+sadr": 20, "memit": 50, "applied": 70}  # 220 draws in all
 
 

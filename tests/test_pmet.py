@@ -10,10 +10,9 @@ import torch
 
 from attndrift import data, editors, edits, encoding, models, pmet, sadr, setting, value
 from tests.helpers import BATCH_REQUESTS as REQS
-from tests.helpers import assert_same_run, hook_free
+from tests.helpers import PADDED_TEMPLATES, assert_same_run, hook_free
 
-# prefixes of different lengths, so that the cached prefixes need padding
-TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}", "The the the the the the. {}")
+TEMPLATES = PADDED_TEMPLATES
 
 
 def _cfg(model, **changes) -> pmet.PmetConfig:
@@ -85,11 +84,11 @@ def test_weight_decay_and_clamp_are_per_delta(tiny_llama):
 
 
 class _Recording(value.ValueObjective):
-    """The objective, recording ``greedy`` after each evaluation."""
+    """The objective, recording whether o_new led (``greedy``) at each evaluation."""
 
-    def __call__(self, delta):
-        terms = super().__call__(delta)
-        self.flags = [*getattr(self, "flags", []), bool(self.greedy)]
+    def __call__(self, delta, **kwargs):
+        terms = super().__call__(delta, **kwargs)
+        self.flags = [*getattr(self, "flags", []), bool(terms.greedy)]
         return terms
 
 

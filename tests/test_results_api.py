@@ -5,15 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from attndrift import data, drift, patching, rome, sadr, tracing
-from tests.helpers import NEW, PROMPT, PROMPTS, SUBJECTS, TRUE, edited
+from attndrift import drift, patching, rome, sadr, tracing
+from tests.helpers import NEW, PROMPT, PROMPTS, REQUEST, SUBJECTS, TRUE, edited
 
-REQ = data.EditRequest(
-    subject="Eiffel Tower",
-    prompt="The Eiffel Tower is located in the city of",
-    target_true="Paris",
-    target_new="Rome",
-)
+REQ = REQUEST
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from attndrift import cli
+from attndrift import cli, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"<!-- (attndrift summarize [^\n]*?) -->\n(.*?)<!-- end -->", re.S)
@@ -144,7 +144,7 @@ def test_markdown_cells_keep_their_pipes():
     import pandas as pd
 
     frame = pd.DataFrame({"ES": ["100.0 ± 0.0"]}, index=pd.Index(["rome|g=0|steps=25"], name="s"))
-    text = cli._markdown(frame)
+    text = summary.markdown(frame)
     assert "rome\\|g=0\\|steps=25" in text
     # every row has the same number of cell separators (| not preceded by a backslash)
     counts = {len(re.findall(r"(?<!\\)\|", row)) for row in text.splitlines()}

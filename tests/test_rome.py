@@ -4,14 +4,9 @@ import pytest
 import torch
 
 from attndrift import covariance, data, editors, edits, encoding, models, rome, sadr, scoring, value
+from tests.helpers import REQUEST, TEMPLATES
 
-REQ = data.EditRequest(
-    subject="Eiffel Tower",
-    prompt="The Eiffel Tower is located in the city of",
-    target_true="Paris",
-    target_new="Rome",
-)
-TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
+REQ = REQUEST
 
 
 def _cfg(model, **changes):

@@ -3,15 +3,10 @@ import dataclasses
 import pytest
 import torch
 
-from attndrift import data, metrics, models, rome, sadr, value
+from attndrift import metrics, models, rome, sadr, value
+from tests.helpers import REQUEST, TEMPLATES
 
-REQ = data.EditRequest(
-    subject="Eiffel Tower",
-    prompt="The Eiffel Tower is located in the city of",
-    target_true="Paris",
-    target_new="Rome",
-)
-TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
+REQ = REQUEST
 
 
 def _objective(model, sadr_cfg, layer=1, prefix_cache=True):

@@ -42,7 +42,9 @@ def test_setting_keys_and_validation():
     assert variant.sadr().variant == "queries=after_subject,relation_prompts"
     with pytest.raises(ValueError, match="sadr_gamma must be a finite number >= 0, got nan"):
         setting.Setting(sadr_gamma=float("nan"))
-    with pytest.raises(ValueError, match="layers applies to the memit editor"):
+    with pytest.raises(
+        ValueError, match="layers applies to the memit, pmet and alphaedit editors only"
+    ):
         setting.Setting(layers=(1, 2))
 
 
@@ -399,18 +401,22 @@ def test_a_batch_grid_optimises_each_target_once(tiny_llama, records, tmp_path, 
 
 
 def test_alphaedit_sequences_carry_the_previous_keys(tiny_llama, records, tmp_path, monkeypatch):
-    from attndrift import alphaedit
+    from attndrift import registry
 
     monkeypatch.setenv("ATTNDRIFT_CACHE", str(tmp_path / "cache"))
     s = setting.Setting("alphaedit", sequential=2, steps=3)
     states = []
-    real = alphaedit.edit_in_sequence
+    spec = registry.get("alphaedit")
+    real = spec.edit_in_sequence
 
     def spy(*args, **kwargs):
         states.append(kwargs.get("state"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(alphaedit, "edit_in_sequence", spy)
+    # the Editor calls the editor through its registry entry
+    monkeypatch.setitem(
+        registry._SPECS, "alphaedit", dataclasses.replace(spec, edit_in_sequence=spy)
+    )
     editor = setting.Editor(tiny_llama)
     snap = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
     with edits.restored(tiny_llama, s.config(tiny_llama).layers):

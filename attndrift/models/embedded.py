@@ -26,15 +26,15 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from attndrift.models.loading import (
+from attndrift._io import (
     CACHE_FILE_MODE,
     CACHE_FOLDER_MODE,
     PERMISSION_HINT,
-    build,
     cache_dir,
     cache_folder,
     is_regular,
 )
+from attndrift.models.building import build
 
 log = logging.getLogger(__name__)
 

@@ -16,141 +16,35 @@ BOS token before the prompt (``prepend_bos=True`` restores TransformerLens' defa
 models and SmolLM2 follow their tokenizers (Llama: BOS; SmolLM2: none).
 """
 
-import errno
-import hashlib
 import logging
-import os
-import stat
-import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformers import PreTrainedTokenizerBase
+from transformer_lens import HookedTransformer
+
+# the cache helpers and the builder, here too under their former home's names
+from attndrift._io import (  # noqa: F401
+    CACHE_FILE_MODE,
+    CACHE_FOLDER_MODE,
+    PERMISSION_HINT,
+    atomic_write,
+    cache_dir,
+    cache_folder,
+    is_regular,
+    read_cache_bytes,
+)
+from attndrift.models.building import (  # noqa: F401
+    build,
+    fast_layout,
+    fingerprint,
+    quiet_tl_deprecation,
+)
 
 log = logging.getLogger(__name__)
 
 #: architectures whose published editing code feeds prompts without a BOS token
 NO_BOS_ARCHITECTURES = ("GPT2LMHeadModel", "GPTJForCausalLM")
-
-
-def fingerprint(model: HookedTransformer) -> str:
-    """Hash of the model's name and of every byte of every parameter (sha256, ~0.5 s for 135M).
-
-    Identifies the weights that produced a cached statistic, an edit or a result line: any
-    changed element changes it. The values are hashed in their logical order, whatever the
-    layout. The hash is remembered on the model until a parameter changes (PyTorch counts
-    every in-place change of a tensor; a replaced tensor has a new address).
-    """
-    params = list(model.named_parameters())
-    state = (model.cfg.model_name, *((p.data_ptr(), p._version, p.dtype) for _, p in params))
-    cached = model.__dict__.get("_attndrift_fingerprint")
-    if cached is not None and cached[0] == state:
-        return cached[1]
-    h = hashlib.sha256(model.cfg.model_name.encode())
-    with torch.no_grad():
-        for name, p in params:
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            h.update(memoryview(p.detach().cpu().contiguous().view(torch.uint8).numpy()))
-    value = h.hexdigest()[:16]
-    model.__dict__["_attndrift_fingerprint"] = (state, value)
-    return value
-
-
-def cache_dir() -> Path:
-    """Where attndrift caches converted weights and statistics.
-
-    ``$ATTNDRIFT_CACHE`` if set, else ``$XDG_CACHE_HOME/attndrift``, else
-    ``~/.cache/attndrift``.
-    """
-    if env := os.environ.get("ATTNDRIFT_CACHE"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "attndrift"
-
-
-#: a shared cache: files readable by every user, folders readable and searchable
-CACHE_FILE_MODE, CACHE_FOLDER_MODE = 0o644, 0o755
-PERMISSION_HINT = (
-    "Permission denied (a cache of another user? set ATTNDRIFT_CACHE to a folder of yours)"
-)
-
-
-def is_regular(path: Path) -> bool:
-    """Whether ``path`` is a regular file (following links): a FIFO or a device in place of
-    a cache file would block a reader, or never end."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
-def read_cache_bytes(path: Path) -> bytes:
-    """The bytes of a cache file; a ValueError if it is not a regular file, a PermissionError
-    that names the file."""
-    if not is_regular(path):
-        raise ValueError(f"{path} is not a regular file")
-    try:
-        return path.read_bytes()
-    except PermissionError:
-        raise PermissionError(errno.EACCES, PERMISSION_HINT, str(path)) from None
-
-
-def cache_folder(path: Path) -> Path:
-    """``mkdir -p path``, the folders it creates with mode 0755 (whatever the umask), so
-    that a cache shared by several users stays readable; an error names the folder."""
-    for folder in [*reversed(path.parents), path]:
-        if folder.is_dir():
-            continue
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            if not folder.is_dir():
-                raise NotADirectoryError(
-                    errno.ENOTDIR, "is not a directory (it is in the cache's way)", str(folder)
-                ) from None
-            continue
-        except PermissionError:
-            raise PermissionError(errno.EACCES, PERMISSION_HINT, str(folder)) from None
-        folder.chmod(CACHE_FOLDER_MODE)
-    return path
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """Write a cache file: ``write(tmp)`` fills a temporary file beside ``path`` (unique: pid
-    and a random suffix), which is then fsynced and moved into place with ``os.replace``.
-
-    Readers see the old file or the new one, never a partial one; concurrent writers (e.g.
-    torchrun ranks filling the same cache) do not collide. The file gets mode 0644, new
-    folders 0755; an error (permissions, a full disk) names ``path``. Returns ``path``.
-    """
-    cache_folder(path.parent)
-    tmp = None
-    try:
-        fd, name = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
-        )
-        os.close(fd)
-        tmp = Path(name)
-        write(tmp)
-        os.chmod(tmp, CACHE_FILE_MODE)  # mkstemp's 0o600 would hide a shared cache
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # the temporary file's name would say nothing to the user
-        if e.filename is not None and not Path(str(e.filename)).name.startswith(f".{path.name}."):
-            raise
-        text = PERMISSION_HINT if isinstance(e, PermissionError) else e.strerror or str(e)
-        raise type(e)(e.errno, text, str(path)) from None
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-    return path
 
 
 def default_device() -> str:
@@ -179,14 +73,6 @@ def _checked_device(device: str | torch.device | None) -> str:
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: MPS is not available on this machine")
     return name
-
-
-@contextmanager
-def quiet_tl_deprecation() -> Iterator[None]:
-    """Silence TransformerLens 3.9's deprecation notice (attndrift pins < 4 on purpose)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="HookedTransformer.* deprecated")
-        yield
 
 
 def load_model(
@@ -266,54 +152,3 @@ def _load_local_hf(path: Path, device: str, dtype: torch.dtype) -> HookedTransfo
     state = loading.get_pretrained_state_dict(str(path), cfg, hf, dtype=dtype)
     del hf
     return build(cfg, tokenizer, state, device, dtype)
-
-
-def build(
-    cfg: HookedTransformerConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    state: dict[str, Tensor],
-    device: str,
-    dtype: torch.dtype,
-) -> HookedTransformer:
-    with quiet_tl_deprecation():
-        model = HookedTransformer(
-            cfg, tokenizer, move_to_device=False, default_padding_side="right"
-        )
-    model.load_and_process_state_dict(
-        state,
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-        refactor_factored_attn_matrices=False,
-    )
-    model.move_model_modules_to_device()  # follows cfg.device (and n_devices)
-    return fast_layout(model)
-
-
-def _store_permuted(p: torch.nn.Parameter, order: tuple[int, ...]) -> None:
-    """Keep ``p``'s values but lay its memory out in axis order ``order``."""
-    inverse = tuple(order.index(i) for i in range(len(order)))
-    p.data = p.data.permute(*order).contiguous().permute(*inverse)
-
-
-def fast_layout(model: HookedTransformer) -> HookedTransformer:
-    """Store weights in the memory layout TransformerLens' kernels read, in place.
-
-    TransformerLens 3.9 computes ``W.T.contiguous()`` (gated MLP, unembed) or
-    ``rearrange(W, ...)`` + reshape (attention Q and O) on every forward, which copies each
-    weight matrix each time: 70 % of a SmolLM2 forward on CPU. Storing those parameters
-    transposed makes the copies no-ops. Values, shapes and results are unchanged (bit-identical
-    logits, tested); only strides differ. Returns ``model``.
-    """
-    for block in model.blocks:
-        if model.cfg.gated_mlp:
-            for name in ("W_in", "W_gate", "W_out"):
-                _store_permuted(getattr(block.mlp, name), (1, 0))
-        _store_permuted(block.attn.W_Q, (0, 2, 1))
-        if model.cfg.n_key_value_heads is None:
-            _store_permuted(block.attn.W_K, (0, 2, 1))
-            _store_permuted(block.attn.W_V, (0, 2, 1))
-        _store_permuted(block.attn.W_O, (2, 0, 1))
-    _store_permuted(model.unembed.W_U, (1, 0))
-    return model

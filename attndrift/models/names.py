@@ -52,6 +52,11 @@ def resid_post_hook(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
+def in_block(hook: str, layer: int) -> bool:
+    """Whether the hook point ``hook`` lies inside block ``layer``."""
+    return hook.startswith(f"blocks.{layer}.")
+
+
 def mlp_out_weight(model: HookedTransformer, layer: int) -> torch.nn.Parameter:
     """``W_out`` of the MLP of ``layer``, shape ``[d_mlp, d_model]`` (out = key @ W_out + b_out)."""
     check_layer(model, layer)

@@ -11,7 +11,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
-from attndrift.models.loading import fast_layout, quiet_tl_deprecation
+from attndrift.models.building import fast_layout, quiet_tl_deprecation
 
 TinyArch = Literal["gpt2", "gptj", "llama"]
 TINY_ARCHS: tuple[TinyArch, ...] = ("gpt2", "gptj", "llama")
