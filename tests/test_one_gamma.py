@@ -1,6 +1,7 @@
 """One γ: SmolLM2's SADR setting is written once, in its preset (``attndrift.sadr``); the
-README, the demo and the notebooks take it from there, and any other γ they write is explained
-where it stands (the paper's GPT-J setting) or is 0 (no SADR)."""
+README, the demo and the notebooks take it from there, and any other γ they write is one of the
+embedded model's presets (a results table names the setting it shows), explained where it stands
+(the paper's GPT-J setting) or is 0 (no SADR)."""
 
 import json
 import re
@@ -34,17 +35,25 @@ def blocks() -> list[tuple[str, str]]:
     return out
 
 
+#: the embedded model's SADR presets, one per editor
+PRESET_GAMMAS = {sadr.preset(models.EMBEDDED_MODEL, e).gamma for e in sadr.PRESETS}
+
+
 def unexplained(text: str) -> list[str]:
-    """The γ literals of a block that are neither 0 nor explained in the block."""
+    """The γ literals of a block that are neither 0, an embedded preset nor explained there."""
     found = [
-        v.strip() for m in LITERAL.finditer(text) for v in m.group(1).split(",") if float(v) != 0
+        v.strip()
+        for m in LITERAL.finditer(text)
+        for v in m.group(1).split(",")
+        if float(v) != 0 and float(v) not in PRESET_GAMMAS
     ]
     return [] if EXPLAINED.search(text) else found
 
 
 def test_the_checker_finds_what_it_should():
     assert unexplained("edit = ad.rome.edit(model, r, sadr=ad.SadrConfig(gamma=0.2))") == ["0.2"]
-    assert unexplained("ROME+SADR (γ = 0.05) at 80 steps") == ["0.05"]
+    assert unexplained("ROME+SADR (γ = 0.2) at 80 steps") == ["0.2"]
+    assert unexplained("ROME+SADR (γ = 0.05) at 80 steps") == []  # the embedded preset
     assert unexplained("attndrift sweep --sadr-gamma 0,0.2 --out x") == ["0.2"]
     assert unexplained("settings: rome|g=0.2|steps=80") == ["0.2"]
     assert unexplained("SadrConfig(0.5)") == ["0.5"]
