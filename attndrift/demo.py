@@ -310,7 +310,7 @@ class Findings:
     wrong: dict[str, int]  # per model: how many of them answer o_new (P(o_new) > P(o_true))
     paraphrases: int  # the record's paraphrase (PS) probes
     kept: dict[str, int]  # per edit: how many paraphrases answer o_new
-    p_vanilla: float  # the chosen probe's first-token P(o_true), unedited
+    p_vanilla: float  # the chosen probe's first-token P(right answer), unedited
     p_edited: float  # … under ROME
     attention: float  # recovery when the last token's attention is restored after the edit
     attention_layers: tuple[int, int]  # … in these layers (first, last)
@@ -368,7 +368,8 @@ def sentences(result: DemoResult) -> list[str]:
         f"{result.edits['ROME'].layers[0]}; afterwards {f.wrong['ROME']} of the record's "
         f"{f.n} {kinds} answer {r.target_new!r} ({p_new}), against "
         f"{f.wrong['unedited']} of {f.n} before the edit.",
-        f"On the one ROME breaks most, {result.probe.prompt!r}, P({r.target_true!r}) falls from "
+        f"On the one ROME breaks most, {result.probe.prompt!r}, P({result.probe.right!r}) falls "
+        f"from "
         f"{f.p_vanilla:.3f} to {f.p_edited:.3f}; restoring the vanilla attention pattern rows "
         f"of the last token in {span} (every layer after the edited one) recovers "
         f"{_percent(f.attention)} of that fall, and the best single MLP output (layer "

@@ -33,6 +33,7 @@ def test_demo_writes_report_and_summary(tmp_path, capsys):
     # the probe: chosen by the written rule, marked in its table, patched
     probe = info["probe"]
     assert probe["kind"] in ("DNS", "RS") and probe["record"] == demo.RECORD
+    assert f"P({probe['right']!r}) falls from" in sentences[1]  # the probe's own right answer
     assert "chosen by a written rule" in page
     assert f"<td class='wrap'>{html.escape(probe['prompt'])}</td>" in page
     # the patching figure: a normalised recovery with its baselines, the component named right
