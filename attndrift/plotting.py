@@ -1029,7 +1029,12 @@ def strength(frame, title: str = "", metrics: Sequence[str] = ("PS", "RS", "DNS"
                 name=name,
                 legendgroup=name,
                 showlegend=show,
-                marker={"color": colour, "symbol": marker, "size": 10},
+                # the plain curve in the metric's colour, the variants' points in grey
+                marker={
+                    "color": colour if mode != "markers" else "#444",
+                    "symbol": marker,
+                    "size": 10,
+                },
                 line={"color": colour},
                 error_y={
                     "type": "data",
@@ -1064,8 +1069,6 @@ def strength(frame, title: str = "", metrics: Sequence[str] = ("PS", "RS", "DNS"
         width=1100,
         height=460,
     )
-    for trace_ in fig.data:
-        trace_.marker.color = "#444" if trace_.mode == "markers" else trace_.marker.color
     return style(fig)
 
 

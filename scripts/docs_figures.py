@@ -138,21 +138,14 @@ EDITORS = Lines(
 )  # fmt: skip
 
 
-#: the settings' names in the figures
-NAMES = {
-    "rome|g=0|steps=80": "ROME", "rome|g=0.05|steps=80": "ROME+SADR (γ 0.05)",
-    "memit|g=0": "MEMIT", "memit|g=0.025": "MEMIT+SADR (γ 0.025)", "alphaedit|g=0": "AlphaEdit",
-    "alphaedit|g=0.025": "AlphaEdit+SADR (γ 0.025)", "pmet|g=0": "PMET",
-    "pmet|g=0.4": "PMET+SADR (γ 0.4)",
-}  # fmt: skip
-
-
 def editors(lines: Lines, title: str) -> Callable[[], list]:
     """Every editor as one point: PS against the harmonic mean of RS and DNS."""
 
     def draw() -> list:
-        frame = summary.tradeoff(lines.load())
-        frame["setting"] = [NAMES.get(k, k) for k in frame["setting"]]
+        loaded = lines.load()
+        settings = {line.setting.key: line.setting for line in loaded}
+        frame = summary.tradeoff(loaded)
+        frame["setting"] = [summary.label(settings[k]) for k in frame["setting"]]
         fig = plotting.tradeoff_map(frame, title=title)
         return [fig.update_layout(width=1000, height=650)]
 
