@@ -275,6 +275,213 @@ def fill(template: str, prompt: str) -> str:
     return template.replace("{}", prompt, 1)
 
 
+@dataclass(frozen=True)
+class _Start:
+    """The step batch before any step: its tokens (and attention mask and prefix cache, when
+    prefix-cached), the residual the steps start from, and v_0."""
+
+    tokens: Tensor  # [row, pos], or [row, width + n]: the prefix columns, then the suffix
+    mask: Tensor | None  # [row, width + n], 1 on real tokens (prefix-cached only)
+    cache: object | None  # the rows' frozen prefix cache (prefix-cached only)
+    resid: Tensor  # [row, pos, d_model]: what the steps start from
+    init: Tensor  # v_0 ([d_model], or [n_hooks, d_model])
+    q_shift: list[int]  # per row: query positions of the step batch = prompt positions - this
+    k_shift: list[int]  # per row: key positions of the step batch = prompt positions + this
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, positions) every step runs."""
+        return tuple(self.resid.shape[:2])
+
+
+def _start_full(model, rows: _Rows, layer: int, hook_names: Sequence[str], stacked: bool):
+    """Reference: every position of every row runs from layer L at each step."""
+    device = models.model_device(model)
+    subject_last = torch.tensor(rows.subject_last, device=device)
+    tokens = encoding.pad(model, rows.ids)
+    # blocks before `layer` do not depend on delta: run them once, start there later
+    resid = model(tokens, stop_at_layer=layer)
+    at = capture.Select(1, subject_last[:, None])
+    kept = capture.record(model, tokens, {n: at for n in hook_names}, stop_at_layer=layer + 1)
+    init = [kept[n][0, 0].to(device) for n in hook_names]  # row 0 ("{}") at s_0
+    zero = [0] * len(rows.ids)
+    return _Start(tokens, None, None, resid, _precise(_stack(init, stacked)), zero, zero)
+
+
+def _start_suffix(model, rows: _Rows, layer: int, hook_names: Sequence[str], stacked: bool):
+    """Cache each row's prefix (positions < s_j) and run the rest up to layer L. The prefix
+    is left-padded so that row j's s_j lands in column ``width``; the suffix is right-padded."""
+    device, pad = models.model_device(model), models.pad_id(model)
+    subject_last = rows.subject_last
+    width = max(subject_last)
+    suffixes = [r[s:] for r, s in zip(rows.ids, subject_last, strict=True)]
+    n = max(len(x) for x in suffixes)
+    prefix = [
+        [pad] * (width - s) + list(r[:s]) for r, s in zip(rows.ids, subject_last, strict=True)
+    ]
+    suffix = [list(x) + [pad] * (n - len(x)) for x in suffixes]
+    mask = [
+        [0] * (width - s) + [1] * (s + len(x)) + [0] * (n - len(x))
+        for s, x in zip(subject_last, suffixes, strict=True)
+    ]
+    tokens = torch.tensor([p + x for p, x in zip(prefix, suffix, strict=True)]).to(device)
+    mask = torch.tensor(mask, device=device)  # [row, width + n]
+    cache = models.prefix_cache(model, tokens[:, :width], mask[:, :width])
+    # one hook: the residual after block L at s_j onwards, delta adds to it from here on;
+    # several: the residual entering block L (the steps run block L with the deltas' hooks)
+    entering = models.resid_pre_hook(layer)
+    names = (*hook_names, entering) if stacked else hook_names
+    rec = capture.Recorder(dict.fromkeys(names))
+    after = models.resid_after_prefix(
+        model, tokens[:, width:], cache, mask[:, width:], layer + 1, rec.hooks
+    )
+    kept = rec.values()
+    resid = kept[entering].clone() if stacked else after  # [row, n, d_model]
+    # row 0 ("{}") at its s_j, the first position that runs: v_0 / z_0
+    init = [kept[name][0, 0].clone().to(device) for name in hook_names]
+    # step coordinates: queries start at s_j, keys are shifted by width - s_j
+    k_shift = [width - x for x in subject_last]
+    return _Start(
+        tokens, mask, cache, resid, _precise(_stack(init, stacked)), subject_last, k_shift
+    )
+
+
+def _stack(init: list[Tensor], stacked: bool) -> Tensor:
+    return torch.stack(init) if stacked else init[0]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where δ goes and where each loss term reads the step batch (row, position): the NLL's
+    target positions, the relation prompts' last tokens, the answer rows (the off-target
+    prompts' o_new, then the edit prompt's o_true)."""
+
+    delta_pos: Tensor  # [row]: s_j
+    onehot: Tensor  # [row, pos]: 1 at (row, s_j), where δ adds
+    query: Tensor  # [prompt]: t_j of each rewriting prompt
+    nll_rows: Tensor  # the NLL's (row, position, o_new token) of each target token
+    nll_pos: Tensor
+    nll_target: Tensor
+    relation_rows: Tensor  # the relation prompts' rows and last tokens
+    relation_query: Tensor
+    answer_rows: Tensor  # each answer token's (row, position, token, answer row)
+    answer_pos: Tensor
+    answer_target: Tensor
+    answer_of: Tensor
+    n_answers: int
+
+    @classmethod
+    def place(cls, rows: _Rows, start: _Start, target, true_target, dtype, device) -> "_Layout":
+        n_rows, width = start.shape
+        s = [x - q for x, q in zip(rows.subject_last, start.q_shift, strict=True)]
+        delta_pos = torch.tensor(s, device=device)
+        onehot = torch.zeros(n_rows, width, device=device, dtype=dtype)
+        onehot[torch.arange(n_rows, device=device), delta_pos] = 1.0
+        # t_j, then the positions predicting o_new's tokens in the rewriting rows
+        t = [x - q for x, q in zip(rows.prompt_last, start.q_shift, strict=True)]
+        query = torch.tensor(t[: rows.n_rewrite], device=device)
+        n_t = len(target)
+        answers = [(j, target) for j in rows.offtarget_rows]
+        if rows.true_row is not None:
+            answers.append((rows.true_row, true_target))
+        where = [(j, t[j] + i, tok, a) for a, (j, ans) in enumerate(answers)
+                 for i, tok in enumerate(ans)]  # fmt: skip
+        answer_rows, answer_pos, answer_target, answer_of = (
+            torch.tensor([w[k] for w in where], device=device, dtype=torch.long) for k in range(4)
+        )
+        return cls(
+            delta_pos=delta_pos,
+            onehot=onehot,
+            query=query,
+            nll_rows=torch.arange(rows.n_rewrite, device=device).repeat_interleave(n_t),
+            nll_pos=(query[:, None] + torch.arange(n_t, device=device)).flatten(),
+            nll_target=torch.tensor(target, device=device).repeat(rows.n_rewrite),
+            relation_rows=torch.tensor(rows.relation_rows, device=device, dtype=torch.long),
+            relation_query=torch.tensor(
+                [t[j] for j in rows.relation_rows], device=device, dtype=torch.long
+            ),
+            answer_rows=answer_rows,
+            answer_pos=answer_pos,
+            answer_target=answer_target,
+            answer_of=answer_of,
+            n_answers=len(answers),
+        )
+
+    def read_positions(self, essence_row: int) -> tuple[Tensor, Tensor]:
+        """(rows, positions) whose final hidden states a loss term reads: the NLL's target
+        positions, the essence row at s_j, the relation prompts' last tokens and the answer
+        rows' positions. A new term that reads the hidden states elsewhere adds them here."""
+        essence = torch.tensor([essence_row], device=self.delta_pos.device)
+        rows = torch.cat([self.nll_rows, essence, self.relation_rows, self.answer_rows])
+        pos = torch.cat(
+            [self.nll_pos, self.delta_pos[essence], self.relation_query, self.answer_pos]
+        )
+        return rows, pos
+
+
+@dataclass(frozen=True)
+class _SadrRows:
+    """The rows SADR restrains: their query positions (padded, with weights summing to 1 per
+    prompt) and subject keys, in step-batch coordinates."""
+
+    rows: Tensor  # [prompt]: rows of the step batch
+    query: Tensor  # [prompt, query]
+    weight: Tensor  # [prompt, query]
+    subject: Tensor  # [prompt, key] bool: the subject's keys (the cached prefix's columns too)
+
+    @classmethod
+    def place(cls, rows: _Rows, cfg: sadr.SadrConfig, start: _Start, device) -> "_SadrRows":
+        queries, keys = [], []
+        for j in rows.sadr_rows:
+            first, last, t = rows.subject_first[j], rows.subject_last[j], rows.prompt_last[j]
+            q = [t] if cfg.queries == "last" else list(range(last + 1, t + 1)) or [t]
+            queries.append([x - start.q_shift[j] for x in q])
+            k = [last] if cfg.keys == "subject_last" else list(range(first, last + 1))
+            keys.append([x + start.k_shift[j] for x in k])
+        n_q = max(len(q) for q in queries)
+        n_keys = start.tokens.shape[1]  # every key: the cached prefix (padded) and the rest
+        subject = torch.zeros(len(keys), n_keys, dtype=torch.bool, device=device)
+        for i, k in enumerate(keys):
+            subject[i, k] = True
+        return cls(
+            rows=torch.tensor(rows.sadr_rows, device=device, dtype=torch.long),
+            query=torch.tensor([q + q[:1] * (n_q - len(q)) for q in queries], device=device),
+            weight=torch.tensor(
+                [[1 / len(q)] * len(q) + [0.0] * (n_q - len(q)) for q in queries], device=device
+            ),  # [prompt, query]: each prompt's rows sum to 1
+            subject=subject,
+        )
+
+
+def _kl(logp: Tensor, logp0: Tensor) -> Tensor:
+    """KL(p ‖ p_0) over the last axis, from log-probabilities."""
+    return (logp.exp() * (logp - logp0)).sum(-1)
+
+
+def _nll(logits: Tensor, layout: _Layout, n_rewrite: int) -> tuple[Tensor, Tensor]:
+    """Per rewriting prompt, the mean NLL of o_new's tokens (``[prompt]``), and whether o_new's
+    token is the argmax (ties count) at every target position (a detached bool)."""
+    token_nll = torch.nn.functional.cross_entropy(logits, layout.nll_target, reduction="none")
+    per_prompt = token_nll.view(n_rewrite, -1).mean(1)
+    with torch.no_grad():
+        target_logit = logits.gather(1, layout.nll_target[:, None])[:, 0]
+        greedy = (target_logit >= logits.max(-1).values).all()
+    return per_prompt, greedy
+
+
+def _weight_decay(factor: float, delta: Tensor, init: Tensor, stacked: bool) -> Tensor:
+    """``factor`` · ‖δ‖ / ‖v_0‖² (several deltas: the sum of one such term per δ, each against
+    its own v_0)."""
+    if stacked:
+        return factor * (delta.norm(dim=-1) / init.norm(dim=-1) ** 2).sum()
+    return factor * delta.norm() / init.norm() ** 2
+
+
+def _hinge(lp: Tensor, lp0: Tensor) -> Tensor:
+    """The off-target hinge: the mean rise of log P(o_new) over the off-target prompts."""
+    return torch.relu(lp - lp0).mean()
+
+
 class ValueObjective:
     """L(δ) for one request, hook point and template set; see the module docstring.
 
@@ -357,18 +564,18 @@ class ValueObjective:
         self.n_rewrite = rows.n_rewrite
         self.sadr_layers = list(range(layer + 1, model.cfg.n_layers))
         self.device = device = models.model_device(model)
-        s = torch.tensor(rows.subject_last, device=device)  # [row] s_j in the prompt
+        begin = _start_suffix if cfg.prefix_cache else _start_full
         with torch.no_grad():
-            if cfg.prefix_cache:
-                width = int(s.max())  # prefix columns: row j's s_j lands in column `width`
-                self._start_suffix(rows.ids, rows.subject_last, width)
-                # step coordinates: queries start at s_j, keys are shifted by width - s_j
-                q_shift, k_shift = rows.subject_last, [width - x for x in rows.subject_last]
-            else:
-                self._start_full(rows.ids, s)
-                q_shift = k_shift = [0] * len(rows.ids)
-        self._place(q_shift, k_shift)
-        with torch.no_grad():
+            self.start = begin(model, rows, layer, self.hook_names, self.stacked)
+        self.lean_allowed = cfg.prefix_cache and _LEAN[0]  # see hooked_forward
+        self.init = self.start.init
+        self.layout = _Layout.place(
+            rows, self.start, self.target, self.true_target, model.cfg.dtype, device
+        )
+        self.sadr = (
+            None if sadr_cfg is None else _SadrRows.place(rows, sadr_cfg, self.start, device)
+        )
+        with torch.no_grad():  # the references at δ = 0
             shape = (len(self.hook_names), model.cfg.d_model) if self.stacked else model.cfg.d_model
             zero = torch.zeros(shape, device=device, dtype=model.cfg.dtype)
             hidden, rows_now = self._forward(zero)
@@ -377,6 +584,11 @@ class ValueObjective:
             self.vanilla_rows = rows_now  # [prompt, layer, head, query, key] at delta = 0
             # the off-target prompts' log P(o_new) at delta = 0 (the hinge's reference)
             self.offtarget_lp0 = self._answer_logp(hidden)[: len(rows.offtarget_rows)]
+
+    @property
+    def step_shape(self) -> tuple[int, int]:
+        """(rows, positions) every step runs."""
+        return self.start.shape
 
     def _check_block_hooks(self, layer: int) -> None:
         """Several deltas: distinct hooks, each inside block ``layer`` (the steps start there)."""
@@ -387,114 +599,6 @@ class ValueObjective:
         if outside:
             raise ValueError(f"hooks {outside} are not in block {layer}: one δ per hook of a block")
 
-    def _place(self, q_shift: list[int], k_shift: list[int]) -> None:
-        """Where δ goes, what the NLL reads and which attention SADR restrains, in the
-        coordinates of the batch each step runs (query positions minus ``q_shift``, key
-        positions plus ``k_shift``, per row)."""
-        rows, device = self.rows, self.device
-        n_rows, width = self.step_shape
-        s = [x - q for x, q in zip(rows.subject_last, q_shift, strict=True)]
-        self.delta_pos = torch.tensor(s, device=device)  # [row]: s_j
-        # delta goes to (row, delta_pos[row]) of every row: [row, pos]
-        self.onehot = torch.zeros(n_rows, width, device=device, dtype=self.model.cfg.dtype)
-        self.onehot[torch.arange(n_rows, device=device), self.delta_pos] = 1.0
-        # t_j, then the positions predicting o_new's tokens in the rewriting rows
-        t = [x - q for x, q in zip(rows.prompt_last, q_shift, strict=True)]
-        self.query = torch.tensor(t[: self.n_rewrite], device=device)  # [prompt]
-        n_t = len(self.target)
-        self.nll_rows = torch.arange(self.n_rewrite, device=device).repeat_interleave(n_t)
-        self.nll_pos = (self.query[:, None] + torch.arange(n_t, device=device)).flatten()
-        self.nll_target = torch.tensor(self.target, device=device).repeat(self.n_rewrite)
-        # the relation prompts' last tokens (the relation KL term reads them)
-        self.relation_rows = torch.tensor(rows.relation_rows, device=device, dtype=torch.long)
-        # the answer rows (off-target prompts, then the o_true row): each position predicting
-        # one answer token, the token, and which answer row it belongs to
-        answers = [(j, self.target) for j in rows.offtarget_rows]
-        if rows.true_row is not None:
-            answers.append((rows.true_row, self.true_target))
-        where = [(j, t[j] + i, tok, a) for a, (j, ans) in enumerate(answers)
-                 for i, tok in enumerate(ans)]  # fmt: skip
-        self.n_answers = len(answers)
-        self.answer_rows, self.answer_pos, self.answer_target, self.answer_of = (
-            torch.tensor([w[k] for w in where], device=device, dtype=torch.long) for k in range(4)
-        )
-        self.relation_query = torch.tensor(
-            [t[j] for j in rows.relation_rows], device=device, dtype=torch.long
-        )
-        if self.sadr_cfg is not None:
-            self._place_sadr(q_shift, k_shift)
-
-    def _place_sadr(self, q_shift: list[int], k_shift: list[int]) -> None:
-        """SADR's query rows (padded, with weights) and subject keys for its prompts."""
-        rows, cfg, device = self.rows, self.sadr_cfg, self.device
-        queries, keys = [], []
-        for j in rows.sadr_rows:
-            first, last, t = rows.subject_first[j], rows.subject_last[j], rows.prompt_last[j]
-            q = [t] if cfg.queries == "last" else list(range(last + 1, t + 1)) or [t]
-            queries.append([x - q_shift[j] for x in q])
-            k = [last] if cfg.keys == "subject_last" else list(range(first, last + 1))
-            keys.append([x + k_shift[j] for x in k])
-        n_q = max(len(q) for q in queries)
-        self.sadr_query = torch.tensor([q + q[:1] * (n_q - len(q)) for q in queries], device=device)
-        self.sadr_weight = torch.tensor(
-            [[1 / len(q)] * len(q) + [0.0] * (n_q - len(q)) for q in queries], device=device
-        )  # [prompt, query]: each prompt's rows sum to 1
-        n_keys = self.tokens.shape[1]  # every key: the cached prefix (padded) and the rest
-        self.sadr_subject = torch.zeros(len(keys), n_keys, dtype=torch.bool, device=device)
-        for i, k in enumerate(keys):
-            self.sadr_subject[i, k] = True
-
-    def _start_full(self, rows: list, subject_last: Tensor) -> None:
-        """Reference: every position of every row runs from layer L at each step."""
-        self.tokens = encoding.pad(self.model, rows)
-        # blocks before `layer` do not depend on delta: run them once, start there later
-        self.start = self.model(self.tokens, stop_at_layer=self.layer)
-        self.step_shape = tuple(self.tokens.shape)
-        at = capture.Select(1, subject_last[:, None])
-        kept = capture.record(
-            self.model, self.tokens, {n: at for n in self.hook_names}, stop_at_layer=self.layer + 1
-        )
-        init = [kept[n][0, 0].to(self.device) for n in self.hook_names]  # row 0 ("{}") at s_0
-        self.init = _precise(torch.stack(init) if self.stacked else init[0])  # [n_hooks,] d_model
-
-    def _start_suffix(self, rows: list, subject_last: list[int], width: int) -> None:
-        """Cache each row's prefix (positions < s_j) and run the rest up to layer L."""
-        model, pad = self.model, models.pad_id(self.model)
-        suffixes = [r[s:] for r, s in zip(rows, subject_last, strict=True)]
-        n = max(len(x) for x in suffixes)
-        prefix = [
-            [pad] * (width - s) + list(r[:s]) for r, s in zip(rows, subject_last, strict=True)
-        ]
-        suffix = [list(x) + [pad] * (n - len(x)) for x in suffixes]
-        mask = [
-            [0] * (width - s) + [1] * (s + len(x)) + [0] * (n - len(x))
-            for s, x in zip(subject_last, suffixes, strict=True)
-        ]
-        tokens = torch.tensor([p + x for p, x in zip(prefix, suffix, strict=True)])
-        self.tokens = tokens.to(self.device)  # [row, width + n]: the layout of every step
-        self.mask = torch.tensor(mask, device=self.device)  # [row, width + n]
-        self.cache = models.prefix_cache(model, self.tokens[:, :width], self.mask[:, :width])
-        self.lean_allowed = _LEAN[0]  # the steps may run the lean forward (hooked_forward)
-        # one hook: the residual after block L at s_j onwards, delta adds to it from here on;
-        # several: the residual entering block L (the steps run block L with the deltas' hooks)
-        entering = models.resid_pre_hook(self.layer)
-        names = (*self.hook_names, entering) if self.stacked else self.hook_names
-        rec = capture.Recorder(dict.fromkeys(names))
-        after = models.resid_after_prefix(
-            model,
-            self.tokens[:, width:],
-            self.cache,
-            self.mask[:, width:],
-            self.layer + 1,
-            rec.hooks,
-        )
-        kept = rec.values()
-        self.start = kept[entering].clone() if self.stacked else after  # [row, n, d_model]
-        # row 0 ("{}") at its s_j, the first position that runs: v_0 / z_0
-        init = [kept[n][0, 0].clone().to(self.device) for n in self.hook_names]
-        self.init = _precise(torch.stack(init) if self.stacked else init[0])  # [n_hooks,] d_model
-        self.step_shape = tuple(self.start.shape[:2])
-
     def _forward(self, delta: Tensor) -> tuple[Tensor, Tensor | None]:
         """Final hidden states of the step batch at ``delta``, and SADR's attention rows.
 
@@ -504,39 +608,41 @@ class ValueObjective:
         positions :meth:`_read_positions` names; the others are NaN, so that a loss term
         reading a position not named there fails at once (``check_finite``).
         """
+        start, onehot = self.start, self.layout.onehot
+        restrained = self.sadr is not None and self.sadr_layers
         lean = self._lean_forward() if self.prefix_cached and not self.stacked else None
         if lean is not None:
-            resid = self.start + (self.onehot[:, :, None] * delta).to(self.start.dtype)
-            if self.sadr_cfg is not None and self.sadr_layers:
-                hidden, rows = lean(resid, self.sadr_rows_t, self.sadr_query)
+            resid = start.resid + (onehot[:, :, None] * delta).to(start.resid.dtype)
+            if restrained:
+                hidden, rows = lean(resid, self.sadr.rows, self.sadr.query)
             else:
                 hidden, rows = lean(resid)
             return hidden.to(self.device), None if rows is None else _precise(rows)
         hooks, rec = [], None
-        if self.sadr_cfg is not None and self.sadr_layers:
+        if restrained:
             # SADR's query rows of its prompts (other rows pick position 0, unused)
-            query = self.sadr_query.new_zeros(self.step_shape[0], self.sadr_query.shape[1])
-            query[self.rows.sadr_rows] = self.sadr_query  # [row, query]
+            query = self.sadr.query.new_zeros(self.step_shape[0], self.sadr.query.shape[1])
+            query[self.sadr.rows] = self.sadr.query  # [row, query]
             at = capture.Select(2, query)
             rec = capture.Recorder(
                 {models.pattern_hook(layer): at for layer in self.sadr_layers}, detach=False
             )
             hooks = list(rec.hooks)
         if self.prefix_cached and not self.stacked:
-            resid = self.start + (self.onehot[:, :, None] * delta).to(self.start.dtype)
+            resid = start.resid + (onehot[:, :, None] * delta).to(start.resid.dtype)
             hidden = models.final_hidden_from(
-                self.model, resid, self.layer + 1, hooks, self.cache, self.mask
+                self.model, resid, self.layer + 1, hooks, start.cache, start.mask
             )
         else:  # from block L, each delta added by a hook (reference, or several deltas)
-            cached = (self.cache, self.mask) if self.prefix_cached else ()
+            cached = (start.cache, start.mask) if self.prefix_cached else ()
             hooks = self._delta_hooks(delta) + hooks
-            hidden = models.final_hidden_from(self.model, self.start, self.layer, hooks, *cached)
+            hidden = models.final_hidden_from(self.model, start.resid, self.layer, hooks, *cached)
         hidden = hidden.to(self.device)
         if rec is None:
             return hidden, None
         kept = rec.values()
         rows = torch.stack(  # [prompt, layer, head, query, key]
-            [kept[models.pattern_hook(layer)][self.rows.sadr_rows].to(self.device)
+            [kept[models.pattern_hook(layer)][self.sadr.rows].to(self.device)
              for layer in self.sadr_layers],
             dim=1,
         )  # fmt: skip
@@ -551,68 +657,62 @@ class ValueObjective:
             read = torch.zeros(self.step_shape, dtype=torch.bool, device=self.device)
             read[self._read_positions()] = True
             self._lean = models.suffix_forward(
-                self.model, self.cache, self.mask, self.layer + 1, read
+                self.model, self.start.cache, self.start.mask, self.layer + 1, read
             )
-            self.sadr_rows_t = torch.tensor(self.rows.sadr_rows, device=self.device)
         return self._lean
 
     def _read_positions(self) -> tuple[Tensor, Tensor]:
-        """(rows, positions) of the step batch whose final hidden states a loss term reads:
-        the NLL's target positions, the essence row at s_j, the relation prompts' last tokens
-        and the answer rows' positions (the off-target hinge, the margin). A new term that
-        reads the hidden states elsewhere adds its positions here."""
-        essence = torch.tensor([self.n_rewrite], device=self.device)
-        rows = torch.cat([self.nll_rows, essence, self.relation_rows, self.answer_rows])
-        pos = torch.cat(
-            [self.nll_pos, self.delta_pos[essence], self.relation_query, self.answer_pos]
-        )
-        return rows, pos
+        """(rows, positions) of the step batch whose final hidden states a loss term reads
+        (:meth:`_Layout.read_positions`)."""
+        return self.layout.read_positions(self.n_rewrite)
 
     def step_flops(self) -> dict[str, int]:
         """Floating-point operations of one step's forward and backward pass through the
         lean forward (:func:`attndrift.models.lean.step_flops`), from the shapes of the step
         batch (prefix-cached steps of one δ)."""
         n_rows, n_pos = self.step_shape
-        prefix = self.tokens.shape[1] - n_pos
+        prefix = self.start.tokens.shape[1] - n_pos
         n_read = len(self._read_positions()[0])
         return models.lean.step_flops(self.model, n_rows, n_pos, prefix, self.layer + 1, n_read)
 
     def _delta_hooks(self, delta: Tensor) -> list:
         """Hooks adding each δ at (row, delta_pos[row]) of its activation."""
         deltas = list(delta) if self.stacked else [delta]  # each [d_model]
+        onehot = self.layout.onehot
 
         def adder(d: Tensor):
             def add_delta(x: Tensor, hook) -> Tensor:
                 # (multi-GPU models: the loss lives on the first device, this layer may not)
-                return x + (self.onehot.to(x.device)[:, :, None] * d.to(x.device)).to(x.dtype)
+                return x + (onehot.to(x.device)[:, :, None] * d.to(x.device)).to(x.dtype)
 
             return add_delta
 
         return [(n, adder(d)) for n, d in zip(self.hook_names, deltas, strict=True)]
 
     def _essence_logp(self, hidden: Tensor) -> Tensor:
-        h = hidden[self.n_rewrite, self.delta_pos[self.n_rewrite]]
+        h = hidden[self.n_rewrite, self.layout.delta_pos[self.n_rewrite]]
         return torch.log_softmax(_logits(self.model, h), -1)
 
     def _relation_logp(self, hidden: Tensor) -> Tensor | None:
         """Next-token log-probabilities after each relation prompt (None: the term is off)."""
         if self.cfg.relation_kl == 0:
             return None
-        h = hidden[self.relation_rows, self.relation_query]
+        h = hidden[self.layout.relation_rows, self.layout.relation_query]
         return torch.log_softmax(_logits(self.model, h), -1)
 
     def _answer_logp(self, hidden: Tensor) -> Tensor:
         """Length-normalised log P(answer) of each answer row (``[n_answers]``: the off-target
         prompts' o_new, then the edit prompt's o_true); its own unembedding, so that the
         other terms are computed exactly as without these rows."""
-        if self.n_answers == 0:
+        at = self.layout
+        if at.n_answers == 0:
             return hidden.new_zeros(0)
-        logits = _logits(self.model, hidden[self.answer_rows, self.answer_pos])
+        logits = _logits(self.model, hidden[at.answer_rows, at.answer_pos])
         token_lp = -torch.nn.functional.cross_entropy(
-            logits, self.answer_target, reduction="none"
+            logits, at.answer_target, reduction="none"
         )  # [answer tokens]
-        total = token_lp.new_zeros(self.n_answers).index_add(0, self.answer_of, token_lp)
-        count = torch.bincount(self.answer_of, minlength=self.n_answers)
+        total = token_lp.new_zeros(at.n_answers).index_add(0, at.answer_of, token_lp)
+        count = torch.bincount(at.answer_of, minlength=at.n_answers)
         return total / count
 
     def __call__(
@@ -621,51 +721,40 @@ class ValueObjective:
         """All loss terms at ``delta`` (``[d_model]``, or ``[n_hooks, d_model]`` with several
         hooks; differentiable w.r.t. ``delta``), the NLL term weighing ``nll_factor`` in
         ``total``."""
+        cfg, at = self.cfg, self.layout
         hidden, rows = self._forward(delta)
         # one unembedding (W_U is read once) for the target positions, the essence row and
         # (relation KL term) the relation prompts' last tokens
-        essence = hidden[self.n_rewrite, self.delta_pos[self.n_rewrite]][None]
-        picked = [hidden[self.nll_rows, self.nll_pos], essence]
+        essence = hidden[self.n_rewrite, at.delta_pos[self.n_rewrite]][None]
+        picked = [hidden[at.nll_rows, at.nll_pos], essence]
         if self.relation_logp0 is not None:
-            picked.append(hidden[self.relation_rows, self.relation_query])
-        n_rel = len(self.relation_rows) if self.relation_logp0 is not None else 0
+            picked.append(hidden[at.relation_rows, at.relation_query])
+        n_rel = len(at.relation_rows) if self.relation_logp0 is not None else 0
         logits = _logits(self.model, torch.cat(picked))  # [target tokens + 1 + n_rel, d_vocab]
         logits, rel_logits = logits[: len(logits) - n_rel], logits[len(logits) - n_rel :]
-        token_nll = torch.nn.functional.cross_entropy(
-            logits[:-1], self.nll_target, reduction="none"
-        )
-        per_prompt = token_nll.view(self.n_rewrite, len(self.target)).mean(1)
+        per_prompt, greedy = _nll(logits[:-1], at, self.n_rewrite)
         nll = per_prompt.mean()
-        with torch.no_grad():  # o_new's token is the argmax (ties count) at every position
-            target_logit = logits[:-1].gather(1, self.nll_target[:, None])[:, 0]
-            greedy = (target_logit >= logits[:-1].max(-1).values).all()
-        ess = torch.log_softmax(logits[-1], -1)
-        kl = self.cfg.kl_factor * (ess.exp() * (ess - self.essence_logp0)).sum()
+        kl = cfg.kl_factor * _kl(torch.log_softmax(logits[-1], -1), self.essence_logp0)
         if self.relation_logp0 is not None:  # the relation variant: mean over its prompts
             rel = torch.log_softmax(rel_logits, -1)
-            kl = (
-                kl + self.cfg.relation_kl * (rel.exp() * (rel - self.relation_logp0)).sum(-1).mean()
-            )
-        if self.stacked:  # one term per delta, each relative to its own ‖v_0‖² (PMET)
-            wd = self.cfg.weight_decay * (delta.norm(dim=-1) / self.init.norm(dim=-1) ** 2).sum()
-        else:
-            wd = self.cfg.weight_decay * delta.norm() / self.init.norm() ** 2
+            kl = kl + cfg.relation_kl * _kl(rel, self.relation_logp0).mean()
+        wd = _weight_decay(cfg.weight_decay, delta, self.init, self.stacked)
         total = nll_factor * nll + kl + wd
         zero = torch.zeros((), device=delta.device)
         sadr_term, heads = zero, torch.zeros(len(self.sadr_layers), device=delta.device)
         if rows is not None:
             sadr_term, heads = sadr.sadr_loss(
-                self.vanilla_rows, rows, self.sadr_subject, self.sadr_weight, self.sadr_cfg
+                self.vanilla_rows, rows, self.sadr.subject, self.sadr.weight, self.sadr_cfg
             )
             if self.sadr_cfg.gamma > 0:
                 total = total + self.sadr_cfg.gamma * sadr_term
         offtarget = margin = None
-        if self.n_answers:
+        if at.n_answers:
             lp = self._answer_logp(hidden)  # [off-target rows (+ the o_true row)]
             n_off = len(self.rows.offtarget_rows)
             if n_off:  # the hinge: only a rise of log P(o_new) counts
-                offtarget = torch.relu(lp[:n_off] - self.offtarget_lp0).mean()
-                total = total + self.cfg.offtarget * offtarget
+                offtarget = _hinge(lp[:n_off], self.offtarget_lp0)
+                total = total + cfg.offtarget * offtarget
             if self.rows.true_row is not None:  # row 0 is the bare edit prompt
                 margin = (-per_prompt[0] - lp[-1]).detach()
         p_new = torch.exp(-per_prompt).mean()

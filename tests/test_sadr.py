@@ -102,24 +102,24 @@ def test_mask_on_tiny_model_matches_hand_computation(tiny_llama):
         _, rows = obj._forward(delta)
         terms = obj(delta)
     rows = rows[:, :, :, 0]  # one query row per prompt: t_j
-    subject = obj.sadr_subject.int().argmax(-1)  # s_j (one subject key per prompt)
+    subject = obj.sadr.subject.int().argmax(-1)  # s_j (one subject key per prompt)
 
     # the rows SADR reads equal those of an independent full cached run with the same delta
     def add(x, hook):
-        return x + obj.onehot[:, :, None] * delta
+        return x + obj.layout.onehot[:, :, None] * delta
 
     with torch.no_grad(), tiny_llama.hooks(fwd_hooks=[(models.mlp_out_hook(1), add)]):
-        _, cache = tiny_llama.run_with_cache(obj.tokens)
+        _, cache = tiny_llama.run_with_cache(obj.start.tokens)
     for li, layer in enumerate(obj.sadr_layers):
         pattern = cache[models.pattern_hook(layer)]
         for j in range(obj.n_rewrite):
-            full_row = pattern[j, :, obj.query[j]]
+            full_row = pattern[j, :, obj.layout.query[j]]
             torch.testing.assert_close(rows[j, li], full_row, atol=1e-6, rtol=1e-5)
     n_heads = tiny_llama.cfg.n_heads
     vanilla = obj.vanilla_rows[:, :, :, 0]
     expected = 0.0
     for j in range(obj.n_rewrite):
-        s, t = subject[j].item(), obj.query[j].item()
+        s, t = subject[j].item(), obj.layout.query[j].item()
         assert s == obj.rows.subject_last[j]
         for li in range(len(obj.sadr_layers)):
             best = max(vanilla[j, li, h, s].item() for h in range(n_heads))
@@ -142,11 +142,11 @@ def test_variant_rows_cover_what_they_name(tiny_llama):
     for i, j in enumerate(obj.rows.sadr_rows):
         first, last = obj.rows.subject_first[j], obj.rows.subject_last[j]
         t = obj.rows.prompt_last[j]
-        valid = obj.sadr_weight[i] > 0
+        valid = obj.sadr.weight[i] > 0
         # every query after the subject's last token, up to t_j, each weighing the same
-        assert obj.sadr_query[i][valid].tolist() == list(range(last + 1, t + 1))
-        assert obj.sadr_weight[i].sum().item() == pytest.approx(1.0)
-        assert obj.sadr_subject[i].nonzero()[:, 0].tolist() == list(range(first, last + 1))
+        assert obj.sadr.query[i][valid].tolist() == list(range(last + 1, t + 1))
+        assert obj.sadr.weight[i].sum().item() == pytest.approx(1.0)
+        assert obj.sadr.subject[i].nonzero()[:, 0].tolist() == list(range(first, last + 1))
     # the relation rows add no NLL: the loss terms at delta = 0 equal the plain objective's
     zero = torch.zeros(tiny_llama.cfg.d_model)
     a, b = plain(zero), obj(zero)

@@ -58,12 +58,12 @@ def test_sadr_rows_see_every_key_and_select_the_same_heads(tiny):
         # each query row is a distribution over all of its prompt's keys, cached ones included
         torch.testing.assert_close(rows_cached.sum(-1), torch.ones_like(rows_cached.sum(-1)))
         pairs = ((full, rows_full), (cached, rows_cached))
-        masks = [sadr.head_mask(o.vanilla_rows, r, o.sadr_subject) for o, r in pairs]
+        masks = [sadr.head_mask(o.vanilla_rows, r, o.sadr.subject) for o, r in pairs]
         assert torch.equal(masks[0], masks[1])
         kls = [metrics.kl(o.vanilla_rows, r, floor=sadr.EPS) for o, r in pairs]
         torch.testing.assert_close(kls[1], kls[0], rtol=1e-4, atol=1e-6)
         # attention to the subject's last token, read at each layout's own key index
-        at = [sadr.attention_to_subject(r, o.sadr_subject) for o, r in pairs]
+        at = [sadr.attention_to_subject(r, o.sadr.subject) for o, r in pairs]
         torch.testing.assert_close(at[1], at[0], rtol=1e-5, atol=1e-6)
 
 
@@ -79,7 +79,7 @@ def test_subject_at_the_first_position_needs_no_prefix(tiny_llama):
     full, cached = _pair(
         tiny_llama, models.mlp_out_hook, cfg, sadr.SadrConfig(1.0), 1, req, ("{}",)
     )
-    assert cached.cache[0].past_keys.shape[1] == 0
+    assert cached.start.cache[0].past_keys.shape[1] == 0
     assert_same_run(value.optimise_value(full), value.optimise_value(cached))
 
 
