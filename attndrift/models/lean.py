@@ -115,6 +115,29 @@ def _norm(module, x: Tensor) -> Tensor:
     return F.rms_norm(x, shape, eps=module.eps).to(dtype) * module.w
 
 
+def _normalised(module, x: Tensor) -> Tensor:
+    """:func:`_norm` without its scale and shift, which :func:`_fold` moves into the product
+    that follows the norm."""
+    dtype = x.dtype
+    if dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)
+    shape = (x.shape[-1],)
+    if isinstance(module, LayerNorm):
+        return F.layer_norm(x, shape, eps=module.eps).to(dtype)
+    return F.rms_norm(x, shape, eps=module.eps).to(dtype)
+
+
+def _fold(norm, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``(W diag(w), b + W β)``: a product of the normalised ``x̂`` with these equals the
+    product of ``norm(x) = x̂ w + β`` with ``(W, b)`` (``weight`` in F.linear layout,
+    ``[out, d_model]``); one elementwise pass fewer per norm, forward and backward."""
+    folded = (weight * norm.w.detach()[None, :]).contiguous()
+    if isinstance(norm, LayerNorm):
+        shift = weight @ norm.b.detach()
+        bias = shift if bias is None else bias + shift
+    return folded, None if bias is None else _bias(bias)
+
+
 @dataclass(frozen=True)
 class _Layer:
     """One block's weights as the lean forward multiplies them, and its cached prefix."""
@@ -123,13 +146,23 @@ class _Layer:
     b_qkv: Tensor | None  # None: all zero (adding it would change nothing)
     w_o: Tensor  # [d_model, n_heads d_head]
     b_o: Tensor | None
-    w_gate: Tensor | None  # [d_mlp, d_model] (gated MLPs)
-    w_in: Tensor  # [d_mlp, d_model]
-    b_in: Tensor | None
+    w_in: Tensor  # [d_mlp, d_model], or [2 d_mlp, d_model] (gated: W_gate rows, then W_in's)
+    b_in: Tensor | None  # the MLP's b_in and the folded norm's shift (LayerNorm) through w_in
+    b_act: Tensor | None  # a gated MLP's b_in, added after the gate's product (as
+    # TransformerLens does); b_in then holds the folded shift only
+    gated: bool
     w_out: Tensor  # [d_model, d_mlp]
     b_out: Tensor | None
     keys: Tensor  # [batch, n_kv, prefix, d_head]: the cached prefix, rotated
     values: Tensor  # [batch, n_kv, prefix, d_head]
+
+
+def _mlp_in(mlp) -> Tensor:
+    """The MLP's input weights in F.linear layout; a gated MLP's gate and input weights
+    stacked, so that one product computes both (the same sums, one larger product)."""
+    if isinstance(mlp, GatedMLP):
+        return torch.cat([mlp.W_gate.detach().T, mlp.W_in.detach().T])
+    return mlp.W_in.detach().T
 
 
 def _bias(b: Tensor) -> Tensor | None:
@@ -209,15 +242,26 @@ class SuffixForward:
                 keys = self._rotate(keys, cos_k, sin_k)
             w_q, w_k, w_v, b_k, b_v = self._projections(attn)
             mlp = block.mlp
+            # the scores' 1 / attn_scale moves into the queries (exact when it is a power
+            # of two, as sqrt(d_head) is for d_head 64 or 256)
+            scale = 1 / attn.attn_scale
+            w_qkv, b_qkv = _fold(
+                block.ln1,
+                torch.cat([w_q * scale, w_k, w_v]).detach(),
+                _bias(torch.cat([attn.b_Q.reshape(-1) * scale, b_k, b_v])),
+            )
+            gated = isinstance(mlp, GatedMLP)
+            w_in, b_in = _fold(block.ln2, _mlp_in(mlp), None if gated else _bias(mlp.b_in))
             self.layers.append(
                 _Layer(
-                    w_qkv=torch.cat([w_q, w_k, w_v]).detach(),
-                    b_qkv=_bias(torch.cat([attn.b_Q.reshape(-1), b_k, b_v])),
+                    w_qkv=w_qkv,
+                    b_qkv=b_qkv,
                     w_o=attn.W_O.permute(2, 0, 1).reshape(cfg.d_model, -1).detach(),
                     b_o=_bias(attn.b_O),
-                    w_gate=mlp.W_gate.detach().T if isinstance(mlp, GatedMLP) else None,
-                    w_in=mlp.W_in.detach().T,
-                    b_in=_bias(mlp.b_in),
+                    w_in=w_in,
+                    b_in=b_in,
+                    b_act=_bias(mlp.b_in) if gated else None,
+                    gated=gated,
                     w_out=mlp.W_out.detach().T,
                     b_out=_bias(mlp.b_out),
                     keys=keys.permute(0, 2, 1, 3).contiguous(),
@@ -284,7 +328,7 @@ class SuffixForward:
     def _block(self, block, layer: _Layer, resid: Tensor, last: bool) -> tuple[Tensor, Tensor]:
         n_rows, n_pos, _ = resid.shape
         h, kv, g, dh = self.n_heads, self.n_kv, self.group, self.d_head
-        x = _norm(block.ln1, resid)
+        x = _normalised(block.ln1, resid)  # ln1's scale and shift are in w_qkv, b_qkv
         qkv = F.linear(x, layer.w_qkv, layer.b_qkv)  # [batch, pos, (h + 2 kv) dh]
         qk, v = qkv.view(n_rows, n_pos, -1, dh).split([h + kv, kv], dim=2)
         if self.rotary:  # queries and keys in one go
@@ -294,7 +338,7 @@ class SuffixForward:
         q = q.view(n_rows, n_pos, kv, g, dh).permute(0, 2, 3, 1, 4).reshape(n_rows, kv, -1, dh)
         keys = torch.cat([layer.keys, k.transpose(1, 2)], dim=2)  # [batch, kv, key, dh]
         values = torch.cat([layer.values, v.transpose(1, 2)], dim=2)
-        scores = (q @ keys.transpose(-1, -2)) / block.attn.attn_scale
+        scores = q @ keys.transpose(-1, -2)  # the queries carry 1 / attn_scale
         scores = scores.view(n_rows, kv, g, n_pos, -1) + self.bias
         pattern = torch.softmax(scores, dim=-1)  # no query row is fully masked
         z = pattern.view(n_rows, kv, g * n_pos, -1) @ values  # [batch, kv, g pos, dh]
@@ -314,14 +358,16 @@ class SuffixForward:
         return resid_mid + self._mlp(block, layer, mlp_in), pattern
 
     def _mlp(self, block, layer: _Layer, resid: Tensor) -> Tensor:
-        x = _norm(block.ln2, resid)
+        x = _normalised(block.ln2, resid)  # ln2's scale and shift are in w_in, b_in
         act = block.mlp.act_fn
-        if layer.w_gate is not None:  # act(x W_gate) * (x W_in) + b_in
-            hidden = act(F.linear(x, layer.w_gate)) * F.linear(x, layer.w_in)
-            if layer.b_in is not None:
-                hidden = hidden + layer.b_in
+        pre = F.linear(x, layer.w_in, layer.b_in)
+        if layer.gated:  # act(x W_gate) * (x W_in) + b_in, both products in one
+            gate, up = pre.chunk(2, dim=-1)
+            hidden = act(gate) * up
+            if layer.b_act is not None:
+                hidden = hidden + layer.b_act
         else:
-            hidden = act(F.linear(x, layer.w_in, layer.b_in))
+            hidden = act(pre)
         return F.linear(hidden, layer.w_out, layer.b_out)
 
 
