@@ -453,6 +453,16 @@ class _SadrRows:
         )
 
 
+@dataclass(frozen=True)
+class _References:
+    """The loss terms' references at δ = 0."""
+
+    essence: Tensor  # [d_vocab]: log p_0(·|essence prompt) at s_j
+    relation: Tensor | None  # [relation prompt, d_vocab] (None: the relation term is off)
+    vanilla_rows: Tensor | None  # SADR's attention rows (None: no SADR)
+    offtarget: Tensor  # [off-target prompt]: log P_0(o_new) (the hinge's reference)
+
+
 def _kl(logp: Tensor, logp0: Tensor) -> Tensor:
     """KL(p ‖ p_0) over the last axis, from log-probabilities."""
     return (logp.exp() * (logp - logp0)).sum(-1)
@@ -485,8 +495,14 @@ def _hinge(lp: Tensor, lp0: Tensor) -> Tensor:
 class ValueObjective:
     """L(δ) for one request, hook point and template set; see the module docstring.
 
-    Construction runs the model once at δ = 0 to record v_0, the essence distribution p_0 and
-    (for SADR) the vanilla attention rows.
+    Construction records v_0 (up to layer L). The references at δ = 0 (the essence
+    distribution p_0, SADR's vanilla attention rows, ...: :attr:`references`) come from the
+    first call at δ = 0, an optimisation's first step, whose forward they share.
+
+    The parts: :class:`_Start` (the step batch before any step), :class:`_Layout` (where δ goes
+    and where each term reads), :class:`_SadrRows` (the rows SADR restrains), and the loss
+    terms as functions (:func:`_nll`, :func:`_kl`, :func:`_weight_decay`, :func:`_hinge`,
+    :func:`attndrift.sadr.sadr_loss`); this class runs the forward and composes them.
 
     Only what δ can reach is recomputed at each step (``cfg.prefix_cache``, the default): δ
     enters at the subject's last token s_j of row j, in layer L, so nothing before s_j and
@@ -575,15 +591,36 @@ class ValueObjective:
         self.sadr = (
             None if sadr_cfg is None else _SadrRows.place(rows, sadr_cfg, self.start, device)
         )
-        with torch.no_grad():  # the references at δ = 0
-            shape = (len(self.hook_names), model.cfg.d_model) if self.stacked else model.cfg.d_model
-            zero = torch.zeros(shape, device=device, dtype=model.cfg.dtype)
-            hidden, rows_now = self._forward(zero)
-            self.essence_logp0 = self._essence_logp(hidden)
-            self.relation_logp0 = self._relation_logp(hidden)
-            self.vanilla_rows = rows_now  # [prompt, layer, head, query, key] at delta = 0
-            # the off-target prompts' log P(o_new) at delta = 0 (the hinge's reference)
-            self.offtarget_lp0 = self._answer_logp(hidden)[: len(rows.offtarget_rows)]
+        self._refs: _References | None = None  # at δ = 0: from the first step, or on demand
+
+    @property
+    def references(self) -> "_References":
+        """What the loss terms compare against, at δ = 0: the essence and relation prompts'
+        distributions, SADR's attention rows, the off-target prompts' log P(o_new). The first
+        call at δ = 0 (an optimisation's first step) records them from its own forward, which
+        runs the same operations; asked for earlier, they take a forward of their own."""
+        if self._refs is None:
+            shape = (len(self.hook_names), self.model.cfg.d_model) if self.stacked else None
+            zero = torch.zeros(
+                shape or self.model.cfg.d_model, device=self.device, dtype=self.model.cfg.dtype
+            )
+            with torch.no_grad():
+                self._record_references(*self._forward(zero))
+        return self._refs
+
+    def _record_references(self, hidden: Tensor, rows: Tensor | None) -> None:
+        with torch.no_grad():
+            self._refs = _References(
+                essence=self._essence_logp(hidden),
+                relation=self._relation_logp(hidden),
+                vanilla_rows=None if rows is None else rows.detach(),
+                offtarget=self._answer_logp(hidden)[: len(self.rows.offtarget_rows)],
+            )
+
+    @property
+    def vanilla_rows(self) -> Tensor | None:
+        """SADR's attention rows at δ = 0 (``[prompt, layer, head, query, key]``)."""
+        return self.references.vanilla_rows
 
     @property
     def step_shape(self) -> tuple[int, int]:
@@ -723,28 +760,31 @@ class ValueObjective:
         ``total``."""
         cfg, at = self.cfg, self.layout
         hidden, rows = self._forward(delta)
+        if self._refs is None and not bool(delta.detach().any()):  # δ = 0: the references
+            self._record_references(hidden.detach(), rows)
+        refs = self.references
         # one unembedding (W_U is read once) for the target positions, the essence row and
         # (relation KL term) the relation prompts' last tokens
         essence = hidden[self.n_rewrite, at.delta_pos[self.n_rewrite]][None]
         picked = [hidden[at.nll_rows, at.nll_pos], essence]
-        if self.relation_logp0 is not None:
+        if refs.relation is not None:
             picked.append(hidden[at.relation_rows, at.relation_query])
-        n_rel = len(at.relation_rows) if self.relation_logp0 is not None else 0
+        n_rel = len(at.relation_rows) if refs.relation is not None else 0
         logits = _logits(self.model, torch.cat(picked))  # [target tokens + 1 + n_rel, d_vocab]
         logits, rel_logits = logits[: len(logits) - n_rel], logits[len(logits) - n_rel :]
         per_prompt, greedy = _nll(logits[:-1], at, self.n_rewrite)
         nll = per_prompt.mean()
-        kl = cfg.kl_factor * _kl(torch.log_softmax(logits[-1], -1), self.essence_logp0)
-        if self.relation_logp0 is not None:  # the relation variant: mean over its prompts
+        kl = cfg.kl_factor * _kl(torch.log_softmax(logits[-1], -1), refs.essence)
+        if refs.relation is not None:  # the relation variant: mean over its prompts
             rel = torch.log_softmax(rel_logits, -1)
-            kl = kl + cfg.relation_kl * _kl(rel, self.relation_logp0).mean()
+            kl = kl + cfg.relation_kl * _kl(rel, refs.relation).mean()
         wd = _weight_decay(cfg.weight_decay, delta, self.init, self.stacked)
         total = nll_factor * nll + kl + wd
         zero = torch.zeros((), device=delta.device)
         sadr_term, heads = zero, torch.zeros(len(self.sadr_layers), device=delta.device)
         if rows is not None:
             sadr_term, heads = sadr.sadr_loss(
-                self.vanilla_rows, rows, self.sadr.subject, self.sadr.weight, self.sadr_cfg
+                refs.vanilla_rows, rows, self.sadr.subject, self.sadr.weight, self.sadr_cfg
             )
             if self.sadr_cfg.gamma > 0:
                 total = total + self.sadr_cfg.gamma * sadr_term
@@ -753,7 +793,7 @@ class ValueObjective:
             lp = self._answer_logp(hidden)  # [off-target rows (+ the o_true row)]
             n_off = len(self.rows.offtarget_rows)
             if n_off:  # the hinge: only a rise of log P(o_new) counts
-                offtarget = _hinge(lp[:n_off], self.offtarget_lp0)
+                offtarget = _hinge(lp[:n_off], refs.offtarget)
                 total = total + cfg.offtarget * offtarget
             if self.rows.true_row is not None:  # row 0 is the bare edit prompt
                 margin = (-per_prompt[0] - lp[-1]).detach()
