@@ -125,7 +125,7 @@ def test_step_flops_are_what_torch_counts(tiny, restrain):
         tiny, REQ, models.mlp_out_hook(1), 1, TEMPLATES, value.ValueConfig(), SADR[restrain]
     )
     delta = torch.randn(tiny.cfg.d_model, device=objective.init.device, requires_grad=True)
-    objective.references  # (at δ = 0: a forward of their own, not the step's)
+    _ = objective.references  # (at δ = 0: a forward of their own, not the step's)
     with value.frozen(tiny), FlopCounterMode(display=False) as counter:
         objective(delta).total.backward()
     flops = objective.step_flops()
