@@ -592,6 +592,8 @@ class ValueObjective:
             None if sadr_cfg is None else _SadrRows.place(rows, sadr_cfg, self.start, device)
         )
         self._refs: _References | None = None  # at δ = 0: from the first step, or on demand
+        if not _LEAN[0]:  # inside hooked_forward: as before, a forward of their own at once
+            _ = self.references
 
     @property
     def references(self) -> "_References":
@@ -808,8 +810,10 @@ _LEAN = [True]
 @contextmanager
 def hooked_forward() -> Iterator[None]:
     """Inside the block, value steps run through TransformerLens' hooked forward, as they did
-    before the lean forward (:mod:`attndrift.models.lean`): the baseline that benchmarks and
-    checks compare the lean forward against. Objectives built inside keep this choice."""
+    before the lean forward (:mod:`attndrift.models.lean`), and an objective records its
+    references at δ = 0 by a forward of its own at construction, as it did before they came
+    from the first step: the baseline that benchmarks and checks compare against. Objectives
+    built inside keep this choice."""
     before = _LEAN[0]
     _LEAN[0] = False
     try:
