@@ -204,7 +204,8 @@ def prepare(args) -> int:
     """Convert and cache the embedded model, then compute and cache the covariance statistics
     of its default ROME layer (the preset's self-sampled corpus), so that later edits start at
     once."""
-    from attndrift import covariance, models, rome
+    from attndrift import models
+    from attndrift.editing import covariance, rome
 
     p = argparse.ArgumentParser(prog="attndrift prepare", description=prepare.__doc__)
     p.add_argument("--no-covariance", action="store_true", help="only convert the model")
@@ -265,7 +266,7 @@ def sweep_command(args) -> int:
     option takes a comma-separated list (MEMIT layer sets: separated by ';'): the sweep runs
     every combination. Rerunning with the same --out resumes. Under torchrun each rank takes a
     disjoint shard of the records."""
-    from attndrift import results, sweep
+    from attndrift.experiments import results, sweep
 
     p = argparse.ArgumentParser(prog="attndrift sweep", description=sweep_command.__doc__)
     _model_args(p)
@@ -309,7 +310,8 @@ def sweep_command(args) -> int:
 
 
 def _table_text(lines, interval: str = "normal", markdown: bool = False) -> str:
-    from attndrift import metrics, summary
+    from attndrift import metrics
+    from attndrift.experiments import summary
 
     summaries = summary.by_setting(lines)
     counts = summary.records_per_setting(lines)
@@ -327,7 +329,7 @@ def _table_text(lines, interval: str = "normal", markdown: bool = False) -> str:
 
 
 def _glance_text(lines, markdown: bool = False) -> str:
-    from attndrift import summary
+    from attndrift.experiments import summary
 
     frame = summary.glance(lines)
     text = summary.markdown(frame) if markdown else frame.to_string()
@@ -341,7 +343,7 @@ def summarize_command(args) -> int:
     PS NS RS DNS RS_D Score, FL) per setting next to the pre-edit row, with 95 % intervals;
     optionally paired tests between settings, a selection rule's verdict, drift versus failure
     by probe kind, and the γ trade-off plot."""
-    from attndrift import results, summary
+    from attndrift.experiments import results, summary
 
     p = argparse.ArgumentParser(prog="attndrift summarize", description=summarize_command.__doc__)
     p.add_argument("results", nargs="+", type=Path, help="results files of attndrift sweep")
@@ -398,7 +400,7 @@ def summarize_command(args) -> int:
 
 
 def _summarize(lines, a) -> None:
-    from attndrift import summary
+    from attndrift.experiments import summary
 
     print(
         _glance_text(lines, a.markdown) if a.glance else _table_text(lines, a.interval, a.markdown)
@@ -450,7 +452,7 @@ def _check_named_settings(lines, a) -> None:
 
 
 def _selected_lines(lines, a):
-    from attndrift import summary
+    from attndrift.experiments import summary
 
     if a.records:
         ranges = _ranges(a.records)
@@ -470,7 +472,7 @@ def _selected_lines(lines, a):
 
 
 def _print_choice(lines, rule: str, markdown: bool) -> None:
-    from attndrift import summary
+    from attndrift.experiments import summary
 
     frame = summary.choose(lines, rule)
     cols = ["setting", "ES", "PS", "NS", "RS", "DNS", "Score", "mean_steps", "objective",
@@ -490,7 +492,7 @@ def _print_choice(lines, rule: str, markdown: bool) -> None:
 
 def _p_boot(p: float) -> str:
     """A bootstrap p-value; 0 (no resample crossed 0) is only below 1 / the resamples."""
-    from attndrift import summary
+    from attndrift.experiments import summary
 
     return f"< {1 / summary.N_BOOT:.0e}" if p == 0 else f"{p:.3g}"
 
@@ -498,7 +500,7 @@ def _p_boot(p: float) -> str:
 def _print_paired(lines, pair: str, markdown: bool) -> None:
     import pandas as pd
 
-    from attndrift import summary
+    from attndrift.experiments import summary
 
     a, sep, b = pair.partition(";")
     if not sep:
@@ -546,7 +548,7 @@ def _print_paired(lines, pair: str, markdown: bool) -> None:
 
 
 def _print_drift(lines, key: str, plot: Path | None) -> None:
-    from attndrift import summary
+    from attndrift.experiments import summary
 
     for kinds in (None, ["RS"], ["DNS"]):
         try:
@@ -583,7 +585,9 @@ def demo_command(args) -> int:
     self-contained HTML report plus a JSON summary."""
     import json
 
-    from attndrift import demo, models, report, sadr
+    from attndrift import models
+    from attndrift.editing import sadr
+    from attndrift.experiments import demo, report
     from attndrift.version import __version__, git_revision
 
     p = argparse.ArgumentParser(prog="attndrift demo", description=demo_command.__doc__)
@@ -689,7 +693,7 @@ def _setting_fields():
     import dataclasses
     import typing
 
-    from attndrift.setting import Setting
+    from attndrift.editing.setting import Setting
 
     for f in dataclasses.fields(Setting):
         kinds = [t for t in typing.get_args(f.type) if t is not type(None)] or [f.type]
@@ -713,7 +717,7 @@ def _setting_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
 def settings_from_args(a, grid: bool = False) -> list:
     """The :class:`attndrift.setting.Setting` (or, with ``grid``, every combination) of the
     parsed editor flags."""
-    from attndrift import setting
+    from attndrift.editing import setting
 
     options: dict[str, list] = {}
     for f, kind in _setting_fields():
@@ -769,7 +773,7 @@ def _note_huge(options: dict[str, list]) -> None:
 
 
 def make_edit(model, requests, s):
-    from attndrift.setting import Editor
+    from attndrift.editing.setting import Editor
 
     return Editor(model, progress=True)(s, requests)
 
@@ -779,7 +783,7 @@ def edit_command(args) -> int:
     """Edit a fact given on the command line or as a record of a data file, print probe
     probabilities before and after, and optionally save the edit."""
     from attndrift import data, scoring
-    from attndrift.edits import applied
+    from attndrift.editing.edits import applied
 
     p = argparse.ArgumentParser(prog="attndrift edit", description=edit_command.__doc__)
     _model_args(p)
@@ -844,8 +848,9 @@ def _analysis_edit_args(p: argparse.ArgumentParser) -> None:
 
 def _analysis_setup(a):
     """(record, model, edit, edited variant) for the drift and patch commands."""
-    from attndrift import data, models, patching
-    from attndrift.edits import Edit
+    from attndrift import data, models
+    from attndrift.analysis import patching
+    from attndrift.editing.edits import Edit
 
     # every option and output checked before any work (loading, editing, writing)
     _check_output(a.out, "--out", directory=True)
@@ -909,7 +914,8 @@ def drift_command(args) -> int:
     """Measure the attention drift (METHOD §1) of one edit on its record's probes: per-head drift
     of the last token's attention, the drift factor of each probe against P(o_new), and the
     attention rows of the most drifting heads. Writes drift.html, drift.csv and probes.csv."""
-    from attndrift import capture, drift, encoding, plotting
+    from attndrift import capture, encoding, plotting
+    from attndrift.analysis import drift
 
     p = argparse.ArgumentParser(prog="attndrift drift", description=drift_command.__doc__)
     _model_args(p)
@@ -969,7 +975,8 @@ def patch_command(args) -> int:
     (METHOD §2) at every layer window and prompt position of one probe: restore (edited run,
     vanilla values) and contaminate (vanilla run, edited values). Writes patching.html and
     patching.csv."""
-    from attndrift import drift, patching, plotting
+    from attndrift import plotting
+    from attndrift.analysis import drift, patching
 
     p = argparse.ArgumentParser(prog="attndrift patch", description=patch_command.__doc__)
     _model_args(p)
@@ -1062,7 +1069,8 @@ def trace_command(args) -> int:
     output or attention output at a layer window and position) and measure P(o_true); the
     indirect effect of a cell is P(restored) - P(corrupted). Writes tracing.html and
     tracing.csv."""
-    from attndrift import data, drift, plotting, tracing
+    from attndrift import data, plotting
+    from attndrift.analysis import drift, tracing
 
     p = argparse.ArgumentParser(prog="attndrift trace", description=trace_command.__doc__)
     _trace_args(p)
@@ -1099,7 +1107,7 @@ def trace_command(args) -> int:
 
 
 def _trace_args(p: argparse.ArgumentParser) -> None:
-    from attndrift import tracing
+    from attndrift.analysis import tracing
 
     _model_args(p)
     _data_args(p)
@@ -1143,7 +1151,7 @@ def _probe(record, kind: str, index: int):
 
 
 def _print_best_cells(t, n_layers: int) -> None:
-    from attndrift import tracing
+    from attndrift.analysis import tracing
 
     last_subject = t.subject_positions[-1]
     print("largest indirect effect per component (layer = window centre):")
@@ -1166,7 +1174,8 @@ def knockout_command(args) -> int:
     change of P(o_true) and P(o_new). If the edited model's P(o_new) on a distracting-neighbour
     prompt vanishes when the last token cannot see the subject in the drifting layers,
     attention drift carries the failure. Writes knockout.html and knockout.csv."""
-    from attndrift import drift, knockout, plotting
+    from attndrift import plotting
+    from attndrift.analysis import drift, knockout
 
     p = argparse.ArgumentParser(prog="attndrift knockout", description=knockout_command.__doc__)
     _model_args(p)

@@ -1,7 +1,8 @@
 """Plotting: the only module that makes figures. Every function returns a plotly ``go.Figure``.
 
-Figures present numbers computed elsewhere (:mod:`attndrift.drift`, :mod:`attndrift.patching`,
-:mod:`attndrift.capture`); nothing here runs a model or calls ``.show()``.
+Figures present numbers computed elsewhere (:mod:`attndrift.analysis.drift`,
+:mod:`attndrift.analysis.patching`, :mod:`attndrift.capture`); nothing here runs a model or
+calls ``.show()``.
 
 * :func:`headline`: P(o_true) and P(o_new) per model: each prompt a dot, the mean a labelled dash;
 * :func:`drift_heatmap`: layer x head, on the metric's natural range by default (attention and
@@ -53,12 +54,12 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from attndrift.analysis.drift import METRICS as DRIFT_METRICS
+from attndrift.analysis.drift import Drift, FailureAnalysis
+from attndrift.analysis.knockout import Knockout
+from attndrift.analysis.patching import CELL_METRICS, Patching
+from attndrift.analysis.tracing import Tracing
 from attndrift.capture import Capture, Pair
-from attndrift.drift import METRICS as DRIFT_METRICS
-from attndrift.drift import Drift, FailureAnalysis
-from attndrift.knockout import Knockout
-from attndrift.patching import CELL_METRICS, Patching
-from attndrift.tracing import Tracing
 
 #: colours of the true and the new object in every figure
 O_TRUE, O_NEW = "#2166ac", "#b2182b"
@@ -449,7 +450,7 @@ def patching_heatmap(
 
     Args:
         results: one or several sweeps (e.g. restore and contaminate) of one prompt.
-        metric: one of :data:`attndrift.patching.CELL_METRICS`.
+        metric: one of :data:`attndrift.analysis.patching.CELL_METRICS`.
         zmax: the colour range, ``[-zmax, zmax]`` for differences (default: the metric's
             natural range, widened to the data; differences without one: symmetric about 0).
     """
@@ -818,7 +819,7 @@ def tradeoff(frame, editor: str | None = None, title: str = "") -> go.Figure:
     legend lists the metrics' colours and the curves' line styles once each.
 
     Args:
-        frame: :func:`attndrift.summary.tradeoff` — one row per setting with ``editor``,
+        frame: :func:`attndrift.experiments.summary.tradeoff` — one row per setting with ``editor``,
             ``gamma``, ``selection`` (``variant``: optional) and each metric with
             ``_low``/``_high`` interval bounds.
         editor: plot one editor's rows only (default: all).
@@ -957,7 +958,7 @@ def tradeoff_map(frame, title: str = "") -> go.Figure:
     better. Both axes in %, fitted to the points inside [0, 100].
 
     Args:
-        frame: :func:`attndrift.summary.tradeoff`.
+        frame: :func:`attndrift.experiments.summary.tradeoff`.
         title: the figure title (default: what is plotted).
     """
     if frame.empty:
@@ -1005,7 +1006,7 @@ def strength(frame, title: str = "", metrics: Sequence[str] = ("PS", "RS", "DNS"
     the curve at its own ES margin does more than edit less.
 
     Args:
-        frame: :func:`attndrift.summary.strength`.
+        frame: :func:`attndrift.experiments.summary.strength`.
         title: the figure title (default: what is plotted).
         metrics: the panels, in order.
     """

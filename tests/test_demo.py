@@ -6,7 +6,9 @@ import json
 import pandas as pd
 import pytest
 
-from attndrift import cli, data, demo, plotting, sadr
+from attndrift import cli, data, plotting
+from attndrift.editing import sadr
+from attndrift.experiments import demo
 
 
 @pytest.mark.slow

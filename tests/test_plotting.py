@@ -3,7 +3,8 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from attndrift import capture, drift, encoding, patching, plotting
+from attndrift import capture, encoding, plotting
+from attndrift.analysis import drift, patching
 from tests.helpers import NEW, PROMPT, PROMPTS, SUBJECTS, TRUE, edited, two_records
 
 
