@@ -37,7 +37,7 @@ def main() -> None:
     model = ad.load_model(ad.EMBEDDED_MODEL, device=a.device)
     dataset = ad.load_embedded()
     if a.records is not None:
-        dataset = dataset.select(ids=cli._ids(a.records))
+        dataset = dataset.select(ids=cli.common._ids(a.records))
     rises = demo.survey(model, dataset.records, progress=True)
     if a.csv is not None:
         rises.to_csv(a.csv, index=False)

@@ -41,7 +41,7 @@ from scipy import stats
 
 from attndrift import data, encoding, models
 from attndrift.analysis import drift, patching
-from attndrift.cli import _ids
+from attndrift.cli.common import _ids
 from attndrift.editing import kit, setting
 
 
