@@ -231,3 +231,14 @@ def test_flat_layout_imports_and_monkeypatches(monkeypatch, tiny_llama):
     marker = dataclasses.replace(rome.PRESETS["tiny"])
     monkeypatch.setattr(attndrift.rome, "PRESETS", {"tiny": marker})
     assert registry.get("rome").preset(tiny_llama) is marker
+
+
+def test_every_sub_package_ships():
+    # setuptools installs the packages pyproject.toml lists, not the folders it finds: a new
+    # sub-package left out works from the source tree and is missing from every install
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT.parent).parts) for p in ROOT.rglob("__init__.py")}
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
