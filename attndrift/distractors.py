@@ -3,9 +3,10 @@
 A distracting-neighbourhood probe asks about another subject of the edited relation after the
 sentence ``"{edit prompt} {o_new}. "``; an edited model that answers o_new there has carried
 the edit into a context where the subject is only mentioned. The value optimisation's
-off-target term and SADR's distractor variant (:mod:`attndrift.value`, :mod:`attndrift.sadr`)
-train on such prompts, so they must never be the evaluation's own. This module keeps a *pool*
-of queries taken from other records and picks a request's queries from it:
+off-target term and SADR's distractor variant (:mod:`attndrift.editing.value`,
+:mod:`attndrift.editing.sadr`) train on such prompts, so they must never be the evaluation's own.
+This module keeps a *pool* of queries taken from other records and picks a request's queries from
+it:
 
 * the packaged pool (``assets/distractors.json``) holds the edit and neighbourhood prompts of
   CounterFact development records that no selection or evaluation of this project's studies

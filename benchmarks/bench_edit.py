@@ -7,7 +7,7 @@ covariance; the printed ratios are what the targets refer to:
 1. **value step** (forward + backward of L(δ)) of each path: every position from layer L (the
    full forward, the reference), the δ-dependent positions from layer L+1 over the prefix
    key-value cache through TransformerLens' hooked forward (``hooked``, the path before the
-   lean forward, :func:`attndrift.value.hooked_forward`) and through the lean forward
+   lean forward, :func:`attndrift.editing.value.hooked_forward`) and through the lean forward
    (``lean``, :mod:`attndrift.models.lean`), with and without SADR; the step's FLOPs counted
    from the shapes, the matrix-product rate measured here (``[2048, d_model] @ [d_model,
    d_mlp]``, the model's dtype; also at the step's own shape, its tokens as rows) and the
@@ -17,7 +17,7 @@ covariance; the printed ratios are what the targets refer to:
    (new), and the largest relative difference of their saved tensors;
 3. **a sweep record**: one record under ROME and ROME+SADR, edit + every probe before and after
    + drift: the old loop (full-forward edits, the unedited scores and the vanilla attention
-   recomputed for every setting) vs :func:`attndrift.sweep.run`;
+   recomputed for every setting) vs :func:`attndrift.experiments.sweep.run`;
 4. **steps run** under each preset (ROME, ROME+SADR, MEMIT, MEMIT+SADR) on a few records:
    how often early stopping triggers;
 5. **the closed-form solves** of MEMIT (``(λC + KKᵀ)⁻¹K``) and AlphaEdit
@@ -27,7 +27,7 @@ covariance; the printed ratios are what the targets refer to:
 6. **the keys of MEMIT's layer loop** for a batch of n = 1, 10, 50 requests (the dataset's
    first n) at the MEMIT preset's layers, each layer's MLP changed after its keys are read as
    in the loop: a forward from the embedding per layer (old) against
-   :class:`attndrift.editors.MeanKeys`, which resumes from the residual before the last layer
+   :class:`attndrift.editing.kit.MeanKeys`, which resumes from the residual before the last layer
    read (new), and whether the keys are bit-identical.
 
 Times are wall-clock medians; on a machine shared with other work, compare only the ratios of
@@ -49,7 +49,10 @@ from pathlib import Path
 import torch
 from _common import matmul_rate, peak_bytes
 
-from attndrift import data, drift, evaluation, models, results, rome, sadr, setting, sweep, value
+from attndrift import data, evaluation, models
+from attndrift.analysis import drift
+from attndrift.editing import rome, sadr, setting, value
+from attndrift.experiments import results, sweep
 from attndrift.version import __version__, git_revision
 
 GAMMA = 0.2
@@ -160,7 +163,7 @@ def whole_edits(model, req, cfg, templates, cov) -> None:
 
 
 def solves(model, editor, reps: int = 3) -> None:
-    from attndrift import alphaedit, memit
+    from attndrift.editing import alphaedit, memit
 
     mcfg = memit.preset(model)
     layer = mcfg.layers[-1]
@@ -257,7 +260,7 @@ def steps_per_preset(model, records) -> None:
 
 
 def loop_keys(model, ds, editor) -> None:
-    from attndrift import editors, edits, memit
+    from attndrift.editing import edits, kit, memit
 
     cfg = memit.preset(model)
     templates = editor.templates(cfg)
@@ -270,11 +273,11 @@ def loop_keys(model, ds, editor) -> None:
         out, times = [], []
         for new in (False, True):
             t0, kept = time.perf_counter(), []
-            read = editors.MeanKeys(model, requests, templates) if new else None
+            read = kit.MeanKeys(model, requests, templates) if new else None
             with edits.restored(model, cfg.layers):
                 for layer, change in zip(cfg.layers, changes, strict=True):
                     kept.append(read(layer) if new else
-                                editors.MeanKeys(model, requests, templates)(layer))  # fmt: skip
+                                kit.MeanKeys(model, requests, templates)(layer))  # fmt: skip
                     with torch.no_grad():
                         models.mlp_out_weight(model, layer).add_(change)
             times.append(time.perf_counter() - t0)

@@ -4,7 +4,7 @@ On the embedded SmolLM2 and one DNS prompt of the embedded dataset, with a quick
 (identity covariance, few value steps: a crude edit, enough to make the two runs differ):
 
 1. a full layer x position restore sweep of both components (attention pattern rows, MLP
-   outputs; window 1) with :func:`attndrift.patching.restore`, then the same cells with
+   outputs; window 1) with :func:`attndrift.analysis.patching.restore`, then the same cells with
    ``transformer_lens.patching.generic_activation_patch`` (one forward per cell, the other
    model's full cache); prints both times, their ratio and the largest |ΔP(o_true)|;
 2. peak memory (torch profiler allocation events, CPU) of a drift capture (last-token
@@ -21,7 +21,9 @@ import torch
 from _common import peak_bytes
 from transformer_lens.patching import generic_activation_patch
 
-from attndrift import capture, data, drift, encoding, models, patching, rome
+from attndrift import capture, data, encoding, models
+from attndrift.analysis import drift, patching
+from attndrift.editing import rome
 from attndrift.version import __version__, git_revision
 
 TL_NAME = {"attn": "pattern", "mlp": "mlp_out"}  # TransformerLens' short activation names

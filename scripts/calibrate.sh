@@ -12,7 +12,8 @@ run() { OMP_NUM_THREADS=1 torchrun --nproc_per_node "$nproc" --master_port 29541
           -m attndrift.cli sweep --data "$data" ${SWEEP_FLAGS:-} "$@"; }
 # covariances first, in one process (the ranks would otherwise compute them concurrently)
 python - <<'PY'
-from attndrift import covariance, memit, models, rome
+from attndrift import models
+from attndrift.editing import covariance, memit, rome
 model = models.load_model("smollm2-135m")
 r, m = rome.preset(model), memit.preset(model)
 covariance.layer_covariance(model, r.layer, r.covariance)

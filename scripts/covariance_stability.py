@@ -16,7 +16,8 @@ import argparse
 
 import torch
 
-from attndrift import capture, covariance, data, editors, encoding, models, rome
+from attndrift import capture, data, encoding, models
+from attndrift.editing import covariance, kit, rome
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def main() -> None:
     name = models.mlp_key_hook(layer)
     records = data.load_embedded().records[:40]
     prompts, subjects = [r.request.prompt for r in records], [r.request.subject for r in records]
-    q = editors.keys_at_subject(model, prompts, subjects, [name], layer + 1)[name]
+    q = kit.keys_at_subject(model, prompts, subjects, [name], layer + 1)[name]
     queries = q.double().T  # [d_mlp, 40]
     held = torch.cat(keys[-64:])  # texts in neither half
     held = held[torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[:4000]]

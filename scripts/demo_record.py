@@ -1,8 +1,8 @@
 """The demo's record and probe, by its written rule, on the embedded SmolLM2 and dataset.
 
-Rule (:func:`attndrift.demo.choose_probe`): ROME at the model's preset edits every record of
-the embedded dataset; among the distracting-neighbour (DNS) and relation (RS) probes that the
-unedited model answers right — a DNS probe only where ROME still answers its neighbour's own
+Rule (:func:`attndrift.experiments.demo.choose_probe`): ROME at the model's preset edits every
+record of the embedded dataset; among the distracting-neighbour (DNS) and relation (RS) probes that
+the unedited model answers right — a DNS probe only where ROME still answers its neighbour's own
 prompt right — the demo patches the one whose P(o_new) − P(o_true) rises most under ROME (P:
 the answer's probability, exp of its mean token log-probability). The demo's ``RECORD`` is that
 probe's record; within it, the demo applies the same rule to choose the probe. Usage::
@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 import attndrift as ad
-from attndrift import cli, demo
+from attndrift import cli
+from attndrift.experiments import demo
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     model = ad.load_model(ad.EMBEDDED_MODEL, device=a.device)
     dataset = ad.load_embedded()
     if a.records is not None:
-        dataset = dataset.select(ids=cli._ids(a.records))
+        dataset = dataset.select(ids=cli.common._ids(a.records))
     rises = demo.survey(model, dataset.records, progress=True)
     if a.csv is not None:
         rises.to_csv(a.csv, index=False)

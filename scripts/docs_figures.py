@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from attndrift import plotting, results, summary
+from attndrift import plotting
+from attndrift.experiments import results, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS, OUT = ROOT / "results", ROOT / "docs" / "figures"
@@ -93,7 +94,7 @@ SPECIFIC = Lines(
 
 
 def strength(lines: Lines, title: str) -> Callable[[], list]:
-    """Specificity against edit strength (:func:`attndrift.summary.strength`)."""
+    """Specificity against edit strength (:func:`attndrift.experiments.summary.strength`)."""
 
     def draw() -> list:
         return [plotting.strength(summary.strength(lines.load()), title=title)]

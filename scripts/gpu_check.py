@@ -52,19 +52,10 @@ def _import() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from _common import matmul_rate
 
-    from attndrift import (
-        data,
-        drift,
-        models,
-        patching,
-        results,
-        rome,
-        sadr,
-        scoring,
-        setting,
-        sweep,
-        value,
-    )
+    from attndrift import data, models, scoring
+    from attndrift.analysis import drift, patching
+    from attndrift.editing import rome, sadr, setting, value
+    from attndrift.experiments import results, sweep
     from attndrift.version import __version__, git_revision
 
 

@@ -5,7 +5,7 @@
 
 * edits of every editor through its own module (ROME, r-ROME, ROME + SADR, ROME with the
   value-side variants, MEMIT, PMET, PMET + SADR, AlphaEdit, AlphaEdit in sequence) and through
-  :class:`attndrift.setting.Editor` (one call per editor, and a sequence), with their
+  :class:`attndrift.editing.setting.Editor` (one call per editor, and a sequence), with their
   factors, targets and optimisation traces;
 * patching sweeps (both directions, every component, windows 1 and 3, full answers, a custom
   metric, one cell per pass), causal traces and attention knockouts of a fixed random edit,
@@ -33,22 +33,10 @@ import pandas as pd
 import torch
 
 import attndrift
-from attndrift import (
-    alphaedit,
-    data,
-    edits,
-    knockout,
-    memit,
-    models,
-    patching,
-    pmet,
-    rome,
-    sadr,
-    setting,
-    tracing,
-    value,
-)
-from attndrift.covariance import CovarianceConfig
+from attndrift import data, models
+from attndrift.analysis import knockout, patching, tracing
+from attndrift.editing import alphaedit, edits, memit, pmet, rome, sadr, setting, value
+from attndrift.editing.covariance import CovarianceConfig
 
 REQUESTS = [
     data.EditRequest(

@@ -10,7 +10,8 @@ nproc=${NPROC:-2}
 # covariances first, in one process (the ranks would otherwise compute them twice)
 python - $layers <<'PY'
 import sys
-from attndrift import covariance, models, rome
+from attndrift import models
+from attndrift.editing import covariance, rome
 model = models.load_model("smollm2-135m")
 cfg = rome.preset(model).covariance
 for layer in map(int, sys.argv[1:]):

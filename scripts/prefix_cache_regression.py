@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from attndrift import data, models, results, setting, sweep
+from attndrift import data, models
+from attndrift.editing import setting
+from attndrift.experiments import results, sweep
 
 
 def _ids(text: str) -> list[int]:

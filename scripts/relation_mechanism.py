@@ -39,8 +39,10 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from attndrift import data, drift, editors, encoding, models, patching, setting
-from attndrift.cli import _ids
+from attndrift import data, encoding, models
+from attndrift.analysis import drift, patching
+from attndrift.cli.common import _ids
+from attndrift.editing import kit, setting
 
 
 def _first_token_success(p: patching.Patching, cell: tuple[int, int, int], right_is_true: bool):
@@ -87,7 +89,7 @@ def record_line(model, editor, s: setting.Setting, record) -> dict:
     edited = models.Variant(model, e.hooks(model))
     layer = e.layers[-1]
     cfg = s.config(model)
-    rewrite = editors.filled(editor.templates(cfg), record.request.prompt)
+    rewrite = kit.filled(editor.templates(cfg), record.request.prompt)
     subj = record.request.subject
     line = {"record": record.id, "setting": s.key, "layer": layer,
             "heads_rewrite": head_drift(model, edited, rewrite, [subj] * len(rewrite), layer),

@@ -7,7 +7,9 @@ import os
 import pytest
 import torch
 
-from attndrift import data, edits, models, results, rome, setting, value
+from attndrift import data, models
+from attndrift.editing import edits, rome, setting, value
+from attndrift.experiments import results
 
 #: the device of the tiny-model tests (``ATTNDRIFT_TEST_DEVICE``, see conftest.py)
 DEVICE = os.environ.get("ATTNDRIFT_TEST_DEVICE", "cpu")

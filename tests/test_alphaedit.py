@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from attndrift import alphaedit, data, editors, edits, encoding, models, sadr, setting
+from attndrift import data, encoding, models
+from attndrift.editing import alphaedit, edits, kit, sadr, setting
 from tests.helpers import BATCH_REQUESTS as REQS
 from tests.helpers import BATCH_TEMPLATES as TEMPLATES
 from tests.helpers import hook_free
@@ -56,9 +57,9 @@ def test_update_leaves_preserved_keys_and_moves_the_edited_ones(tiny):
     # the edit moves each request's residual after the last layer towards its z
     z_name, z = models.resid_post_hook(1), torch.stack(e.run.targets)
     prompts, subjects = [r.prompt for r in REQS], [r.subject for r in REQS]
-    before = editors.keys_at_subject(tiny, prompts, subjects, [z_name], 2)[z_name]
+    before = kit.keys_at_subject(tiny, prompts, subjects, [z_name], 2)[z_name]
     edited = models.Variant(tiny, e.hooks(tiny))
-    after = editors.keys_at_subject(edited, prompts, subjects, [z_name], 2)[z_name]
+    after = kit.keys_at_subject(edited, prompts, subjects, [z_name], 2)[z_name]
     assert ((after - z).norm(dim=1) < 0.5 * (before - z).norm(dim=1)).all()
 
 
@@ -72,11 +73,11 @@ def test_alphaedit_solves_its_normal_equations(tiny):
     eye = torch.eye(tiny.cfg.d_mlp, dtype=torch.float64)
     with edits.restored(tiny, e.layers):
         for i, layer in enumerate(e.layers):
-            keys = editors.mean_keys(tiny, REQS, layer, TEMPLATES).double().T
+            keys = kit.mean_keys(tiny, REQS, layer, TEMPLATES).double().T
             # (P K₁K₁ᵀ + α I) left = P K₁ (no earlier edits), and R = (z − now) / layers left
             lhs = p @ keys @ keys.T + 0.3 * eye
             torch.testing.assert_close(lhs @ e.left[i].double(), p @ keys, atol=1e-5, rtol=1e-4)
-            now = editors.keys_at_subject(tiny, prompts, subjects, [z_name], 2)[z_name]
+            now = kit.keys_at_subject(tiny, prompts, subjects, [z_name], 2)[z_name]
             resid = (z - now) / (len(e.layers) - i)
             torch.testing.assert_close(e.right[i], resid, rtol=1e-4, atol=1e-5)
             w = models.mlp_out_weight(tiny, layer)
@@ -84,7 +85,7 @@ def test_alphaedit_solves_its_normal_equations(tiny):
                 w.add_(e.delta(i))
         # the state's new keys: the edited weights' keys (every layer updated)
         for layer in e.layers:
-            keys = editors.mean_keys(tiny, REQS, layer, TEMPLATES).T
+            keys = kit.mean_keys(tiny, REQS, layer, TEMPLATES).T
             torch.testing.assert_close(state.keys[layer], keys)
     assert all(torch.equal(state.projections[x], p.float()) for x in e.layers)
 
@@ -209,7 +210,7 @@ def test_smollm_alphaedit_teaches_an_embedded_fact(smollm):
     record = data.load_embedded()[0]  # The Eiffel Tower is located in the city of: Paris -> Rome
     req = record.request
     cfg = alphaedit.preset(smollm)  # C of layers 4-8 from the cache `attndrift prepare` fills
-    templates = editors.context_templates(smollm, cfg.templates)
+    templates = kit.context_templates(smollm, cfg.templates)
     ids = torch.tensor([encoding.encode_prompt(smollm, req.prompt).ids])
     first_new = encoding.encode_answer(smollm, req.target_new)[0]
     with torch.no_grad():

@@ -28,28 +28,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from attndrift import (
-    _io,
-    cli,
-    covariance,
-    data,
-    drift,
-    edits,
-    memit,
-    models,
-    patching,
-    results,
-    rome,
-    scoring,
-    setting,
-    sweep,
-)
-from attndrift.covariance import CovarianceConfig
-from attndrift.demo import DemoConfig
-from attndrift.editors import TemplateConfig
+from attndrift import _io, cli, data, models, scoring
+from attndrift.analysis import drift, patching
+from attndrift.editing import covariance, edits, memit, rome, setting
+from attndrift.editing.covariance import CovarianceConfig
+from attndrift.editing.kit import TemplateConfig
+from attndrift.editing.sadr import SadrConfig
+from attndrift.editing.value import ValueConfig
+from attndrift.experiments import results, sweep
+from attndrift.experiments.demo import DemoConfig
 from attndrift.models import embedded, loading
-from attndrift.sadr import SadrConfig
-from attndrift.value import ValueConfig
 from tests.helpers import REQUEST, TEMPLATES, skip_if_cuda_here
 
 NAN, INF = math.nan, math.inf
@@ -1478,7 +1466,7 @@ def test_huge_legal_values_say_what_will_happen(guarded, capsys, caplog):
 def test_non_finite_loss_stops_the_edit(world, monkeypatch):
     """A NaN loss term stops the optimisation naming the term and the step; the model keeps
     its weights and requires_grad flags, and no edit comes back."""
-    from attndrift import value
+    from attndrift.editing import value
 
     model = world.llama
     state = _model_state(model)

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from attndrift import covariance, encoding, models
+from attndrift import encoding, models
+from attndrift.editing import covariance
 
 TEXTS = ["The Eiffel Tower is in Paris.", "Rome", "Toko Yasuda plays the guitar very well"]
 

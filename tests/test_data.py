@@ -162,7 +162,7 @@ def test_edit_request_validation():
 
 
 def test_cli_record_ranges():
-    from attndrift.cli import _ids
+    from attndrift.cli.common import _ids
 
     assert _ids("3,5,10-12") == [3, 5, 10, 11, 12]
     with pytest.raises(ValueError):

@@ -6,7 +6,9 @@ import json
 import pandas as pd
 import pytest
 
-from attndrift import cli, data, demo, plotting, sadr
+from attndrift import cli, data, plotting
+from attndrift.editing import sadr
+from attndrift.experiments import demo
 
 
 @pytest.mark.slow
@@ -72,8 +74,8 @@ def test_demo_writes_report_and_summary(tmp_path, capsys):
     assert again["sentences"] == sentences and again["probe"] == probe
 
     if plotting.chromium() is not None:  # every figure of the report draws cleanly
-        checked = page.replace("</head>", f"<script>{plotting._CHECK}</script></head>", 1)
-        done = plotting._browse(checked, "--window-size=1200,4000", "--dump-dom")
+        checked = page.replace("</head>", f"<script>{plotting.export._CHECK}</script></head>", 1)
+        done = plotting.export._browse(checked, "--window-size=1200,4000", "--dump-dom")
         found = done.stdout.split('<pre id="attndrift-problems">', 1)
         assert len(found) == 2, done.stderr[-2000:]
         problems = json.loads(html.unescape(found[1].split("</pre>", 1)[0]))

@@ -5,7 +5,8 @@ import pytest
 import torch
 from scipy import stats
 
-from attndrift import capture, data, drift, encoding, models, scoring
+from attndrift import capture, data, encoding, models, scoring
+from attndrift.analysis import drift
 from tests.helpers import PROMPTS, SUBJECTS, edited, quick_rome, random_edit, two_records
 
 

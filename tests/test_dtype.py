@@ -18,7 +18,9 @@ import pytest
 import torch
 from scipy import stats
 
-from attndrift import cli, drift, edits, models, patching, rome, sadr
+from attndrift import cli, models
+from attndrift.analysis import drift, patching
+from attndrift.editing import edits, rome, sadr
 from tests.helpers import DEVICE, NEW, PROMPT, PROMPTS, REQUEST, SUBJECTS, TRUE, random_edit
 
 HALF = {"bfloat16": (torch.bfloat16, 0.1), "float16": (torch.float16, 0.01)}
@@ -51,7 +53,7 @@ def test_half_precision_edits_agree_with_float32(arch, half):
 
 
 def test_delta_and_its_optimiser_stay_float32():
-    from attndrift import value
+    from attndrift.editing import value
 
     low = models.tiny_model("llama", device=DEVICE, dtype=torch.bfloat16)
     objective = value.ValueObjective(

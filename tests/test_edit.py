@@ -1,11 +1,12 @@
 import dataclasses
+from pathlib import Path
 
 import jaxtyping
 import pytest
 import torch
 
 from attndrift import encoding, models
-from attndrift.edits import Edit, add_to_weights, applied, restored
+from attndrift.editing.edits import Edit, add_to_weights, applied, restored
 from tests.helpers import REQUEST
 
 REQ = REQUEST
@@ -109,7 +110,7 @@ def test_bad_edits_are_rejected(tiny, tmp_path):
 
 
 def test_save_load_keeps_how_the_edit_was_made(tiny, tmp_path):
-    from attndrift import rome, sadr
+    from attndrift.editing import rome, sadr
 
     cfg = dataclasses.replace(rome.preset(tiny), covariance=None)
     e = rome.edit(tiny, REQ, cfg, templates=("{}", "I think so. {}"), sadr=sadr.SadrConfig(0.5))
@@ -129,7 +130,7 @@ def test_files_without_checksums_load_with_a_warning(tiny, tmp_path, caplog):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from attndrift import edits
+    from attndrift.editing import edits
 
     path = random_edit(tiny).save(tmp_path / "e.safetensors")
     with safe_open(path, "pt") as f:
@@ -139,7 +140,7 @@ def test_files_without_checksums_load_with_a_warning(tiny, tmp_path, caplog):
     del stored[edits.SHA_KEY]
     old = tmp_path / "old.safetensors"
     save_file(tensors, old, metadata=stored)
-    with caplog.at_level(logging.WARNING, logger="attndrift.edits"):
+    with caplog.at_level(logging.WARNING, logger="attndrift.editing.edits"):
         back = Edit.load(old)
     assert f"{old} has no checksums (saved before they were stored): loaded unverified" in (
         caplog.text
@@ -150,3 +151,45 @@ def test_files_without_checksums_load_with_a_warning(tiny, tmp_path, caplog):
     save_file(tensors, old, metadata={edits.META_KEY: json.dumps(meta)})
     with pytest.raises(ValueError, match="layer 1 is listed twice"):
         Edit.load(old)
+
+
+FLAT_LAYOUT_EDITS = Path(__file__).parent / "fixtures" / "flat_layout_edits"
+
+
+@pytest.mark.parametrize("editor", ["rome", "memit", "pmet", "alphaedit"])
+def test_edit_files_of_the_flat_layout_load(editor, tiny_llama):
+    # files written before the editors moved into attndrift.editing: a file names its config
+    # class by its bare name (config_type), which the registry maps to the class where it lives
+    from attndrift.editing import registry
+
+    e = Edit.load(FLAT_LAYOUT_EDITS / f"{editor}.safetensors")
+    spec = registry.get(editor)
+    assert type(e.run.config) is spec.config and e.run.config.__module__.startswith(
+        "attndrift.editing."
+    )
+    assert e.editor == (f"{editor}+sadr" if editor == "rome" else editor)
+    assert e.requests[0] == REQ and (e.run.sadr is not None) == (editor == "rome")
+    assert len(e.run.traces) == len(e.requests) == len(e.run.targets)
+    assert e.run.config == dataclasses.replace(spec.preset(tiny_llama), **_changed(e.run.config))
+    e.check(tiny_llama)  # made on this very model: its fingerprint matches
+    tokens = encoding.encode_batch(tiny_llama, [REQ.prompt]).tokens
+    with torch.no_grad():
+        before = tiny_llama(tokens)
+        with applied(tiny_llama, e):
+            after = tiny_llama(tokens)
+        with models.hooked(tiny_llama, e.hooks(tiny_llama)):
+            hooked = tiny_llama(tokens)
+    # (the tiny model's C leaves AlphaEdit no null space: its update is zero)
+    assert torch.equal(after, before) == (editor == "alphaedit")
+    torch.testing.assert_close(hooked, after, rtol=1e-4, atol=1e-4)
+
+
+def _changed(config) -> dict:
+    """The fields the fixtures' settings changed from the preset (steps, identity covariance,
+    PMET's layers)."""
+    changed = {"value": config.value}
+    if config.covariance is None:
+        changed["covariance"] = None
+    if hasattr(config, "layers"):
+        changed["layers"] = config.layers
+    return changed

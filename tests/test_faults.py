@@ -31,9 +31,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from attndrift import cli, data, edits, memit, models, results, rome
-from attndrift.sadr import SadrConfig
-from attndrift.value import ValueConfig
+from attndrift import cli, data, models
+from attndrift.editing import edits, memit, rome
+from attndrift.editing.sadr import SadrConfig
+from attndrift.editing.value import ValueConfig
+from attndrift.experiments import results
 from tests.helpers import TEMPLATES, request
 
 REQ = request(prompt="The Eiffel Tower is located in")
@@ -386,7 +388,7 @@ def test_special_files_do_not_block(what, folder, capsys):
 def test_cache_files_that_are_not_regular_are_recomputed(folder, caplog):
     """A FIFO in place of a covariance or corpus cache file: recomputed (with a warning that
     names the file), never read; the new cache file replaces it."""
-    from attndrift import covariance
+    from attndrift.editing import covariance
 
     model = models.tiny_model("llama", seed=0)
     cfg = rome.preset(model).covariance
@@ -420,7 +422,7 @@ def test_cache_files_that_are_not_regular_are_recomputed(folder, caplog):
 def test_damaged_corpus_cache_is_resampled(content, problem, folder, caplog):
     """A corpus cache that is not what its name says is named, removed and sampled again
     (not reported as a corpus too small)."""
-    from attndrift import covariance
+    from attndrift.editing import covariance
 
     model = models.tiny_model("llama", seed=0)
     texts = covariance.sampled_corpus(model, 100, 32, 0)

@@ -5,7 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from attndrift import cli, data, drift, encoding, knockout, models, plotting, rome
+from attndrift import cli, data, encoding, models, plotting
+from attndrift.analysis import drift, knockout
+from attndrift.editing import rome
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT, TRUE, NEW = "Eiffel Tower", "Paris", "Rome"

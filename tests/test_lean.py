@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from attndrift import data, models, rome, sadr, setting, value
+from attndrift import data, models
+from attndrift.editing import rome, sadr, setting, value
 from tests.helpers import assert_same_run
 from tests.test_value import HOOKS, REQ, TEMPLATES
 

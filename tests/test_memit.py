@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from attndrift import covariance, data, editors, edits, memit, models, sadr, scoring, value
+from attndrift import data, models, scoring
+from attndrift.editing import covariance, edits, kit, memit, sadr, value
 from tests.helpers import BATCH_REQUESTS as REQS
 from tests.helpers import BATCH_TEMPLATES as TEMPLATES
 
@@ -19,7 +20,7 @@ def test_memit_solves_its_normal_equations(tiny):
     # replay the layer loop: K and the residual targets at each layer, then check each factor
     with edits.restored(tiny, e.layers):
         for i, layer in enumerate(e.layers):
-            keys = editors.mean_keys(tiny, REQS, layer, TEMPLATES).double().T
+            keys = kit.mean_keys(tiny, REQS, layer, TEMPLATES).double().T
             lhs = 3.0 * torch.eye(tiny.cfg.d_mlp, dtype=torch.float64) + keys @ keys.T
             torch.testing.assert_close(lhs @ e.left[i].double(), keys, atol=1e-4, rtol=1e-4)
             assert e.right[i].shape == (2, tiny.cfg.d_model)
@@ -32,22 +33,22 @@ def test_memit_solves_its_normal_equations(tiny):
 def test_mean_keys_read_upwards_equal_the_full_forwards_keys(tiny):
     # MEMIT's loop: read a layer's keys, then change that layer's MLP; the reader resumes from
     # the kept residual and must give, bit for bit, what a forward from the embedding gives
-    reader, g = editors.MeanKeys(tiny, REQS, TEMPLATES), torch.Generator().manual_seed(0)
-    prompts = [p for r in REQS for p in editors.filled(TEMPLATES, r.prompt)]
+    reader, g = kit.MeanKeys(tiny, REQS, TEMPLATES), torch.Generator().manual_seed(0)
+    prompts = [p for r in REQS for p in kit.filled(TEMPLATES, r.prompt)]
     subjects = [r.subject for r in REQS for _ in TEMPLATES]
     layers = (0, 2, 3, 3)  # a gap, and the same layer twice
-    keys_2 = editors.mean_keys(tiny, REQS, 2, TEMPLATES)
+    keys_2 = kit.mean_keys(tiny, REQS, 2, TEMPLATES)
     with edits.restored(tiny, layers):
         for layer in layers:
             name = models.mlp_key_hook(layer)
-            full = editors.keys_at_subject(tiny, prompts, subjects, [name], layer + 1)[name]
+            full = kit.keys_at_subject(tiny, prompts, subjects, [name], layer + 1)[name]
             got = reader(layer)
             assert torch.equal(got, full.view(len(REQS), len(TEMPLATES), -1).mean(1))
             w = models.mlp_out_weight(tiny, layer)
             with torch.no_grad():
                 w.add_(torch.randn(w.shape, generator=g) * w.std())
             if layer == 0:  # the change reaches the next layer's keys
-                assert not torch.equal(editors.mean_keys(tiny, REQS, 2, TEMPLATES), keys_2)
+                assert not torch.equal(kit.mean_keys(tiny, REQS, 2, TEMPLATES), keys_2)
         with pytest.raises(ValueError, match="ascending layers: 1 after 3"):
             reader(1)
 
@@ -66,8 +67,8 @@ def test_memit_moves_residuals_towards_z_and_restores(tiny):
         targets.append(value.optimise_value(obj).target)
     z = torch.stack(targets)
     prompts, subjects = [r.prompt for r in REQS], [r.subject for r in REQS]
-    before = editors.keys_at_subject(tiny, prompts, subjects, [z_name], 2)[z_name]
-    after = editors.keys_at_subject(
+    before = kit.keys_at_subject(tiny, prompts, subjects, [z_name], 2)[z_name]
+    after = kit.keys_at_subject(
         models.Variant(tiny, e.hooks(tiny)), prompts, subjects, [z_name], 2
     )[z_name]
     assert ((after - z).norm(dim=1) < (before - z).norm(dim=1)).all()
@@ -110,7 +111,7 @@ def test_smollm_memit_edits_two_facts(smollm):
     # seconds), not the identity: C's eigenvalues average about 0.03 on SmolLM2, so λ I would
     # damp the update some 30 times more than λ C
     cfg = memit.preset(smollm)
-    templates = editors.context_templates(smollm, cfg.templates)
+    templates = kit.context_templates(smollm, cfg.templates)
     e = memit.edit(smollm, reqs, cfg, templates=templates)
     table = scoring.score_probes(
         smollm, [p for r in (ds[0], ds[5]) for p in r.probes(["ES"])], fwd_hooks=e.hooks(smollm)
@@ -140,7 +141,7 @@ def _counting(monkeypatch) -> list:
 
 
 def test_a_lambda_grid_optimises_each_target_once(tiny, monkeypatch):
-    from attndrift import setting
+    from attndrift.editing import setting
 
     calls = _counting(monkeypatch)
     editor = setting.Editor(tiny)
@@ -159,7 +160,7 @@ def test_a_lambda_grid_optimises_each_target_once(tiny, monkeypatch):
 
 
 def test_the_target_memo_misses_on_anything_the_optimisation_reads(tiny, monkeypatch):
-    from attndrift import setting
+    from attndrift.editing import setting
 
     calls = _counting(monkeypatch)
     editor = setting.Editor(tiny)
@@ -178,7 +179,7 @@ def test_the_target_memo_misses_on_anything_the_optimisation_reads(tiny, monkeyp
 
 
 def test_woodbury_solves_equal_the_dense_ones():
-    from attndrift import alphaedit
+    from attndrift.editing import alphaedit
 
     g = torch.Generator().manual_seed(0)
     d, n, m = 48, 3, 5
@@ -204,7 +205,7 @@ def test_woodbury_solves_equal_the_dense_ones():
 
 
 def test_c_is_factored_once_and_again_when_it_changes(monkeypatch):
-    from attndrift import covariance
+    from attndrift.editing import covariance
 
     calls, real = [], torch.linalg.cholesky_ex
     monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda c: calls.append(1) or real(c))

@@ -152,3 +152,26 @@ def test_local_hf_checkpoint_loads_unprocessed(arch, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"no config\.json"):
         models.load_model(str(tmp_path / "empty"), device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_build_places_the_model_where_its_config_says(tiny, dtype):
+    # build takes device and dtype from the config alone (the loaders put them there): the
+    # parameters come out in cfg.dtype on cfg.device, with the state's values
+    from transformer_lens import HookedTransformerConfig
+
+    from attndrift.models.building import build
+
+    fields = tiny.cfg.to_dict() | {"device": "cpu", "dtype": dtype, "init_weights": False}
+    fields = {k: v for k, v in fields.items() if k in HookedTransformerConfig.__dataclass_fields__}
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    model = build(HookedTransformerConfig(**fields), tiny.tokenizer, state)
+    params = dict(model.named_parameters())
+    assert {p.dtype for p in params.values()} == {dtype}
+    assert {p.device.type for p in params.values()} == {"cpu"}
+    for name, p in tiny.named_parameters():
+        assert torch.equal(params[name], p.to(dtype)), name
+    if dtype == torch.float32:  # the same weights, the same logits
+        tokens = encoding.encode_batch(tiny, ["The Eiffel Tower is in Paris"]).tokens
+        with torch.no_grad():
+            assert torch.equal(model(tokens), tiny(tokens))

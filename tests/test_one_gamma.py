@@ -1,4 +1,4 @@
-"""One γ: SmolLM2's SADR setting is written once, in its preset (``attndrift.sadr``); the
+"""One γ: SmolLM2's SADR setting is written once, in its preset (``attndrift.editing.sadr``); the
 README, the demo and the notebooks take it from there, and any other γ they write is one of the
 embedded model's presets (a results table names the setting it shows), explained where it stands
 (the paper's GPT-J setting) or is 0 (no SADR)."""
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from attndrift import demo, models, sadr
+from attndrift import models
+from attndrift.editing import sadr
+from attndrift.experiments import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 #: a γ written as a number: ``γ = 0.2``, ``gamma=0.2``, ``sadr_gamma=0.2``, ``--sadr-gamma 0,0.2``,
@@ -26,7 +28,7 @@ def blocks() -> list[tuple[str, str]]:
     """``(where, text)`` of every paragraph of the README, the demo's source and every notebook
     cell: the context a γ must be explained in."""
     out = []
-    for path in (ROOT / "README.md", ROOT / "attndrift" / "demo.py"):
+    for path in (ROOT / "README.md", ROOT / "attndrift" / "experiments" / "demo.py"):
         text = path.read_text(encoding="utf-8")
         out += [(path.name, b) for b in re.split(r"\n\s*\n", text)]
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):

@@ -5,7 +5,9 @@ import pytest
 import torch
 from transformer_lens.patching import generic_activation_patch
 
-from attndrift import capture, data, drift, encoding, models, patching, rome, scoring
+from attndrift import capture, data, encoding, models, scoring
+from attndrift.analysis import drift, patching
+from attndrift.editing import rome
 from tests.helpers import NEW, PROMPT, TRUE, edited, hook_free, quick_rome
 
 # TransformerLens' short activation names of the two components (for its reference engine)

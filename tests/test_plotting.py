@@ -3,7 +3,8 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from attndrift import capture, drift, encoding, patching, plotting
+from attndrift import capture, encoding, plotting
+from attndrift.analysis import drift, patching
 from tests.helpers import NEW, PROMPT, PROMPTS, SUBJECTS, TRUE, edited, two_records
 
 
@@ -145,15 +146,15 @@ def test_save_html_is_standalone(tmp_path, d, sweep):
 
 def test_save_png_without_a_browser_is_a_clear_error(tmp_path, monkeypatch, d):
     fig = plotting.drift_heatmap(d)
-    monkeypatch.setattr(plotting, "chromium", lambda: None)
-    monkeypatch.setattr(plotting, "_kaleido_available", lambda: False)
+    monkeypatch.setattr(plotting.export, "chromium", lambda: None)
+    monkeypatch.setattr(plotting.export, "_kaleido_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"needs a Chrome/Chromium browser .* or the optional"):
         plotting.save_png(fig, tmp_path / "x.png")
 
     def no_chrome(self, *args, **kwargs):
         raise OSError("no Chrome found")
 
-    monkeypatch.setattr(plotting, "_kaleido_available", lambda: True)
+    monkeypatch.setattr(plotting.export, "_kaleido_available", lambda: True)
     monkeypatch.setattr(go.Figure, "write_image", no_chrome)
     with pytest.raises(RuntimeError, match="needs a Chrome/Chromium"):
         plotting.save_png(fig, tmp_path / "x.png")
@@ -226,7 +227,7 @@ def test_tradeoff_map_places_each_setting():
         plotting.tradeoff_map(pd.DataFrame(rows).iloc[:0])
     # labels leave out what every setting shares
     keys = ["rome|g=0|steps=80", "rome|g=0.2|steps=80", "rome|g=0.2|sadr_relations|steps=80"]
-    assert plotting._short_keys(keys) == ["g=0", "g=0.2", "g=0.2|sadr_relations"]
+    assert plotting.tradeoffs._short_keys(keys) == ["g=0", "g=0.2", "g=0.2|sadr_relations"]
 
 
 def test_attention_viewer_slides_over_layers_and_picks_heads(model):

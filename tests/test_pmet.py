@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from attndrift import data, editors, edits, encoding, models, pmet, sadr, setting, value
+from attndrift import data, encoding, models
+from attndrift.editing import edits, kit, pmet, sadr, setting, value
 from tests.helpers import BATCH_REQUESTS as REQS
 from tests.helpers import PADDED_TEMPLATES, assert_same_run, hook_free
 
@@ -41,7 +42,7 @@ def test_two_deltas_follow_the_full_forward(tiny, restrain):
         assert any(sum(x.heads) > 0 for x in ref[0].trace)  # the selection was exercised
     # v_0 of each hook is the vanilla activation at the bare prompt's subject token
     names = list(pmet.delta_hooks(1))
-    kept = editors.keys_at_subject(tiny, [REQS[0].prompt], REQS[0].subject, names, 2)
+    kept = kit.keys_at_subject(tiny, [REQS[0].prompt], REQS[0].subject, names, 2)
     torch.testing.assert_close(cached.init, torch.stack([kept[n][0] for n in names]))
 
 
@@ -125,10 +126,10 @@ def test_pmet_solves_its_normal_equations(tiny, spread):
     # replay the layer loop: K and the MLP-output residuals at each layer, by hand
     with edits.restored(tiny, e.layers):
         for i, layer in enumerate(e.layers):
-            keys = editors.mean_keys(tiny, REQS, layer, TEMPLATES).double().T
+            keys = kit.mean_keys(tiny, REQS, layer, TEMPLATES).double().T
             lhs = 3.0 * torch.eye(tiny.cfg.d_mlp, dtype=torch.float64) + keys @ keys.T
             torch.testing.assert_close(lhs @ e.left[i].double(), keys, atol=1e-4, rtol=1e-4)
-            now = editors.keys_at_subject(tiny, prompts, subjects, [m_name], 2)[m_name]
+            now = kit.keys_at_subject(tiny, prompts, subjects, [m_name], 2)[m_name]
             left = len(e.layers) - i
             share = math.sqrt(left) if spread == "sqrt" else left
             torch.testing.assert_close(e.right[i], (m_star - now) / share, rtol=1e-4, atol=1e-5)
@@ -136,7 +137,7 @@ def test_pmet_solves_its_normal_equations(tiny, spread):
             with torch.no_grad():
                 w.add_(e.delta(i))
     # the run records the MLP delta: ‖m* − m_0‖ is the trace's last delta_norm
-    before = editors.keys_at_subject(tiny, prompts[:1], subjects[:1], [m_name], 2)[m_name][0]
+    before = kit.keys_at_subject(tiny, prompts[:1], subjects[:1], [m_name], 2)[m_name][0]
     assert (m_star[0] - before).norm().item() == pytest.approx(
         e.run.traces[0][-1].delta_norm, rel=1e-4
     )
@@ -211,7 +212,7 @@ def test_model_restored_and_hook_free_also_after_an_error(tiny, monkeypatch):
         return wrapped
 
     # midway through the layer loop (layer 0's update is in the weights) ...
-    monkeypatch.setattr(editors.MeanKeys, "__call__", failing_after(1, editors.MeanKeys.__call__))
+    monkeypatch.setattr(kit.MeanKeys, "__call__", failing_after(1, kit.MeanKeys.__call__))
     with pytest.raises(RuntimeError, match="injected"):
         pmet.edit(tiny, REQS, cfg, templates=TEMPLATES)
     _assert_restored(tiny, snap)
@@ -262,7 +263,7 @@ def test_smollm_pmet_teaches_an_embedded_fact(smollm):
     # the preset's C (cached by `attndrift prepare`) and 15 of its 30 steps (about a minute)
     cfg = pmet.preset(smollm)
     cfg = dataclasses.replace(cfg, value=dataclasses.replace(cfg.value, steps=15))
-    templates = editors.context_templates(smollm, cfg.templates)
+    templates = kit.context_templates(smollm, cfg.templates)
     ids = torch.tensor([encoding.encode_prompt(smollm, req.prompt).ids])
     first_new = encoding.encode_answer(smollm, req.target_new)[0]
     with torch.no_grad():

@@ -13,20 +13,11 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from attndrift import (
-    cli,
-    data,
-    editors,
-    edits,
-    layer_loop,
-    models,
-    registry,
-    results,
-    setting,
-    sweep,
-)
-from attndrift.editors import EditorConfig, TemplateConfig
-from attndrift.value import ValueConfig
+from attndrift import cli, data, models
+from attndrift.editing import edits, kit, layer_loop, registry, setting
+from attndrift.editing.kit import EditorConfig, TemplateConfig
+from attndrift.editing.value import ValueConfig
+from attndrift.experiments import results, sweep
 from tests.helpers import BATCH_REQUESTS as REQS
 
 # ------------------------------------------------------------------------ the toy editor module
@@ -47,7 +38,7 @@ TOY_PRESETS = {
 
 
 def toy_preset(model):
-    return editors.preset_for(TOY_PRESETS, model, "Toy")
+    return kit.preset_for(TOY_PRESETS, model, "Toy")
 
 
 def toy_edit(model, requests, cfg=None, *, sadr=None, covs=None, templates=None, progress=False,
@@ -63,7 +54,7 @@ def toy_edit(model, requests, cfg=None, *, sadr=None, covs=None, templates=None,
         return layer_loop.spread(model, requests, z, hook=z_name, layers=cfg.layers,
                                  templates=templates, solve=min_norm)[0]  # fmt: skip
 
-    return editors.batch_edit(
+    return kit.batch_edit(
         model, requests, cfg, name="toy", title="Toy", hooks=z_name, desc="toy z", sadr=sadr,
         templates=templates, progress=progress, memo=memo, covariances=lambda: None,
         spread=spread,
@@ -113,7 +104,7 @@ def test_registry_refuses_clashes_and_unknown_names(toy):
     with pytest.raises(ValueError, match="'rome' is already registered"):
         registry.register(dataclasses.replace(TOY, name="rome"))
     with pytest.raises(ValueError, match="'RomeConfig' is taken by 'rome'"):
-        from attndrift.rome import RomeConfig
+        from attndrift.editing.rome import RomeConfig
 
         registry.register(dataclasses.replace(TOY, name="toy2", config=RomeConfig))
     with pytest.raises(ValueError, match="must be an identifier"):
@@ -166,7 +157,7 @@ def test_toy_edits_through_the_editor_and_save_and_load(toy, tiny_llama, tmp_pat
     z_name = models.resid_post_hook(1)
     prompts, subjects = [r.prompt for r in REQS], [r.subject for r in REQS]
     with edits.applied(tiny_llama, exact):
-        now = editors.keys_at_subject(tiny_llama, prompts, subjects, [z_name], 2)[z_name]
+        now = kit.keys_at_subject(tiny_llama, prompts, subjects, [z_name], 2)[z_name]
     torch.testing.assert_close(now, torch.stack(exact.run.targets), rtol=1e-4, atol=1e-4)
     # saved with its config class name, loaded back through the registry
     path = e.save(tmp_path / "toy.safetensors")
@@ -226,6 +217,6 @@ def test_no_import_circle_through_the_registry():
     # the registry imports no part of attndrift, and edits (which every editor imports) reads
     # saved config classes from the registry instead of importing the editors
     assert _imports(registry) == set()
-    editor_modules = {f"attndrift.{name}" for name in registry.BUILTIN}
+    editor_modules = {f"attndrift.editing.{name}" for name in registry.BUILTIN}
     assert not _imports(edits) & editor_modules
-    assert "attndrift.registry" in _imports(edits)
+    assert "attndrift.editing.registry" in _imports(edits)

@@ -15,7 +15,9 @@ import pytest
 import torch
 from scipy import stats
 
-from attndrift import demo, drift, metrics, plotting, report
+from attndrift import metrics, plotting
+from attndrift.analysis import drift
+from attndrift.experiments import demo, report
 
 # ------------------------------------------------------------------------------------------
 # metrics: the Wilson score interval next to the normal one

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from attndrift import results
+from attndrift.experiments import results
 from tests.helpers import make_line
 
 RESULTS = Path(__file__).parent.parent / "results"

@@ -5,7 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from attndrift import drift, patching, rome, sadr, tracing
+from attndrift.analysis import drift, patching, tracing
+from attndrift.editing import rome, sadr
 from tests.helpers import NEW, PROMPT, PROMPTS, REQUEST, SUBJECTS, TRUE, edited
 
 REQ = REQUEST

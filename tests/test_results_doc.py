@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from attndrift import cli, summary
+from attndrift import cli
+from attndrift.experiments import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"<!-- (attndrift summarize [^\n]*?) -->\n(.*?)<!-- end -->", re.S)

@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from attndrift import covariance, data, editors, edits, encoding, models, rome, sadr, scoring, value
+from attndrift import data, encoding, models, scoring
+from attndrift.editing import covariance, edits, kit, rome, sadr, value
 from tests.helpers import REQUEST, TEMPLATES
 
 REQ = REQUEST
@@ -14,12 +15,12 @@ def _cfg(model, **changes):
 
 
 def test_templates_are_seeded_and_well_formed(tiny):
-    cfg = editors.TemplateConfig(lengths=((3, 2), (4, 3)), seed=5)
-    a = editors.context_templates(tiny, cfg)
-    assert a == editors.context_templates(tiny, cfg)
+    cfg = kit.TemplateConfig(lengths=((3, 2), (4, 3)), seed=5)
+    a = kit.context_templates(tiny, cfg)
+    assert a == kit.context_templates(tiny, cfg)
     assert a[0] == "{}" and len(a) == 6
     assert all(t.endswith(". {}") and t.count("{}") == 1 for t in a[1:])
-    assert a != editors.context_templates(tiny, dataclasses.replace(cfg, seed=6))
+    assert a != kit.context_templates(tiny, dataclasses.replace(cfg, seed=6))
 
 
 def test_update_is_rank_one_and_maps_k0_to_v_star(tiny):
@@ -31,9 +32,9 @@ def test_update_is_rank_one_and_maps_k0_to_v_star(tiny):
     s = torch.linalg.svdvals(delta)
     assert s[1] < 1e-6 * s[0]
     key, out = models.mlp_key_hook(1), models.mlp_out_hook(1)
-    before = editors.keys_at_subject(tiny, [REQ.prompt], REQ.subject, [key, out], 2)
+    before = kit.keys_at_subject(tiny, [REQ.prompt], REQ.subject, [key, out], 2)
     with edits.applied(tiny, e):
-        after = editors.keys_at_subject(tiny, [REQ.prompt], REQ.subject, [key, out], 2)
+        after = kit.keys_at_subject(tiny, [REQ.prompt], REQ.subject, [key, out], 2)
     torch.testing.assert_close(after[key], before[key])  # the key is upstream of W_out
     # the edited MLP maps k0 to v* = v_0 + δ, the target the value optimisation found
     v_star = e.run.targets[0]
@@ -45,7 +46,7 @@ def test_update_is_rank_one_and_maps_k0_to_v_star(tiny):
     )
     # left is C^-1 u (up to scale)
     filled = [value.fill(t, REQ.prompt) for t in TEMPLATES]
-    u = editors.keys_at_subject(tiny, filled, REQ.subject, [key], 2)[key].mean(0)
+    u = kit.keys_at_subject(tiny, filled, REQ.subject, [key], 2)[key].mean(0)
     direction = torch.linalg.solve(cov.double(), u.double()).float()
     cos = torch.nn.functional.cosine_similarity(e.left[0][:, 0], direction, dim=0)
     assert cos.item() == pytest.approx(1.0, abs=1e-5)
@@ -115,7 +116,7 @@ def test_smollm_rome_edit_with_and_without_sadr(smollm, sample_data_path):
     req = record.request
     # the preset's step budget with and without SADR
     cfg = dataclasses.replace(rome.preset(smollm), covariance=None, sadr_steps=None)
-    templates = editors.context_templates(smollm, cfg.templates)
+    templates = kit.context_templates(smollm, cfg.templates)
     ids = torch.tensor([encoding.encode_prompt(smollm, req.prompt).ids])
     first_new = encoding.encode_answer(smollm, req.target_new)[0]
     with torch.no_grad():

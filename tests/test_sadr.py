@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from attndrift import metrics, models, rome, sadr, value
+from attndrift import metrics, models
+from attndrift.editing import rome, sadr, value
 from tests.helpers import REQUEST, TEMPLATES
 
 REQ = REQUEST

@@ -6,11 +6,11 @@ import re
 
 import pytest
 
-from attndrift import memit, registry, setting
-from attndrift.alphaedit import AlphaEditConfig
-from attndrift.memit import MemitConfig
-from attndrift.pmet import PmetConfig
-from attndrift.rome import RomeConfig
+from attndrift.editing import memit, registry, setting
+from attndrift.editing.alphaedit import AlphaEditConfig
+from attndrift.editing.memit import MemitConfig
+from attndrift.editing.pmet import PmetConfig
+from attndrift.editing.rome import RomeConfig
 
 #: (setting, its key): results files name their settings by these strings
 KEYS = [

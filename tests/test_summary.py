@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from attndrift import results, summary
+from attndrift.experiments import results, summary
 from tests.helpers import make_line
 
 

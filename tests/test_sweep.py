@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from attndrift import data, edits, models, results, setting, summary, sweep
+from attndrift import data, models
+from attndrift.editing import edits, setting
+from attndrift.experiments import results, summary, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = dict(identity_cov=True, steps=3)
@@ -139,7 +141,8 @@ def test_summarize_plot_draws_the_map_when_gamma_curves_cannot_be(tiny_llama, re
 
 
 def test_failure_analysis_from_sweep_lines(tiny_llama, records, tmp_path, capsys):
-    from attndrift import drift, models
+    from attndrift import models
+    from attndrift.analysis import drift
 
     out = tmp_path / "r.jsonl"
     quick = setting.Setting(**QUICK)
@@ -344,7 +347,8 @@ def test_gz_copy_counts_as_done_and_is_summarized(tiny_llama, records, tmp_path)
 
 
 def test_sequential_and_batch_groups(tiny_llama, records, tmp_path):
-    from attndrift import evaluation, memit, models
+    from attndrift import evaluation, models
+    from attndrift.editing import memit
 
     snap = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
     seq = setting.Setting(sequential=3, **QUICK)
@@ -389,7 +393,7 @@ def test_a_group_of_one_is_the_plain_edit():
 
 
 def test_a_batch_grid_optimises_each_target_once(tiny_llama, records, tmp_path, monkeypatch):
-    from attndrift import value
+    from attndrift.editing import value
 
     calls, real = [], value.optimise_value
     monkeypatch.setattr(value, "optimise_value", lambda o, **k: calls.append(o) or real(o, **k))
@@ -401,7 +405,7 @@ def test_a_batch_grid_optimises_each_target_once(tiny_llama, records, tmp_path, 
 
 
 def test_alphaedit_sequences_carry_the_previous_keys(tiny_llama, records, tmp_path, monkeypatch):
-    from attndrift import registry
+    from attndrift.editing import registry
 
     monkeypatch.setenv("ATTNDRIFT_CACHE", str(tmp_path / "cache"))
     s = setting.Setting("alphaedit", sequential=2, steps=3)

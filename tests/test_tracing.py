@@ -2,7 +2,8 @@ import pandas as pd
 import pytest
 import torch
 
-from attndrift import cli, data, encoding, models, plotting, tracing
+from attndrift import cli, data, encoding, models, plotting
+from attndrift.analysis import tracing
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT, TRUE = "Eiffel Tower", "Paris"

@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from attndrift import data, editors, encoding, memit, metrics, models, rome, sadr, value
+from attndrift import data, encoding, metrics, models
+from attndrift.editing import kit, memit, rome, sadr, value
 from tests.helpers import PADDED_TEMPLATES, assert_same_run, request
 
 REQ = request(target_new="New York City")
@@ -129,7 +130,7 @@ def test_early_stop_on_the_nll_term(tiny_llama):
 def test_smollm_prefix_cache_follows_the_full_forward(smollm, restrain):
     ds = data.load_embedded()
     cfg = rome.preset(smollm)
-    templates = editors.context_templates(smollm, cfg.templates)
+    templates = kit.context_templates(smollm, cfg.templates)
     value_cfg = dataclasses.replace(cfg.value, steps=6)
     for record, hook, layer in (
         (ds[0], models.mlp_out_hook, cfg.layer),
@@ -211,7 +212,7 @@ def test_relation_kl_zero_is_plain_rome_and_positive_holds_the_relations(tiny_ll
 
 
 def test_relation_kl_is_a_setting_and_rejects_negative_weights():
-    from attndrift import setting
+    from attndrift.editing import setting
 
     s = setting.Setting(sadr_gamma=0.2, relation_kl=1.0)
     assert "relation_kl=1" in s.key

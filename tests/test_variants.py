@@ -9,7 +9,9 @@ import json
 import pytest
 import torch
 
-from attndrift import distractors, encoding, models, sadr, setting, summary, value
+from attndrift import distractors, encoding, models
+from attndrift.editing import sadr, setting, value
+from attndrift.experiments import summary
 from tests.helpers import TEMPLATES, make_line, request
 
 REQ = request(target_new="New York City")

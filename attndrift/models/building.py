@@ -46,12 +46,11 @@ def quiet_tl_deprecation() -> Iterator[None]:
 
 
 def build(
-    cfg: HookedTransformerConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    state: dict[str, Tensor],
-    device: str,
-    dtype: torch.dtype,
+    cfg: HookedTransformerConfig, tokenizer: PreTrainedTokenizerBase, state: dict[str, Tensor]
 ) -> HookedTransformer:
+    """An unprocessed model of ``cfg`` with the weights ``state``, in TransformerLens' fast
+    layout. ``cfg`` alone says where and in which dtype: ``cfg.device`` (and ``cfg.n_devices``)
+    and ``cfg.dtype``; ``state``'s tensors are copied into parameters of that dtype."""
     with quiet_tl_deprecation():
         model = HookedTransformer(
             cfg, tokenizer, move_to_device=False, default_padding_side="right"

@@ -92,7 +92,7 @@ def load_embedded_model(device: str, dtype: torch.dtype) -> HookedTransformer:
     state["unembed.b_U"] = torch.zeros(meta["config"]["d_vocab"])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     cfg = HookedTransformerConfig(**meta["config"], device=device, dtype=dtype, init_weights=False)
-    return build(cfg, tokenizer, state, device, dtype)
+    return build(cfg, tokenizer, state)
 
 
 def _cache_complete(target: Path) -> bool:

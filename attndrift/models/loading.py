@@ -151,4 +151,4 @@ def _load_local_hf(path: Path, device: str, dtype: torch.dtype) -> HookedTransfo
     cfg = loading.get_pretrained_model_config(str(path), device=device, dtype=dtype, fold_ln=False)
     state = loading.get_pretrained_state_dict(str(path), cfg, hf, dtype=dtype)
     del hf
-    return build(cfg, tokenizer, state, device, dtype)
+    return build(cfg, tokenizer, state)

@@ -5,16 +5,16 @@ A locate-then-edit editor works in three parts (ROME's split):
 1. **keys**: MLP keys at the subject's last token of the edit prompt, filled into context
    templates (:func:`context_templates`, :func:`keys_at_subject`);
 2. **values**: a target activation per request, v* = v_0 + δ, with δ optimised by
-   :mod:`attndrift.value` (and SADR's term, :mod:`attndrift.sadr`), under the editor's step
-   budget (:func:`value_config`: SADR may run more steps than the plain editor);
+   :mod:`attndrift.editing.value` (and SADR's term, :mod:`attndrift.editing.sadr`), under the
+   editor's step budget (:func:`value_config`: SADR may run more steps than the plain editor);
 3. **update**: the editor's own closed-form solve for ``ΔW_out`` of its layer(s).
 
 This module holds parts 1 and 2, the config fields every editor has (:class:`EditorConfig`),
-the assembly of the result (:func:`finish`: an :class:`attndrift.edits.Edit` with its
-:class:`~attndrift.edits.EditRun`), and the sequence every batch editor follows
+the assembly of the result (:func:`finish`: an :class:`attndrift.editing.edits.Edit` with its
+:class:`~attndrift.editing.edits.EditRun`), and the sequence every batch editor follows
 (:func:`batch_edit`: requests, templates, targets, covariances, layer loop, result). Each
-editor module (:mod:`attndrift.rome`, :mod:`attndrift.memit`, …) adds its own config fields
-and its solve, nothing else, and registers itself (:mod:`attndrift.registry`).
+editor module (:mod:`attndrift.editing.rome`, :mod:`attndrift.editing.memit`, …) adds its own config
+fields and its solve, nothing else, and registers itself (:mod:`attndrift.editing.registry`).
 """
 
 import dataclasses
@@ -29,13 +29,14 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import capture, checks, encoding, generation, models, value
-from attndrift.covariance import CovarianceConfig
+from attndrift import capture, checks, encoding, generation, models
 from attndrift.data import EditRequest
-from attndrift.edits import Edit, EditRun
-from attndrift.registry import PRESET_KEYS, preset_for  # noqa: F401 (editors' former names)
-from attndrift.sadr import SadrConfig
-from attndrift.value import ValueConfig
+from attndrift.editing import value
+from attndrift.editing.covariance import CovarianceConfig
+from attndrift.editing.edits import Edit, EditRun
+from attndrift.editing.registry import PRESET_KEYS, preset_for  # noqa: F401 (editors' former names)
+from attndrift.editing.sadr import SadrConfig
+from attndrift.editing.value import ValueConfig
 
 #: MEMIT's openings for sampling context templates.
 TEMPLATE_OPENINGS = ("The", "Therefore", "Because", "I", "You")
@@ -198,7 +199,7 @@ def finish(
     clock: Clock,
     n_templates: int,
 ) -> Edit:
-    """The :class:`~attndrift.edits.Edit` of an editor's factors ``(left, right)`` per layer
+    """The :class:`~attndrift.editing.edits.Edit` of an editor's factors ``(left, right)`` per layer
     (``name``: the editor's, ``"+sadr"`` added with SADR; ``results``: each request's target
     optimisation)."""
     run = EditRun(
@@ -293,7 +294,7 @@ def optimise_targets(
     """The optimised value of each request at ``hook`` (MEMIT's z_i: METHOD §3.3), one
     optimisation per request, and whether every one came from ``memo`` (then the edit's
     clock names the lap ``value_steps_reused``). ``optimise(objective, progress=, desc=)``
-    replaces :func:`attndrift.value.optimise_value` (PMET's two deltas), and ``reads`` is
+    replaces :func:`attndrift.editing.value.optimise_value` (PMET's two deltas), and ``reads`` is
     what else it reads, for the memo's key."""
     out, reused = [], True
     optimise = optimise or value.optimise_value
@@ -341,8 +342,8 @@ def batch_edit(
     3. ``covariances()``: what the solve needs of the unedited weights (C per layer, or
        AlphaEdit's projections);
     4. ``spread(requests, targets, templates, that)``: the factors per layer (the layer loop,
-       :func:`attndrift.layer_loop.spread`, with the editor's solve);
-    5. the :class:`~attndrift.edits.Edit` (:func:`finish`, editor ``name``).
+       :func:`attndrift.editing.layer_loop.spread`, with the editor's solve);
+    5. the :class:`~attndrift.editing.edits.Edit` (:func:`finish`, editor ``name``).
 
     The clock's laps: ``templates``, ``value_steps`` (``value_steps_reused`` when every
     target came from ``memo``), ``covariance``, ``keys_and_solve``. ``title`` names the

@@ -7,8 +7,8 @@ MLP weights are edited. It optimises two deltas instead, and writes only the MLP
 1. **Targets** (per request): δ_a added to the attention output (``blocks.{L}.hook_attn_out``)
    and δ_m added to the MLP output (``blocks.{L}.hook_mlp_out``) of the last layer L of the
    range, at the subject's last token of every rewriting prompt, optimised jointly by Adam on
-   the objective of METHOD §3.3 (:class:`attndrift.value.ValueObjective` with both hooks, and
-   SADR's term when given) with, as PMET's code does it:
+   the objective of METHOD §3.3 (:class:`attndrift.editing.value.ValueObjective` with both hooks,
+   and SADR's term when given) with, as PMET's code does it:
 
    * weight decay ``weight_decay · (‖δ_a‖ / ‖a_0‖² + ‖δ_m‖ / ‖m_0‖²)``, each delta relative
      to its own initial activation, and each clamped to ``clamp_norm_factor`` times its own
@@ -22,15 +22,15 @@ MLP weights are edited. It optimises two deltas instead, and writes only the MLP
      probabilities, which holds exactly when o_new is the argmax everywhere.
 
    The MLP target m*_i = m_0 + δ_m is kept; the attention delta only shapes it.
-2. **Spread over layers** L_1 < … < L_m as MEMIT's loop (:mod:`attndrift.memit`), with the MLP
-   output of L_m in place of the residual: for each layer in turn, with the earlier layers'
+2. **Spread over layers** L_1 < … < L_m as MEMIT's loop (:mod:`attndrift.editing.memit`), with
+   the MLP output of L_m in place of the residual: for each layer in turn, with the earlier layers'
    updates in place, K ``[d_mlp, n]`` = each request's key averaged over the templates,
    R ``[n, d_model]`` = (m*_i − the current MLP output of L_m at s_last) / d, and
    ``ΔW = (λ C + K Kᵀ)⁻¹ K R``. PMET's code divides by d = √(layers left)
    (``spread="sqrt"``, the default); ``spread="layers_left"`` divides by the layers left, as
    MEMIT does.
 
-:func:`edit` returns an :class:`attndrift.edits.Edit` with one factor pair per layer
+:func:`edit` returns an :class:`attndrift.editing.edits.Edit` with one factor pair per layer
 (``left = (λC + KKᵀ)⁻¹K``, ``right = R``) whose run records the MLP targets m*_i and the
 traces (``delta_norm`` = ‖δ_m‖); the model is unchanged on return.
 """
@@ -44,13 +44,14 @@ from typing import Literal
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, editors, interrupts, layer_loop, memit, models, registry, value
-from attndrift.covariance import CovarianceConfig
+from attndrift import checks, interrupts, models
 from attndrift.data import EditRequest
-from attndrift.editors import EditorConfig, TemplateConfig
-from attndrift.edits import Edit
-from attndrift.sadr import SadrConfig
-from attndrift.value import ValueConfig, ValueObjective, ValueResult
+from attndrift.editing import kit, layer_loop, memit, registry, value
+from attndrift.editing.covariance import CovarianceConfig
+from attndrift.editing.edits import Edit
+from attndrift.editing.kit import EditorConfig, TemplateConfig
+from attndrift.editing.sadr import SadrConfig
+from attndrift.editing.value import ValueConfig, ValueObjective, ValueResult
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ Spread = Literal["sqrt", "layers_left"]
 class PmetConfig(EditorConfig):
     """PMET hyper-parameters (defaults: PMET's GPT-J values in EasyEdit but the layers).
 
-    With the fields of :class:`attndrift.editors.EditorConfig`; ``sadr_steps``: the SADR paper
+    With the fields of :class:`attndrift.editing.kit.EditorConfig`; ``sadr_steps``: the SADR paper
     ran PMET + SADR 40 steps on GPT-J.
     """
 
@@ -122,7 +123,7 @@ SADR_GAMMA = 0.08
 
 def preset(model: HookedTransformer | str) -> PmetConfig:
     """The documented default :class:`PmetConfig` for a model (by name)."""
-    return editors.preset_for(PRESETS, model, "PMET")
+    return kit.preset_for(PRESETS, model, "PMET")
 
 
 def delta_hooks(layer: int) -> tuple[str, str]:
@@ -132,7 +133,7 @@ def delta_hooks(layer: int) -> tuple[str, str]:
 
 def nll_schedule(cfg: PmetConfig) -> value.Schedule:
     """PMET's NLL schedule (module docstring) as a step schedule of
-    :func:`attndrift.value.optimise`: after a step where o_new is the argmax everywhere, the
+    :func:`attndrift.editing.value.optimise`: after a step where o_new is the argmax everywhere, the
     NLL term weighs ``greedy_nll_factor`` (else 1), and the optimisation stops if
     ``kl_factor`` · KL is at most ``greedy_kl_stop`` as well."""
 
@@ -153,13 +154,13 @@ def optimise_deltas(
     objective: ValueObjective, cfg: PmetConfig, progress: bool = False, desc: str = "PMET"
 ) -> tuple[ValueResult, ...]:
     """Adam on the stacked deltas of a several-hook objective, with PMET's NLL schedule
-    (:func:`attndrift.value.optimise` with :func:`nll_schedule`).
+    (:func:`attndrift.editing.value.optimise` with :func:`nll_schedule`).
 
-    As :func:`attndrift.value.optimise_value` (at most ``steps − 1`` updates, the early stop
+    As :func:`attndrift.editing.value.optimise_value` (at most ``steps − 1`` updates, the early stop
     on ``early_stop_on``, the model frozen), but each δ_h is clamped to
     ``clamp_norm_factor · ‖v_0,h‖`` on its own and the NLL weight follows PMET (module
-    docstring). Returns one :class:`~attndrift.value.ValueResult` per hook, in the objective's
-    hook order, whose traces share every term but ``delta_norm`` (‖δ_h‖).
+    docstring). Returns one :class:`~attndrift.editing.value.ValueResult` per hook, in the
+    objective's hook order, whose traces share every term but ``delta_norm`` (‖δ_h‖).
     """
     return value.optimise(objective, nll_schedule(cfg), progress=progress, desc=desc)
 
@@ -174,7 +175,7 @@ def edit(
     covs: dict[int, Tensor] | None = None,
     templates: Sequence[str] | None = None,
     progress: bool = False,
-    memo: editors.TargetMemo | None = None,
+    memo: kit.TargetMemo | None = None,
 ) -> Edit:
     """Compute a PMET edit of ``requests`` (the model is unchanged on return).
 
@@ -186,7 +187,7 @@ def edit(
         covs: precomputed C per layer (default: from ``cfg.covariance``, cached).
         templates: precomputed context templates.
         progress: show progress bars.
-        memo: deltas already optimised (:class:`attndrift.editors.TargetMemo`), reused where
+        memo: deltas already optimised (:class:`attndrift.editing.kit.TargetMemo`), reused where
             everything they depend on is the same (a λ grid optimises them once).
     """
     cfg = cfg or preset(model)
@@ -200,7 +201,7 @@ def edit(
                                  templates=templates, solve=solve, share=share)[0]  # fmt: skip
 
     # the targets: the MLP delta's result per request (the attention delta is not written)
-    return editors.batch_edit(
+    return kit.batch_edit(
         model, requests, cfg, name="pmet", title="PMET", hooks=delta_hooks(cfg.layers[-1]),
         desc="PMET deltas", sadr=sadr, templates=templates, progress=progress, memo=memo,
         covariances=lambda: memit.covariances(model, cfg, covs, progress), spread=spread,

@@ -45,7 +45,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, metrics, registry
+from attndrift import checks, metrics
+from attndrift.editing import registry
 
 #: probabilities below this are treated as this in log(q) (never NaN, never inf)
 EPS = 1e-12
@@ -112,7 +113,7 @@ class SadrConfig:
 #: place this number is written: the demo, the README and the notebooks read it from here.
 SMOLLM2_ROME_GAMMA = 0.05
 
-#: SADR per editor and model (the keys of :data:`attndrift.rome.PRESETS`): GPT-J's are the
+#: SADR per editor and model (the keys of :data:`attndrift.editing.rome.PRESETS`): GPT-J's are the
 #: paper's (ROME 0.01, MEMIT 0.005); SmolLM2's ROME γ is :data:`SMOLLM2_ROME_GAMMA`, its MEMIT γ
 #: half of it (the paper's MEMIT-to-ROME ratio, as the SmolLM2 MEMIT studies ran it), its PMET
 #: γ the one the PMET ± SADR study fixed before its runs.

@@ -2,14 +2,14 @@
 
 Each editor module ends with one line, ``registry.register(EditorSpec(...))``: its name, its
 config class, its presets, how to call it, and which of the editor options of
-:class:`attndrift.setting.Setting` it takes. Everything else reads the registry:
+:class:`attndrift.editing.setting.Setting` it takes. Everything else reads the registry:
 
-* :class:`attndrift.setting.Setting` checks a setting's editor and options against it, takes the
-  model's preset from it, and :func:`attndrift.setting.grid` leaves each option to the editors
-  that take it;
-* :class:`attndrift.setting.Editor` calls the editor through it (one edit, or a sequence);
+* :class:`attndrift.editing.setting.Setting` checks a setting's editor and options against it, takes
+  the model's preset from it, and :func:`attndrift.editing.setting.grid` leaves each option to the
+  editors that take it;
+* :class:`attndrift.editing.setting.Editor` calls the editor through it (one edit, or a sequence);
 * the command line's ``--editor`` and the sweeps accept every registered name;
-* :meth:`attndrift.edits.Edit.load` maps a saved ``config_type`` back to its class.
+* :meth:`attndrift.editing.edits.Edit.load` maps a saved ``config_type`` back to its class.
 
 So a new editor is one module plus one line here (:data:`BUILTIN`, for an editor shipped with
 attndrift), or, for one's own editor, the module alone: importing it registers it.
@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from transformer_lens import HookedTransformer
 
-#: the editors shipped with attndrift (modules of this package), in the order the command line
+#: the editors shipped with attndrift (modules of attndrift.editing), in the order the command line
 #: and messages list them; each registers itself when imported, which :func:`specs` makes sure of
 BUILTIN = ("rome", "memit", "pmet", "alphaedit")
 
@@ -61,25 +61,25 @@ class EditorSpec:
     """What attndrift knows about one editor.
 
     Attributes:
-        name: the editor's name in a :class:`~attndrift.setting.Setting` (``--editor``).
+        name: the editor's name in a :class:`~attndrift.editing.setting.Setting` (``--editor``).
         config: its config class (a frozen dataclass with the fields of
-            :class:`attndrift.editors.EditorConfig`); an edit file saves its class name.
+            :class:`attndrift.editing.kit.EditorConfig`); an edit file saves its class name.
         presets: the documented default configs, by model family (``"gpt-j"``, ``"tiny"``…).
         preset: ``preset(model or model name) -> config``: the default config of a model.
         edit: ``edit(model, requests, cfg, *, sadr, covs, templates, progress, memo) -> Edit``:
             one edit of the requests (``covs``: C per edited layer, where not the identity;
-            ``memo``: an :class:`attndrift.editors.TargetMemo` it may reuse targets from).
+            ``memo``: an :class:`attndrift.editing.kit.TargetMemo` it may reuse targets from).
         edit_in_sequence: for an editor that carries state from one edit of a sequence to the
             next (AlphaEdit's projections and earlier keys), ``edit_in_sequence(model,
             requests, cfg, *, state, sadr, covs, templates, progress, memo) -> (Edit, state)``
             (``state=None`` on the first edit); None: a sequence is repeated :attr:`edit`.
-        takes: the options of :data:`attndrift.setting.EDITOR_OPTIONS` that this editor takes
-            (e.g. ``{"layers", "mom2_weight"}``); the others are refused.
+        takes: the options of :data:`attndrift.editing.setting.EDITOR_OPTIONS` that this editor
+            takes (e.g. ``{"layers", "mom2_weight"}``); the others are refused.
         refuses: options every editor takes unless refused here, each with the reason (e.g.
             ``{"identity_cov": "it projects onto C's null space"}``).
         batch: whether it edits several requests at once (``--batch``).
         layers: ``layers(cfg)``: the layers a config edits (default: ``cfg.layers``), whose
-            covariances :class:`attndrift.setting.Editor` computes and shares.
+            covariances :class:`attndrift.editing.setting.Editor` computes and shares.
     """
 
     name: str
@@ -139,7 +139,7 @@ def unregister(name: str) -> None:
 def _load_builtin() -> None:
     for name in BUILTIN:
         if name not in _SPECS:
-            importlib.import_module(f"attndrift.{name}")  # registers itself
+            importlib.import_module(f"attndrift.editing.{name}")  # registers itself
 
 
 def specs() -> tuple[EditorSpec, ...]:

@@ -2,13 +2,13 @@
 
 A :class:`Setting` names an editor and overrides any of its hyper-parameters; every field left
 at ``None`` (or ``False``) keeps the model's documented preset (each editor's ``PRESETS``, e.g.
-:data:`attndrift.rome.PRESETS`). It is the one source of the editing options: the command
+:data:`attndrift.editing.rome.PRESETS`). It is the one source of the editing options: the command
 line derives ``edit``/``drift``/``patch``/``sweep``'s flags from its fields, a sweep stores it
 with every result line, and its :attr:`Setting.key` names the line's setting (defaults left
 out, e.g. ``rome|g=0.2|steps=80``).
 
-What an editor is and which options it takes come from :mod:`attndrift.registry`: the options
-of :data:`EDITOR_OPTIONS` apply to the editors whose spec lists them, the others to every
+What an editor is and which options it takes come from :mod:`attndrift.editing.registry`: the
+options of :data:`EDITOR_OPTIONS` apply to the editors whose spec lists them, the others to every
 editor but those whose spec refuses them.
 
 :class:`Editor` makes edits for settings on one model, reusing context templates and
@@ -21,15 +21,16 @@ from dataclasses import dataclass, field
 
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, editors, registry
+from attndrift import checks
 from attndrift.data import EditRequest
-from attndrift.edits import Edit, add_to_weights
-from attndrift.sadr import SadrConfig
-from attndrift.value import StopOn
+from attndrift.editing import covariance, kit, registry
+from attndrift.editing.edits import Edit, add_to_weights
+from attndrift.editing.sadr import SadrConfig
+from attndrift.editing.value import StopOn
 
 #: the options only some editors take: each editor's spec lists those it takes
-#: (:attr:`attndrift.registry.EditorSpec.takes`); the other options apply to every editor
-#: but those whose spec refuses them (:attr:`attndrift.registry.EditorSpec.refuses`)
+#: (:attr:`attndrift.editing.registry.EditorSpec.takes`); the other options apply to every editor
+#: but those whose spec refuses them (:attr:`attndrift.editing.registry.EditorSpec.refuses`)
 EDITOR_OPTIONS = ("layer", "layers", "r_rome", "mom2_weight", "null_threshold")
 #: an option an editor refuses may have a counterpart it takes (named in the error)
 _COUNTERPART = {"layer": "layers", "layers": "layer"}
@@ -186,7 +187,7 @@ class Setting:
             **{k: v for k, v in variant.items() if v is not None},
         )
 
-    def config(self, model: HookedTransformer | str) -> editors.EditorConfig:
+    def config(self, model: HookedTransformer | str) -> kit.EditorConfig:
         """The editor's config (its registered class): the model's preset with this setting's
         overrides."""
         base = registry.get(self.editor).preset(model)
@@ -298,17 +299,17 @@ def _spec_or_none(name: str) -> registry.EditorSpec | None:
 
 class Editor:
     """Makes edits for settings on one model, reusing context templates, covariances and the
-    optimised targets of MEMIT, PMET and AlphaEdit (:class:`attndrift.editors.TargetMemo`)."""
+    optimised targets of MEMIT, PMET and AlphaEdit (:class:`attndrift.editing.kit.TargetMemo`)."""
 
     def __init__(self, model: HookedTransformer, progress: bool = False):
         self.model, self.progress = model, progress
         self._templates: dict = {}
         self._covs: dict = {}
-        self.memo = editors.TargetMemo()
+        self.memo = kit.TargetMemo()
 
     def templates(self, cfg) -> tuple[str, ...]:
         if cfg.templates not in self._templates:
-            self._templates[cfg.templates] = editors.context_templates(self.model, cfg.templates)
+            self._templates[cfg.templates] = kit.context_templates(self.model, cfg.templates)
         return self._templates[cfg.templates]
 
     def covariance(self, cfg, layer: int):
@@ -331,7 +332,7 @@ class Editor:
         """Edits of ``requests`` one after another, each computed on the weights the previous
         ones left and added to them (the caller restores the weights: ``edits.restored``).
         An editor with state (AlphaEdit: the previous edits' keys) carries it from one edit
-        to the next (:attr:`attndrift.registry.EditorSpec.edit_in_sequence`)."""
+        to the next (:attr:`attndrift.editing.registry.EditorSpec.edit_in_sequence`)."""
         out, state = [], None
         spec, cfg = registry.get(setting.editor), setting.config(self.model)
         for request in requests:

@@ -61,8 +61,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from attndrift import capture, checks, distractors, encoding, interrupts, models, sadr
+from attndrift import capture, checks, distractors, encoding, interrupts, models
 from attndrift.data import EditRequest
+from attndrift.editing import sadr
 
 log = logging.getLogger(__name__)
 

@@ -5,14 +5,15 @@ differ only in the solve. For each layer in turn, with the updates of the earlie
 already in the weights:
 
 * K ``[d_mlp, n]``: each request's MLP key at the subject's last token, averaged over the
-  context templates (:class:`attndrift.editors.MeanKeys`);
+  context templates (:class:`attndrift.editing.kit.MeanKeys`);
 * R ``[n, d_model]``: the targets minus what the watched activation (at L_m) reads now at the
   subjects, divided by ``share(layers left)`` (MEMIT: the layers left; PMET: their root);
 * ``left = solve(layer, K)`` ``[d_mlp, n]`` and ``ΔW = left @ R``, added to ``W_out`` before
   the next layer's keys are read.
 
-The solves: MEMIT's least squares ``(λC + KKᵀ)⁻¹K`` (:func:`attndrift.memit.least_squares_solve`,
-also PMET's) and AlphaEdit's null-space projected one (:func:`attndrift.alphaedit.solve`).
+The solves: MEMIT's least squares ``(λC + KKᵀ)⁻¹K``
+(:func:`attndrift.editing.memit.least_squares_solve`, also PMET's) and AlphaEdit's null-space
+projected one (:func:`attndrift.editing.alphaedit.solve`).
 """
 
 from collections.abc import Callable, Sequence
@@ -21,9 +22,10 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import editors, models
+from attndrift import models
 from attndrift.data import EditRequest
-from attndrift.edits import restored
+from attndrift.editing import kit
+from attndrift.editing.edits import restored
 
 #: ``solve(layer, keys [d_mlp, n] float64) -> left [d_mlp, n] float64``
 Solve = Callable[[int, Tensor], Tensor]
@@ -53,11 +55,11 @@ def spread(
     z_layer = layers[-1]
     prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
     factors = []
-    read_keys = editors.MeanKeys(model, requests, templates)  # each layer's update comes after
+    read_keys = kit.MeanKeys(model, requests, templates)  # each layer's update comes after
     with restored(model, layers):
         for i, layer in enumerate(layers):
             keys = read_keys(layer).double().T  # [d_mlp, n]
-            now = editors.keys_at_subject(model, prompts, subjects, [hook], z_layer + 1)[hook]
+            now = kit.keys_at_subject(model, prompts, subjects, [hook], z_layer + 1)[hook]
             resid = (targets - now).double() / share(len(layers) - i)  # [n, d_model]
             left = solve(layer, keys)  # [d_mlp, n]
             factors.append((left.to(model.cfg.dtype), resid.to(model.cfg.dtype)))
@@ -66,6 +68,6 @@ def spread(
                 w.add_((left @ resid).to(w.dtype))
         after: dict[int, Tensor] = {}
         if keys_after:
-            read_keys = editors.MeanKeys(model, requests, templates)  # the weights as edited
+            read_keys = kit.MeanKeys(model, requests, templates)  # the weights as edited
             after = {layer: read_keys(layer).float().T for layer in layers}  # [d_mlp, n] each
     return factors, after

@@ -4,17 +4,17 @@ For a batch of requests:
 
 1. **Target residuals** z_i: for each request, δ_i is optimised on the residual stream after
    the last layer of the range (``blocks.{L_last}.hook_resid_post``) at the subject's last
-   token, with the same objective as ROME's v* (:mod:`attndrift.value`, including SADR when
+   token, with the same objective as ROME's v* (:mod:`attndrift.editing.value`, including SADR when
    given); z_i = z_i⁰ + δ_i.
-2. **Spread over layers** L_1 < … < L_m (:func:`attndrift.layer_loop.spread`): for each layer
-   in turn, with the updates of the earlier layers already in place,
+2. **Spread over layers** L_1 < … < L_m (:func:`attndrift.editing.layer_loop.spread`): for each
+   layer in turn, with the updates of the earlier layers already in place,
 
    * K ``[d_mlp, n]``: each request's key at s_last, averaged over the context templates;
    * R ``[n, d_model]``: (z_i − current residual at L_last) / (number of layers left);
    * ``ΔW = (λ C + K Kᵀ)⁻¹ K R`` in the ``[d_mlp, d_model]`` layout (λ = mom2_update_weight;
      :func:`least_squares`).
 
-:func:`edit` returns an :class:`attndrift.edits.Edit` with one factor pair per layer
+:func:`edit` returns an :class:`attndrift.editing.edits.Edit` with one factor pair per layer
 (``left = (λC + KKᵀ)⁻¹K``, ``right = R``); the model is unchanged on return.
 """
 
@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 import torch
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, editors, interrupts, layer_loop, models, registry
-from attndrift.covariance import CovarianceConfig
+from attndrift import checks, interrupts, models
 from attndrift.data import EditRequest
-from attndrift.editors import EditorConfig, TemplateConfig
-from attndrift.edits import Edit
-from attndrift.sadr import SadrConfig
-from attndrift.value import ValueConfig
+from attndrift.editing import covariance, kit, layer_loop, registry
+from attndrift.editing.covariance import CovarianceConfig
+from attndrift.editing.edits import Edit
+from attndrift.editing.kit import EditorConfig, TemplateConfig
+from attndrift.editing.sadr import SadrConfig
+from attndrift.editing.value import ValueConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 class MemitConfig(EditorConfig):
     """MEMIT hyper-parameters (defaults: MEMIT's released GPT-J values but the layers).
 
-    With the fields of :class:`attndrift.editors.EditorConfig`; MEMIT clamps δ to
+    With the fields of :class:`attndrift.editing.kit.EditorConfig`; MEMIT clamps δ to
     0.75 ‖z⁰‖ on GPT-J.
     """
 
@@ -89,7 +90,7 @@ SADR_GAMMA = 0.005
 
 def preset(model: HookedTransformer | str) -> MemitConfig:
     """The documented default :class:`MemitConfig` for a model (by name)."""
-    return editors.preset_for(PRESETS, model, "MEMIT")
+    return kit.preset_for(PRESETS, model, "MEMIT")
 
 
 def covariances(model, cfg: EditorConfig, given, progress) -> dict[int, torch.Tensor | None]:
@@ -112,8 +113,8 @@ def covariances(model, cfg: EditorConfig, given, progress) -> dict[int, torch.Te
 def least_squares(cov: torch.Tensor | None, keys: torch.Tensor, mom2_weight: float) -> torch.Tensor:
     """``(λ C + K Kᵀ)⁻¹ K`` (float64, ``[d_mlp, n]``; ``cov=None``: C = I), by Woodbury's
     identity ``(λC + KKᵀ)⁻¹K = (λC)⁻¹K (I + Kᵀ(λC)⁻¹K)⁻¹``: with C factored once
-    (:func:`attndrift.covariance.solve`), n triangular solves and an n × n solve. A C that is
-    not positive definite takes the dense solve."""
+    (:func:`attndrift.editing.covariance.solve`), n triangular solves and an n × n solve. A C that
+    is not positive definite takes the dense solve."""
     keys = keys.double()
     if cov is not None and covariance.cholesky(cov) is None:
         return torch.linalg.solve(mom2_weight * cov.double() + keys @ keys.T, keys)
@@ -125,7 +126,7 @@ def least_squares(cov: torch.Tensor | None, keys: torch.Tensor, mom2_weight: flo
 def least_squares_solve(
     covs: Mapping[int, torch.Tensor | None], mom2_weight: float
 ) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """MEMIT's solve for :func:`attndrift.layer_loop.spread`: ``(layer, K) ->
+    """MEMIT's solve for :func:`attndrift.editing.layer_loop.spread`: ``(layer, K) ->
     (λ C_layer + K Kᵀ)⁻¹ K`` (:func:`least_squares`; a C of None is the identity)."""
 
     def solve(layer: int, keys: torch.Tensor) -> torch.Tensor:
@@ -145,7 +146,7 @@ def spread(
     templates: Sequence[str],
     share: Callable[[int], float] = float,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """MEMIT's layer loop (METHOD §3.5): :func:`attndrift.layer_loop.spread` with MEMIT's
+    """MEMIT's layer loop (METHOD §3.5): :func:`attndrift.editing.layer_loop.spread` with MEMIT's
     least-squares solve (:func:`least_squares_solve`). Returns the factors (left [d_mlp, n],
     right [n, d_model]) per layer; the weights are restored on return."""
     solve = least_squares_solve(covs, mom2_weight)
@@ -163,7 +164,7 @@ def edit(
     covs: dict[int, torch.Tensor] | None = None,
     templates: Sequence[str] | None = None,
     progress: bool = False,
-    memo: editors.TargetMemo | None = None,
+    memo: kit.TargetMemo | None = None,
 ) -> Edit:
     """Compute a MEMIT edit of ``requests`` (the model is unchanged on return).
 
@@ -175,7 +176,7 @@ def edit(
         covs: precomputed C per layer (default: from ``cfg.covariance``, cached).
         templates: precomputed context templates.
         progress: show progress bars.
-        memo: targets already optimised (:class:`attndrift.editors.TargetMemo`), reused
+        memo: targets already optimised (:class:`attndrift.editing.kit.TargetMemo`), reused
             where everything they depend on is the same (a grid over λ optimises z once).
     """
     cfg = cfg or preset(model)
@@ -188,7 +189,7 @@ def edit(
 
     # every C from the unedited weights, before the layer loop changes the lower layers (also
     # keeps the on-disk cache key, which hashes the weights, the same for every layer)
-    return editors.batch_edit(
+    return kit.batch_edit(
         model, requests, cfg, name="memit", title="MEMIT", hooks=z_name, desc="MEMIT z",
         sadr=sadr, templates=templates, progress=progress, memo=memo,
         covariances=lambda: covariances(model, cfg, covs, progress), spread=spread,

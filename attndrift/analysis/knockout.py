@@ -22,7 +22,7 @@ the edited subject, e.g. a distracting-neighbour prompt) disappears when the las
 see the subject in the drifting (upper-middle) layers, while the vanilla model barely cares,
 attention drift carries the failure: attention reads the edited subject where it should not.
 
-Batched on the cell engine of patching and tracing (:mod:`attndrift.cells`): a window is a
+Batched on the cell engine of patching and tracing (:mod:`attndrift.analysis.cells`): a window is a
 cell whose hooks block the scores in its layers (:func:`_block_hooks`), one row per window,
 many windows per forward pass under a token budget. Each window runs the whole prompt from
 the embedding (the engine's from-scratch passes), so the numbers are those of one forward pass
@@ -41,7 +41,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import capture, cells, encoding, models
+from attndrift import capture, encoding, models
+from attndrift.analysis import cells
 
 #: layers per blocked window (Geva et al.'s window on GPT-2 XL)
 DEFAULT_WINDOW = 9

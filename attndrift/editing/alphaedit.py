@@ -5,16 +5,16 @@ AlphaEdit removes the trade-off: it projects the update onto the null space of t
 keys, so that no preserved key's MLP output changes at all, and spends the whole solve on the
 new facts (and, when editing sequentially, on keeping the earlier edits).
 
-1. **Targets** z_i: MEMIT's z optimisation (:mod:`attndrift.value` at
+1. **Targets** z_i: MEMIT's z optimisation (:mod:`attndrift.editing.value` at
    ``blocks.{L_last}.hook_resid_post``, with SADR's term when given).
 2. **Null space** of each layer (:func:`null_space_projection`): with C = E[k kᵀ] the keys'
-   second moment (:mod:`attndrift.covariance`; AlphaEdit's code takes the same uncentred moment
-   from 100k Wikipedia texts) and C = U diag(σ) Uᵀ, Û = the eigenvectors with σ below
+   second moment (:mod:`attndrift.editing.covariance`; AlphaEdit's code takes the same uncentred
+   moment from 100k Wikipedia texts) and C = U diag(σ) Uᵀ, Û = the eigenvectors with σ below
    ``null_threshold`` (an absolute threshold on the eigenvalues of C itself, as AlphaEdit's
    code does: the singular values of C, compared with ``nullspace_threshold`` = 2e-2 in every
    released setting; the paper's text says 1e-2), and ``P = Û Ûᵀ`` ``[d_mlp, d_mlp]``. A
    preserved key k (in the span of the large-eigenvalue directions) has P k ≈ 0.
-3. **Spread over layers** as MEMIT's loop (:func:`attndrift.layer_loop.spread`, with
+3. **Spread over layers** as MEMIT's loop (:func:`attndrift.editing.layer_loop.spread`, with
    AlphaEdit's solve): for each layer in turn, with the earlier layers'
    updates in place, K₁ ``[d_mlp, n]`` = each request's key averaged over the templates and
    R ``[n, d_model]`` = (z_i − the current residual at L_last) / (layers left), then
@@ -50,13 +50,14 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, editors, interrupts, layer_loop, memit, models, registry
-from attndrift.covariance import CovarianceConfig
+from attndrift import checks, interrupts, models
 from attndrift.data import EditRequest
-from attndrift.editors import EditorConfig, TemplateConfig
-from attndrift.edits import Edit
-from attndrift.sadr import SadrConfig
-from attndrift.value import ValueConfig
+from attndrift.editing import covariance, kit, layer_loop, memit, registry
+from attndrift.editing.covariance import CovarianceConfig
+from attndrift.editing.edits import Edit
+from attndrift.editing.kit import EditorConfig, TemplateConfig
+from attndrift.editing.sadr import SadrConfig
+from attndrift.editing.value import ValueConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ log = logging.getLogger(__name__)
 class AlphaEditConfig(EditorConfig):
     """AlphaEdit hyper-parameters (defaults: AlphaEdit's released GPT-J values but the layers).
 
-    With the fields of :class:`attndrift.editors.EditorConfig`; C is required (its null space
+    With the fields of :class:`attndrift.editing.kit.EditorConfig`; C is required (its null space
     is the point), so ``covariance=None`` needs precomputed ``covs``.
     """
 
@@ -111,7 +112,7 @@ PRESETS: dict[str, AlphaEditConfig] = {
 
 def preset(model: HookedTransformer | str) -> AlphaEditConfig:
     """The documented default :class:`AlphaEditConfig` for a model (by name)."""
-    return editors.preset_for(PRESETS, model, "AlphaEdit")
+    return kit.preset_for(PRESETS, model, "AlphaEdit")
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,7 +191,7 @@ def edit_in_sequence(
     covs: dict[int, Tensor] | None = None,
     templates: Sequence[str] | None = None,
     progress: bool = False,
-    memo: editors.TargetMemo | None = None,
+    memo: kit.TargetMemo | None = None,
 ) -> tuple[Edit, AlphaEditState]:
     """Compute an AlphaEdit edit of ``requests`` and the state a next edit takes.
 
@@ -210,7 +211,7 @@ def edit_in_sequence(
         covs: precomputed C per layer, for a new state (default: ``cfg.covariance``, cached).
         templates: precomputed context templates.
         progress: show progress bars.
-        memo: targets already optimised (:class:`attndrift.editors.TargetMemo`), reused
+        memo: targets already optimised (:class:`attndrift.editing.kit.TargetMemo`), reused
             where everything they depend on is the same.
     """
     cfg = cfg or preset(model)
@@ -237,7 +238,7 @@ def edit_in_sequence(
         added.update(keys)
         return factors
 
-    e = editors.batch_edit(
+    e = kit.batch_edit(
         model, requests, cfg, name="alphaedit", title="AlphaEdit", hooks=z_name,
         desc="AlphaEdit z", sadr=sadr, templates=templates, progress=progress, memo=memo,
         covariances=projections, spread=spread,
@@ -254,7 +255,7 @@ def edit(
     covs: dict[int, Tensor] | None = None,
     templates: Sequence[str] | None = None,
     progress: bool = False,
-    memo: editors.TargetMemo | None = None,
+    memo: kit.TargetMemo | None = None,
 ) -> Edit:
     """One AlphaEdit edit of ``requests`` from the model's current weights (no earlier edits
     to keep); the arguments as :func:`edit_in_sequence`'s."""

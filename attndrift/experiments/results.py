@@ -43,7 +43,7 @@ from pathlib import Path
 import pandas as pd
 
 from attndrift.data import EditRequest
-from attndrift.setting import Setting
+from attndrift.editing.setting import Setting
 
 log = logging.getLogger(__name__)
 

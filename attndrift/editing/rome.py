@@ -4,14 +4,14 @@ The algorithm, in ROME's three parts:
 
 1. **Key** ū: the mean of the MLP key k (``blocks.{L}.mlp.hook_post``) at the subject's last
    token over the context templates filled with the edit prompt. The update direction is
-   ``left = C⁻¹ ū`` with C = E[k kᵀ] (:mod:`attndrift.covariance`).
-2. **Value** v*: v_0 + δ, δ optimised as in :mod:`attndrift.value` at ``blocks.{L}.hook_mlp_out``
-   (with ``γ · L_SADR`` when SADR is on).
+   ``left = C⁻¹ ū`` with C = E[k kᵀ] (:mod:`attndrift.editing.covariance`).
+2. **Value** v*: v_0 + δ, δ optimised as in :mod:`attndrift.editing.value` at
+   ``blocks.{L}.hook_mlp_out`` (with ``γ · L_SADR`` when SADR is on).
 3. **Update**: with k₀, m₀ the key and MLP output of the bare prompt at s_last,
    ``ΔW = left (v* − m₀)ᵀ / (leftᵀ k₀)`` in the ``[d_mlp, d_model]`` layout, so the edited MLP
    maps k₀ to v*. ``denominator="mean_key"`` (r-ROME) uses ``leftᵀ ū`` instead.
 
-:func:`edit` returns an :class:`attndrift.edits.Edit`; the model is unchanged on return.
+:func:`edit` returns an :class:`attndrift.editing.edits.Edit`; the model is unchanged on return.
 Context templates (METHOD §3.1) are ``"{}"`` plus prefixes sampled from the model, seeded.
 """
 
@@ -24,13 +24,14 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import checks, covariance, editors, interrupts, models, registry, value
-from attndrift.covariance import CovarianceConfig
+from attndrift import checks, interrupts, models
 from attndrift.data import EditRequest
-from attndrift.editors import EditorConfig, TemplateConfig
-from attndrift.edits import Edit
-from attndrift.sadr import SadrConfig
-from attndrift.value import ValueConfig
+from attndrift.editing import covariance, kit, registry, value
+from attndrift.editing.covariance import CovarianceConfig
+from attndrift.editing.edits import Edit
+from attndrift.editing.kit import EditorConfig, TemplateConfig
+from attndrift.editing.sadr import SadrConfig
+from attndrift.editing.value import ValueConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ Denominator = Literal["k0", "mean_key"]
 class RomeConfig(EditorConfig):
     """ROME hyper-parameters. See :data:`PRESETS` for the documented per-model defaults.
 
-    With the fields of :class:`attndrift.editors.EditorConfig` (value, templates, covariance,
+    With the fields of :class:`attndrift.editing.kit.EditorConfig` (value, templates, covariance,
     sadr_steps: the paper ran 80 steps with SADR instead of 20 on GPT-J).
     """
 
@@ -90,7 +91,7 @@ PRESETS: dict[str, RomeConfig] = {
 
 def preset(model: HookedTransformer | str) -> RomeConfig:
     """The documented default :class:`RomeConfig` for a model (by name)."""
-    return editors.preset_for(PRESETS, model, "ROME")
+    return kit.preset_for(PRESETS, model, "ROME")
 
 
 def rank_one(
@@ -141,24 +142,24 @@ def edit(
     """
     cfg = cfg or preset(model)
     layer = cfg.layer
-    clock, templates = editors.begin(model, (layer,), cfg, templates)
+    clock, templates = kit.begin(model, (layer,), cfg, templates)
     if cov is None and cfg.covariance is not None:
         cov = covariance.layer_covariance(model, layer, cfg.covariance, progress=progress)
     clock.lap("covariance")
     key_name, out_name = models.mlp_key_hook(layer), models.mlp_out_hook(layer)
-    prompts = editors.filled(templates, request.prompt)
-    acts = editors.keys_at_subject(model, prompts, request.subject, [key_name, out_name], layer + 1)
+    prompts = kit.filled(templates, request.prompt)
+    acts = kit.keys_at_subject(model, prompts, request.subject, [key_name, out_name], layer + 1)
     mean_key = acts[key_name].mean(0)  # [d_mlp]: ū
     k0, m0 = acts[key_name][0], acts[out_name][0]  # templates[0] == "{}": the bare prompt
     clock.lap("keys")
-    value_cfg = editors.value_config(cfg, sadr)
+    value_cfg = kit.value_config(cfg, sadr)
     objective = value.ValueObjective(model, request, out_name, layer, templates, value_cfg, sadr)
     clock.lap("value_setup")
     result = value.optimise_value(objective, progress=progress, desc=f"ROME L{layer}")
     clock.lap("value_steps")
     left, right = rank_one(cov, mean_key, k0, m0, result.target, cfg.denominator)
     clock.lap("solve")
-    return editors.finish(
+    return kit.finish(
         model, name=cfg.editor, cfg=cfg, sadr=sadr, requests=[request], layers=[layer],
         factors=[(left, right)], results=[result], clock=clock, n_templates=len(templates),
     )  # fmt: skip
@@ -173,7 +174,7 @@ def _edit_requests(
     covs: dict[int, Tensor],
     templates: Sequence[str] | None,
     progress: bool,
-    memo: editors.TargetMemo | None,
+    memo: kit.TargetMemo | None,
 ) -> Edit:
     """:func:`edit` called as the registry calls every editor (one request; C of its layer
     in ``covs`` or none: the identity; ROME keeps no memo of targets)."""

@@ -3,12 +3,12 @@
 For each record (rank r of N takes records r, r+N, …): score every probe on the unedited model
 and capture its attention on the RS/DNS prompts once; then, for each setting, edit (as hooks:
 the weights are never touched), score every probe under the edit, measure the drift of the
-RS/DNS prompts, and append one :class:`attndrift.results.Line` to the results file.
+RS/DNS prompts, and append one :class:`attndrift.experiments.results.Line` to the results file.
 
 Resuming: rerun the same command. Finished (record, setting) pairs are skipped, also those in
 a ``.gz`` copy of the file. A line is only resumed onto if it was produced by the same
-:class:`~attndrift.results.Provenance` (model weights, data file, version, git revision) and
-its setting resolves to the same editor config; anything else is an error that names the file
+:class:`~attndrift.experiments.results.Provenance` (model weights, data file, version, git revision)
+and its setting resolves to the same editor config; anything else is an error that names the file
 (pass a new ``--out``, or ``allow_new_revision`` when only the git revision differs).
 """
 
@@ -27,11 +27,13 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from attndrift import drift, evaluation, models, results
+from attndrift import evaluation, models
+from attndrift.analysis import drift
 from attndrift.data import Dataset, Record
-from attndrift.edits import restored
-from attndrift.results import DriftScores, Line, ProbeScore, Provenance
-from attndrift.setting import Editor, Setting
+from attndrift.editing.edits import restored
+from attndrift.editing.setting import Editor, Setting
+from attndrift.experiments import results
+from attndrift.experiments.results import DriftScores, Line, ProbeScore, Provenance
 from attndrift.version import __version__, git_revision
 
 log = logging.getLogger(__name__)

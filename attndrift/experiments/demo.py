@@ -6,7 +6,7 @@
    every embedded record (:func:`survey`, ``scripts/demo_record.py``), the rule chose
    :data:`RECORD`; within the record, the demo applies it at run time to choose the probe.
 2. **Edits**: ROME and ROME+SADR, each at the model's preset; SADR's γ is the model's
-   (:func:`attndrift.sadr.preset`).
+   (:func:`attndrift.editing.sadr.preset`).
 3. **Specificity failure**: every probe of the record before and after each edit.
 4. **Attention drift** of each edit on the record's RS and DNS prompts (per-head Δ attention
    to the subject, KL), and the attention of the chosen probe's prompt under the three models
@@ -34,25 +34,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from attndrift import (
-    capture,
-    checks,
-    data,
-    drift,
-    encoding,
-    metrics,
-    models,
-    patching,
-    plotting,
-    report,
-    results,
-    sadr,
-    scoring,
-    setting,
-    summary,
-    sweep,
-)
-from attndrift.edits import Edit
+from attndrift import capture, checks, data, encoding, metrics, models, plotting, scoring
+from attndrift.analysis import drift, patching
+from attndrift.editing import sadr, setting
+from attndrift.editing.edits import Edit
+from attndrift.experiments import report, results, summary, sweep
 
 log = logging.getLogger(__name__)
 

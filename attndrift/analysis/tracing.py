@@ -31,8 +31,8 @@ Noise: drawn once per call from a private ``torch.Generator`` seeded with ``seed
 every run of the call, so every P(restored) − P(corrupted) compares runs under the same noise,
 and the same seed gives the same numbers.
 
-Batching (the cell engine of :mod:`attndrift.cells`, shared with patching; this module keeps
-its components, noise and scores): restoring layers l onwards at position p cannot change
+Batching (the cell engine of :mod:`attndrift.analysis.cells`, shared with patching; this module
+keeps its components, noise and scores): restoring layers l onwards at position p cannot change
 anything below l or before p, so each forward pass starts at its cells' first layer from the
 corrupted runs' residual stream, runs only the positions from its cells' first position on,
 and reads the earlier positions' keys and values from the corrupted runs' key-value cache. A
@@ -55,8 +55,9 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import capture, cells, encoding, models
-from attndrift.cells import Cell, Component
+from attndrift import capture, encoding, models
+from attndrift.analysis import cells
+from attndrift.analysis.cells import Cell, Component
 
 COMPONENTS: dict[str, Component] = {
     c.name: c
@@ -118,7 +119,7 @@ class Tracing:
         )
 
     def best(self, component: str, position: int | None = None) -> Cell:
-        """The cell of largest indirect effect (a :class:`~attndrift.cells.Cell`: layer,
+        """The cell of largest indirect effect (a :class:`~attndrift.analysis.cells.Cell`: layer,
         position, value = the effect), over every traced position or at one ``position``."""
         if component not in self.components:
             raise ValueError(f"component {component!r} was not traced ({self.components})")

@@ -1,6 +1,6 @@
 """Summaries of sweep results: Table-3 metrics per setting, trade-offs, drift versus failure.
 
-Everything here reads :class:`attndrift.results.Line` records (``results.load``) and
+Everything here reads :class:`attndrift.experiments.results.Line` records (``results.load``) and
 computes; the CLI prints and plots.
 
 * :func:`by_setting`: METHOD §5 metrics per setting, plus the pre-edit row ``"none"``;
@@ -29,10 +29,11 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from attndrift import drift, metrics
+from attndrift import metrics
+from attndrift.analysis import drift
 from attndrift.data import PROBE_KINDS, SCORE_KINDS
-from attndrift.results import Line, ProbeScore, probes_frame
-from attndrift.setting import Setting
+from attndrift.editing.setting import Setting
+from attndrift.experiments.results import Line, ProbeScore, probes_frame
 
 
 def _summary_of(probes: Sequence[ProbeScore], fluency: list[float]) -> metrics.Summary:
@@ -493,7 +494,7 @@ def _drift_frame(lines: Sequence[Line], key: str) -> pd.DataFrame:
 def paired_drift(
     lines: Sequence[Line], a: str, b: str, n_boot: int = N_BOOT, seed: int = 0
 ) -> list[PairedDrift]:
-    """Does ``b`` drift less than ``a``? The drift factor (:class:`~attndrift.results.
+    """Does ``b`` drift less than ``a``? The drift factor (:class:`~attndrift.experiments.results.
     DriftScores`) of each RS/DNS probe measured under both, per kind and over both: the mean
     difference with a paired bootstrap over records, and Wilcoxon's signed-rank test."""
     both = _drift_frame(lines, a).merge(

@@ -25,7 +25,7 @@ Metrics of each patched run, at the last prompt token ("first" = the answer's fi
 * with ``full_answer``: ``p_true_full``, ``p_new_full`` = exp(−mean NLL) of every answer token;
 * with ``metric``: any function of the last position's logits (``custom``).
 
-The cell engine (:mod:`attndrift.cells`, shared with causal tracing and attention knockout;
+The cell engine (:mod:`attndrift.analysis.cells`, shared with causal tracing and attention knockout;
 this module keeps its components, patch sources and scores) computes only what a cell can
 change. A cell patches layer ``l`` onwards at position
 ``p``: nothing below ``l`` and nothing before ``p`` changes, so each patched pass starts at its
@@ -56,8 +56,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import capture, cells, encoding, models
-from attndrift.cells import Cell, Component
+from attndrift import capture, encoding, models
+from attndrift.analysis import cells
+from attndrift.analysis.cells import Cell, Component
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def frame(results: Patching | Sequence[Patching]) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
-# Sources and scores (the cells, passes and hooks: attndrift.cells)
+# Sources and scores (the cells, passes and hooks: attndrift.analysis.cells)
 # --------------------------------------------------------------------------------------------
 
 

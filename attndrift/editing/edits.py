@@ -44,10 +44,11 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from attndrift import interrupts, models, registry
+from attndrift import interrupts, models
 from attndrift.data import EditRequest
-from attndrift.sadr import SadrConfig
-from attndrift.value import StepLog
+from attndrift.editing import registry
+from attndrift.editing.sadr import SadrConfig
+from attndrift.editing.value import StepLog
 from attndrift.version import __version__
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ META_KEY, SHA_KEY = "attndrift.edit", "attndrift.sha256"
 class EditRun:
     """How an edit was made (not needed to apply it)."""
 
-    config: object  # the editor's config (attndrift.rome.RomeConfig, attndrift.memit.MemitConfig…)
+    config: object  # the editor's config (rome.RomeConfig, memit.MemitConfig… of attndrift.editing)
     sadr: SadrConfig | None  # SADR's settings (None: no SADR)
     traces: tuple[tuple[StepLog, ...], ...]  # the δ / z optimisation of each request
     targets: tuple[Float[Tensor, " d_model"], ...]  # v* (ROME) / z (MEMIT) of each request
