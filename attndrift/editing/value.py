@@ -19,7 +19,7 @@ and Adam minimises
 
 The relation term (a variant, off by default: ``relation_kl = 0``) keeps the subject's other
 facts: the next-token distribution after generic relation prompts of the subject
-(:data:`attndrift.sadr.RELATION_TEMPLATES`, none of the evaluation's prompts) stays where the
+(:data:`attndrift.editing.sadr.RELATION_TEMPLATES`, none of the evaluation's prompts) stays where the
 unedited model had it. The loss terms report it inside ``kl``.
 
 The off-target term (a variant, off by default: ``offtarget = 0``) is a hinge in the spirit of
@@ -503,7 +503,7 @@ class ValueObjective:
     The parts: :class:`_Start` (the step batch before any step), :class:`_Layout` (where δ goes
     and where each term reads), :class:`_SadrRows` (the rows SADR restrains), and the loss
     terms as functions (:func:`_nll`, :func:`_kl`, :func:`_weight_decay`, :func:`_hinge`,
-    :func:`attndrift.sadr.sadr_loss`); this class runs the forward and composes them.
+    :func:`attndrift.editing.sadr.sadr_loss`); this class runs the forward and composes them.
 
     Only what δ can reach is recomputed at each step (``cfg.prefix_cache``, the default): δ
     enters at the subject's last token s_j of row j, in layer L, so nothing before s_j and
@@ -522,7 +522,7 @@ class ValueObjective:
     with several hooks the prefix-cached steps start at block L, not L+1: the suffix positions
     run from the residual entering block L, with the deltas added by hooks, still reading the
     prefix from the key-value cache. Such an objective is optimised by
-    :func:`optimise` (one norm clamp per δ; PMET: :func:`attndrift.pmet.optimise_deltas`);
+    :func:`optimise` (one norm clamp per δ; PMET: :func:`attndrift.editing.pmet.optimise_deltas`);
     :func:`optimise_value` takes one hook.
 
     A call takes the NLL term's weight in ``total`` (``nll_factor``, 1 by default: the plain
@@ -903,7 +903,7 @@ def _end(bar: tqdm, step: int, reason: str) -> None:
 
 #: A step schedule: called with a step's loss terms once they are evaluated (and the stop
 #: rules found no reason to stop), it returns the NLL term's weight for the following steps and
-#: a reason to stop now (None: go on). PMET's: :func:`attndrift.pmet.nll_schedule`.
+#: a reason to stop now (None: go on). PMET's: :func:`attndrift.editing.pmet.nll_schedule`.
 Schedule = Callable[[LossTerms], tuple[float, str | None]]
 
 

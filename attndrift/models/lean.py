@@ -1,6 +1,6 @@
 """A lean forward of the blocks after an edited layer, over a frozen prefix key-value cache.
 
-The value optimisation (:class:`attndrift.value.ValueObjective`) runs the same few positions
+The value optimisation (:class:`attndrift.editing.value.ValueObjective`) runs the same few positions
 per row (the subject's last token onwards) through the blocks after layer L at every step,
 attending to a prefix that never changes. TransformerLens' forward does that through hook
 points, einops rearrangements, a causal mask built per layer and the cached prefix keys
