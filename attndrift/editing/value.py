@@ -19,8 +19,8 @@ and Adam minimises
 
 The relation term (a variant, off by default: ``relation_kl = 0``) keeps the subject's other
 facts: the next-token distribution after generic relation prompts of the subject
-(:data:`attndrift.editing.sadr.RELATION_TEMPLATES`, none of the evaluation's prompts) stays where the
-unedited model had it. The loss terms report it inside ``kl``.
+(:data:`attndrift.editing.sadr.RELATION_TEMPLATES`, none of the evaluation's prompts) stays
+where the unedited model had it. The loss terms report it inside ``kl``.
 
 The off-target term (a variant, off by default: ``offtarget = 0``) is a hinge in the spirit of
 APP (Ma et al., 2024): it penalises only a *rise* of the length-normalised log-probability of
