@@ -603,10 +603,7 @@ class ValueObjective:
         call at δ = 0 (an optimisation's first step) records them from its own forward, which
         runs the same operations; asked for earlier, they take a forward of their own."""
         if self._refs is None:
-            shape = (len(self.hook_names), self.model.cfg.d_model) if self.stacked else None
-            zero = torch.zeros(
-                shape or self.model.cfg.d_model, device=self.device, dtype=self.model.cfg.dtype
-            )
+            zero = self.init.new_zeros(self.init.shape, dtype=self.model.cfg.dtype)  # δ = 0
             with torch.no_grad():
                 self._record_references(*self._forward(zero))
         return self._refs

@@ -104,20 +104,15 @@ def has_hooks(model: HookedTransformer) -> bool:
 
 
 def _norm(module, x: Tensor) -> Tensor:
-    """TransformerLens' LayerNorm / RMSNorm as one fused operation (the same formula; half
-    precision normalised in float32, as TransformerLens does)."""
-    dtype = x.dtype
-    if dtype not in (torch.float32, torch.float64):
-        x = x.to(torch.float32)
-    shape = (x.shape[-1],)
-    if isinstance(module, LayerNorm):
-        return F.layer_norm(x, shape, eps=module.eps).to(dtype) * module.w + module.b
-    return F.rms_norm(x, shape, eps=module.eps).to(dtype) * module.w
+    """TransformerLens' LayerNorm / RMSNorm: :func:`_normalised`, then its scale and shift."""
+    x = _normalised(module, x) * module.w
+    return x + module.b if isinstance(module, LayerNorm) else x
 
 
 def _normalised(module, x: Tensor) -> Tensor:
-    """:func:`_norm` without its scale and shift, which :func:`_fold` moves into the product
-    that follows the norm."""
+    """The norm without its scale and shift, as one fused operation (half precision is
+    normalised in float32, as TransformerLens does); :func:`_fold` moves the scale and shift
+    into the product that follows the norm."""
     dtype = x.dtype
     if dtype not in (torch.float32, torch.float64):
         x = x.to(torch.float32)
